@@ -1,0 +1,429 @@
+"""Model configs and builders: megatron-core ``GPTModel`` (and ``MambaModel``) from a dataclass.
+
+A :class:`GPTModelConfig` holds architecture only, in megatron-core's own names. Parallel layout
+and precision come from the strategy at build time, so the same config builds the model at any
+TP/PP/CP layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("gelu", "fast-gelu", "swiglu", "fast-swiglu", "geglu", "squared-relu", "relu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+MODEL_TYPES = ("gpt", "mamba")
+
+
+def close_matches(name: str, choices: Any, n: int = 3) -> str:
+    """A ``" (did you mean 'x'?)"`` hint, or an empty string when nothing is close."""
+    matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
+
+
+@dataclass
+class GPTModelConfig:
+    """Architecture of a decoder-only language model, in megatron-core names."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Attention heads per layer."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; ``None`` means ``4 * hidden_size``."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; ``None`` means one per attention head."""
+    kv_channels: int | None = None
+    """Width of one attention head; ``None`` means ``hidden_size // num_attention_heads``."""
+    seq_length: int = 128
+    """Training sequence length."""
+    max_position_embeddings: int | None = None
+    """Longest sequence the position embedding supports; ``None`` means ``seq_length``."""
+    vocab_size: int | None = None
+    """Padded vocabulary size; ``None`` means taken from the tokenizer at build time."""
+    make_vocab_size_divisible_by: int = 128
+    """The tokenizer's vocabulary is padded to a multiple of this times TP."""
+    normalization: str = "LayerNorm"
+    """``LayerNorm`` or ``RMSNorm``."""
+    layernorm_zero_centered_gamma: bool = False
+    """LayerNorm1p: the norm's weight is stored as ``gamma - 1``."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of every normalization layer."""
+    activation: str = "gelu"
+    """MLP activation: one of ``ACTIVATIONS``."""
+    add_bias_linear: bool = True
+    """Biases in linear layers."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection alone (Qwen2 style) when ``add_bias_linear`` is false."""
+    qk_layernorm: bool = False
+    """Normalize queries and keys per head (Qwen3 style)."""
+    position_embedding_type: str = "learned_absolute"
+    """``learned_absolute``, ``rope`` or ``none``."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels that rotary embeddings rotate."""
+    rotary_base: int = 10000
+    """Base of the rotary frequencies."""
+    share_embeddings_and_output_weights: bool = True
+    """Tie the output layer to the input embedding."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual stream."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    apply_query_key_layer_scaling: bool = False
+    """Scale attention scores by the layer number (fp16 stability)."""
+    masked_softmax_fusion: bool = False
+    """Fused masked-softmax kernel (CUDA only)."""
+    transformer_impl: str = "auto"
+    """``transformer_engine``, ``local`` or ``auto`` (TE when TE and CUDA are present)."""
+    model_type: str = "gpt"
+    """``gpt`` (megatron ``GPTModel``) or ``mamba`` (``MambaModel``, needs mamba-ssm on CUDA)."""
+    hybrid_override_pattern: str | None = None
+    """Mamba/hybrid layer pattern such as ``M*M-`` (``M`` mamba, ``*`` attention, ``-`` MLP)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further ``TransformerConfig`` fields passed through unchanged."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("model config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem with this config, as messages naming the key and what is allowed."""
+        out: list[str] = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                out.append(f"{name}={value!r} must be a positive integer")
+        for name in (
+            "ffn_hidden_size",
+            "num_query_groups",
+            "kv_channels",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                out.append(f"{name}={value!r} must be a positive integer or null")
+        if self.activation not in ACTIVATIONS:
+            out.append(
+                f"activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
+                + close_matches(self.activation, ACTIVATIONS)
+            )
+        if self.normalization not in NORMALIZATIONS:
+            out.append(
+                f"normalization={self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            out.append(
+                f"position_embedding_type={self.position_embedding_type!r} is not one of "
+                + ", ".join(POSITION_EMBEDDINGS)
+            )
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            out.append(
+                f"transformer_impl={self.transformer_impl!r} is not one of "
+                + ", ".join(TRANSFORMER_IMPLS)
+            )
+        if self.model_type not in MODEL_TYPES:
+            out.append(f"model_type={self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        if (
+            isinstance(self.hidden_size, int)
+            and isinstance(self.num_attention_heads, int)
+            and self.num_attention_heads > 0
+            and self.kv_channels is None
+            and self.hidden_size % self.num_attention_heads
+        ):
+            out.append(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (set kv_channels)"
+            )
+        if (
+            self.num_query_groups
+            and isinstance(self.num_attention_heads, int)
+            and self.num_attention_heads % self.num_query_groups
+        ):
+            out.append(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        if (
+            isinstance(self.seq_length, int)
+            and self.max_position_embeddings is not None
+            and self.seq_length > self.max_position_embeddings
+        ):
+            out.append(
+                f"seq_length={self.seq_length} is larger than "
+                f"max_position_embeddings={self.max_position_embeddings}"
+            )
+        return out
+
+    def layout_problems(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        who: str = "model",
+    ) -> list[str]:
+        """Problems of running this architecture at a parallel layout."""
+        out: list[str] = []
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        if self.num_attention_heads % tp:
+            out.append(
+                f"{who}: num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor_model_parallel_size={tp}"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if groups % tp:
+            out.append(
+                f"{who}: num_query_groups={groups} is not divisible by "
+                f"tensor_model_parallel_size={tp}"
+            )
+        if self.num_layers % pp:
+            out.append(
+                f"{who}: num_layers={self.num_layers} is not divisible by "
+                f"pipeline_model_parallel_size={pp}"
+            )
+        if context_parallel_size > 1 and self.seq_length % (2 * context_parallel_size):
+            out.append(
+                f"{who}: seq_length={self.seq_length} is not divisible by "
+                f"2 x context_parallel_size={2 * context_parallel_size}"
+            )
+        return out
+
+    @property
+    def padded_max_position_embeddings(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def replace(self, **changes: Any) -> GPTModelConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ParallelLayout:
+    """How a model is split across ranks; the strategy fills it, every model shares it."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    virtual_pipeline_model_parallel_size: int | None = None
+
+
+def uses_transformer_engine(config: GPTModelConfig) -> bool:
+    """Resolve ``transformer_impl``: TE needs both the package and CUDA."""
+    import torch
+
+    if config.transformer_impl == "local":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+
+        have_te = True
+    except ImportError:
+        have_te = False
+    if config.transformer_impl == "transformer_engine":
+        if not (have_te and torch.cuda.is_available()):
+            raise ValueError(
+                "model config: transformer_impl='transformer_engine' needs Transformer Engine and "
+                "CUDA (pip install 'megatron-kd[te]' on a GPU machine); use 'local' or 'auto'"
+            )
+        return True
+    return have_te and torch.cuda.is_available()
+
+
+def _activation_fields(activation: str) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    def squared_relu(x: Any) -> Any:
+        return F.relu(x).pow(2)
+
+    def fast_gelu(x: Any) -> Any:
+        return F.gelu(x, approximate="tanh")
+
+    table = {
+        "gelu": {"activation_func": F.gelu, "gated_linear_unit": False},
+        "fast-gelu": {"activation_func": fast_gelu, "gated_linear_unit": False},
+        "relu": {"activation_func": F.relu, "gated_linear_unit": False},
+        "squared-relu": {"activation_func": squared_relu, "gated_linear_unit": False},
+        "swiglu": {"activation_func": F.silu, "gated_linear_unit": True},
+        "fast-swiglu": {"activation_func": F.silu, "gated_linear_unit": True},
+        "geglu": {"activation_func": F.gelu, "gated_linear_unit": True},
+    }
+    return dict(table[activation])
+
+
+def transformer_config(
+    config: GPTModelConfig,
+    layout: ParallelLayout | None = None,
+    params_dtype: Any = None,
+    **overrides: Any,
+) -> Any:
+    """The megatron ``TransformerConfig`` for ``config`` at ``layout``."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    layout = layout or ParallelLayout()
+    params_dtype = params_dtype or torch.float32
+    on_cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        ffn_hidden_size=config.ffn_hidden_size or 4 * config.hidden_size,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        normalization=config.normalization,
+        layernorm_zero_centered_gamma=config.layernorm_zero_centered_gamma,
+        layernorm_epsilon=config.layernorm_epsilon,
+        add_bias_linear=config.add_bias_linear,
+        add_qkv_bias=config.add_qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        init_method_std=config.init_method_std,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        apply_query_key_layer_scaling=config.apply_query_key_layer_scaling,
+        masked_softmax_fusion=config.masked_softmax_fusion and on_cuda,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        sequence_parallel=layout.sequence_parallel and layout.tensor_model_parallel_size > 1,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_cuda,
+        perform_initialization=True,
+        cross_entropy_loss_fusion=False,
+    )
+    kwargs.update(_activation_fields(config.activation))
+    kwargs.update(config.extra)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    config: GPTModelConfig,
+    layout: ParallelLayout | None = None,
+    vocab_size: int | None = None,
+    params_dtype: Any = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+) -> Any:
+    """Build the local pipeline stage of ``config`` at ``layout`` (megatron's parallel state set).
+
+    Args:
+        config: architecture.
+        layout: parallel sizes; must match megatron's initialized parallel state.
+        vocab_size: padded vocabulary size when ``config.vocab_size`` is unset.
+        params_dtype: parameter dtype (fp32 by default).
+        pre_process: whether this stage holds the embedding (default: first PP stage).
+        post_process: whether this stage holds the output layer (default: last PP stage).
+
+    Returns:
+        A megatron-core ``GPTModel`` (or ``MambaModel``) on the current device.
+    """
+    import torch
+    from megatron.core import parallel_state
+
+    vocab = config.vocab_size or vocab_size
+    if vocab is None:
+        raise ValueError("model config: vocab_size is unset and no tokenizer gave one")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    tconfig = transformer_config(config, layout, params_dtype)
+    if config.model_type == "mamba":
+        return _build_mamba(config, tconfig, vocab, pre_process, post_process)
+
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = uses_transformer_engine(config)
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(
+            qk_layernorm=config.qk_layernorm, normalization=config.normalization
+        )
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=config.padded_max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def mamba_available() -> bool:
+    """Whether megatron's MambaModel can run here (mamba-ssm kernels and CUDA)."""
+    import importlib.util
+
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("mamba_ssm") is not None
+        and importlib.util.find_spec("causal_conv1d") is not None
+    )
+
+
+def check_mamba_available() -> None:
+    """Raise the configuration-time error for Mamba models on a machine that cannot run them."""
+    if not mamba_available():
+        raise ValueError(
+            "model config: model_type='mamba' needs CUDA and the mamba-ssm and causal-conv1d "
+            "kernels (pip install mamba-ssm causal-conv1d on a GPU machine); "
+            "use model_type='gpt' here"
+        )
+
+
+def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, post: bool) -> Any:
+    check_mamba_available()
+    import torch
+    from megatron.core.models.mamba import MambaModel
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    model = MambaModel(
+        config=tconfig,
+        mamba_stack_spec=mamba_stack_spec,
+        vocab_size=vocab,
+        max_sequence_length=config.padded_max_position_embeddings,
+        hybrid_override_pattern=config.hybrid_override_pattern,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
+    )
+    return model.cuda(torch.cuda.current_device())

@@ -1,0 +1,505 @@
+"""Distributed runtime: process groups, megatron parallel state, RNG, and the CPU bridge.
+
+megatron-core 0.16 assumes CUDA in a handful of places. On a machine without CUDA this module
+bridges exactly those places, and nothing else, so that the real megatron-core runs on CPU with
+the gloo backend. With CUDA present every bridge is inert (``install_cpu_bridges`` returns
+``False`` and touches nothing).
+
+The bridge has three parts, each applied only to the megatron modules listed next to it:
+
+1. ``torch.cuda`` as seen from those modules is a small CPU stand-in
+   (``current_device()`` is the CPU device, ``synchronize()`` and streams are no-ops). It covers:
+
+   - ``utils.GlobalMemoryBuffer.get_tensor`` (``device=torch.cuda.current_device()``), used by the
+     local ``DotProductAttention``;
+   - ``pipeline_parallel/p2p_communication.py`` (``torch.cuda.current_device()`` for receive
+     buffers, ``torch.cuda.synchronize()`` after batched p2p);
+   - ``tensor_parallel/mappings.py`` and ``layers.py`` (gather buffers on the current device);
+   - ``transformer/utils.get_default_causal_mask`` (``torch.ones(sq, sq, device="cuda")`` when
+     no attention mask is given);
+   - ``distributed/param_and_grad_buffer.py`` and ``distributed_data_parallel.py`` (grad buffers,
+     communication streams).
+
+2. Factory calls with a literal ``device="cuda"`` in those modules go to the CPU. This covers
+   the token counters of all three schedules
+   (``schedules.py``: ``torch.zeros([], ..., device="cuda")``),
+   ``optimizer/clip_grads.py`` (norm buffers), ``optimizer/optimizer.py`` (``found_inf`` and
+   friends), ``utils.local_multi_tensor_l2_norm`` and ``tensor_parallel/data.py``.
+
+3. Type-string checks (``param.grad.type() == 'torch.cuda.FloatTensor'``) in
+   ``optimizer/clip_grads.py``, ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``
+   compare against the CPU type names instead: their string constants are rewritten in the
+   functions' code objects.
+
+4. ``LanguageModule.setup_embeddings_and_output_layer`` (``models/common/language_module``) moves
+   the tied embedding to CUDA with ``weight.data.cuda()`` before all-reducing it between the first
+   and last pipeline stage (PP > 1 with tied embeddings): the method name ``cuda`` in that one
+   function's code object becomes ``cpu``.
+
+The RNG tracker (``tensor_parallel/random.py``: ``CudaRNGStatesTracker`` stores CUDA generator
+states) is replaced by :class:`CpuRNGStatesTracker`, which keeps the same names
+(``model-parallel-rng``, ``expert-parallel-rng``, ``data-parallel-rng``) over CPU generator states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# megatron modules whose ``torch`` global is replaced by the CPU view (part 1 and 2 above).
+_BRIDGED_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.transformer.module",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.parallel_state",
+)
+
+# Modules whose functions compare tensor type strings with CUDA names (part 3 above).
+_TYPE_STRING_MODULES = (
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+)
+_TYPE_STRINGS = {
+    "torch.cuda.FloatTensor": "torch.FloatTensor",
+    "torch.cuda.HalfTensor": "torch.HalfTensor",
+    "torch.cuda.BFloat16Tensor": "torch.BFloat16Tensor",
+}
+
+# (module, qualified function name) -> attribute names rewritten in that function (part 4).
+_NAME_REWRITES = {
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+    ): {"cuda": "cpu"},
+}
+
+_FACTORIES = (
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+)
+
+_CPU = torch.device("cpu")
+_bridges_installed = False
+
+
+def cuda_available() -> bool:
+    """Whether this process runs on CUDA (the bridges are inert then)."""
+    return torch.cuda.is_available()
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream`` on CPU: every operation is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        return None
+
+
+def _make_cuda_view() -> types.SimpleNamespace:
+    """The ``torch.cuda`` seen by the bridged megatron modules on a CPU-only machine."""
+    real = torch.cuda
+
+    def current_device() -> torch.device:
+        return _CPU
+
+    def _noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    view = types.SimpleNamespace(
+        is_available=lambda: False,
+        current_device=current_device,
+        synchronize=_noop,
+        empty_cache=_noop,
+        device_count=lambda: 0,
+        Stream=_CpuStream,
+        stream=lambda stream=None: contextlib.nullcontext(),
+        current_stream=lambda device=None: _CpuStream(),
+        default_stream=lambda device=None: _CpuStream(),
+        memory_allocated=lambda device=None: 0,
+        max_memory_allocated=lambda device=None: 0,
+        reset_peak_memory_stats=_noop,
+        nvtx=types.SimpleNamespace(range_push=_noop, range_pop=_noop),
+        get_rng_state=lambda device=None: torch.get_rng_state(),
+        set_rng_state=lambda state, device=None: torch.set_rng_state(state),
+        manual_seed=_noop,
+    )
+    # Anything else (type objects such as torch.cuda.FloatTensor, amp helpers) stays the real one.
+    for name in ("FloatTensor", "HalfTensor", "BFloat16Tensor", "amp", "OutOfMemoryError", "Event"):
+        if hasattr(real, name):
+            setattr(view, name, getattr(real, name))
+    return view
+
+
+def _wrap_factory(fn: Any) -> Any:
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    factory.__wrapped__ = fn
+    return factory
+
+
+class _CpuTorchView(types.ModuleType):
+    """``torch`` as seen by a bridged module: the real torch, except ``cuda`` and the factories."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
+        self.cuda = _make_cuda_view()
+        for name in _FACTORIES:
+            setattr(self, name, _wrap_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:  # attributes added to torch after the copy
+        return getattr(torch, name)
+
+
+def _rewrite_code_constants(code: types.CodeType, mapping: dict[str, str]) -> types.CodeType:
+    consts = []
+    changed = False
+    for const in code.co_consts:
+        if isinstance(const, str) and const in mapping:
+            consts.append(mapping[const])
+            changed = True
+        elif isinstance(const, types.CodeType):
+            new = _rewrite_code_constants(const, mapping)
+            changed |= new is not const
+            consts.append(new)
+        else:
+            consts.append(const)
+    return code.replace(co_consts=tuple(consts)) if changed else code
+
+
+def _rewrite_code_names(code: types.CodeType, mapping: dict[str, str]) -> types.CodeType:
+    names = tuple(mapping.get(name, name) for name in code.co_names)
+    return code.replace(co_names=names)
+
+
+def _functions_of(module: types.ModuleType) -> Iterator[types.FunctionType]:
+    """Every plain function defined in ``module``, including methods of its classes."""
+    for value in vars(module).values():
+        if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+            yield value
+        elif isinstance(value, type) and value.__module__ == module.__name__:
+            for attr in vars(value).values():
+                fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+                if isinstance(fn, property):
+                    fn = fn.fget
+                fn = getattr(fn, "__wrapped__", fn)
+                if isinstance(fn, types.FunctionType):
+                    yield fn
+
+
+def install_cpu_bridges() -> bool:
+    """Make megatron-core usable without CUDA. Idempotent; inert when CUDA is available.
+
+    Returns:
+        ``True`` when the bridges are (or already were) installed, ``False`` on a CUDA machine.
+    """
+    global _bridges_installed
+    if cuda_available():
+        return False
+    if _bridges_installed:
+        return True
+    import importlib
+
+    view = _CpuTorchView()
+    for name in _BRIDGED_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = view
+    for name in _TYPE_STRING_MODULES:
+        for fn in _functions_of(importlib.import_module(name)):
+            fn.__code__ = _rewrite_code_constants(fn.__code__, _TYPE_STRINGS)
+
+    for (module_name, qualname), mapping in _NAME_REWRITES.items():
+        owner: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            owner = getattr(owner, part)
+        owner.__code__ = _rewrite_code_names(owner.__code__, mapping)
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _bridges_installed = True
+    return True
+
+
+def bridges_installed() -> bool:
+    """Whether :func:`install_cpu_bridges` changed megatron in this process."""
+    return _bridges_installed
+
+
+class CpuRNGStatesTracker:
+    """megatron's RNG tracker over CPU generator states (same names, same fork semantics).
+
+    Megatron forks named RNG states so that, e.g., dropout inside tensor-parallel regions differs
+    across TP ranks while staying reproducible. On CPU the default generator plays the role of the
+    CUDA one.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"RNG tracker: seed {seed} is already used")
+        if name in self.states_:
+            raise ValueError(f"RNG tracker: state {name!r} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise ValueError(f"RNG tracker: state {name!r} was never added")
+        outer_state = torch.get_rng_state()
+        outer_name = self._current_state_name
+        if outer_name != "default-rng":
+            self.states_[outer_name] = outer_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if outer_name != "default-rng":
+                outer_state = self.states_[outer_name]
+            torch.set_rng_state(outer_state)
+            self._current_state_name = outer_name
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python-level torch RNGs and megatron's named model-parallel RNG states.
+
+    Mirrors ``megatron.core.tensor_parallel.model_parallel_cuda_manual_seed``: data-parallel state
+    gets ``seed``, tensor-parallel state ``seed + 2718 + tp_rank``, expert state
+    ``seed + 1024 + 100 * ep_rank + etp_rank``.
+    """
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mp_tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if cuda_available():
+        mp_tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    tracker.add("data-parallel-rng", seed)
+    tracker.add("model-parallel-rng", seed + 2718 + tp_rank)
+    tracker.add("expert-parallel-rng", seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_owns_process_group = False
+_env_set_here: list[str] = []
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> None:
+    """Initialize torch.distributed, megatron's parallel state and the RNG tracker.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) it joins the launched group; otherwise it starts
+    a single in-process rank on a free local port, so notebooks and plain scripts work. The
+    backend is NCCL with CUDA and gloo without it. Calling it again with the same layout is a
+    no-op; with a different layout it rebuilds megatron's groups.
+
+    Args:
+        tensor_model_parallel_size: ranks a layer's weights are split across.
+        pipeline_model_parallel_size: ranks the layers are split across.
+        context_parallel_size: ranks the sequence is split across.
+        virtual_pipeline_model_parallel_size: interleaved pipeline chunks per rank, or ``None``.
+        seed: base seed for torch and megatron's named RNG states.
+        timeout_minutes: collective timeout, so a dead peer fails the job instead of hanging it.
+
+    Raises:
+        ValueError: when the world size is not divisible by TP x PP x CP.
+    """
+    global _owns_process_group
+    import torch.distributed as dist
+
+    install_cpu_bridges()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            single = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+            }
+            for key, value in single.items():
+                if key not in os.environ or key == "MASTER_PORT":
+                    os.environ[key] = value
+                    _env_set_here.append(key)
+        backend = "nccl" if cuda_available() else "gloo"
+        if cuda_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+        _owns_process_group = True
+
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    model_parallel *= context_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"parallel layout: world size {world_size} is not divisible by "
+            f"tensor_model_parallel_size ({tensor_model_parallel_size}) x "
+            f"pipeline_model_parallel_size ({pipeline_model_parallel_size}) x "
+            f"context_parallel_size ({context_parallel_size}) = {model_parallel}"
+        )
+
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == pipeline_model_parallel_size
+            and parallel_state.get_context_parallel_world_size() == context_parallel_size
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size()
+            == virtual_pipeline_model_parallel_size
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+            create_gloo_process_groups=not cuda_available(),
+        )
+    seed_everything(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and, if this module created it, the process group.
+
+    After this, :func:`initialize_distributed` can be called again in the same process (tests
+    and notebooks run several fits one after another).
+    """
+    global _owns_process_group
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random._CUDA_RNG_STATE_TRACKER
+    if tracker is not None:
+        tracker.reset()
+    if _owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+        _owns_process_group = False
+        while _env_set_here:
+            os.environ.pop(_env_set_here.pop(), None)
+
+
+def is_initialized() -> bool:
+    """Whether megatron's parallel state is set up in this process."""
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()

@@ -1,0 +1,240 @@
+"""Helpers for tests and benchmarks: run a function on N gloo ranks, and layout-free weights.
+
+``run_distributed(fn, nprocs)`` launches ``fn`` (a module-level function) on ``nprocs`` ranks under
+torchrun, returns each rank's return value, fails with the ranks' output when a rank fails, and
+kills the whole process group after ``timeout`` seconds so that a deadlock fails a test instead of
+hanging CI.
+
+``init_weights_by_global_key(model, seed)`` gives a megatron model the same weights at any
+TP/PP layout: every tensor is drawn whole from a generator seeded by its global checkpoint key,
+then the local shard is cut out using megatron's own sharding metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DistributedRunError(AssertionError):
+    """A multi-rank run failed or timed out; the message carries the ranks' output."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _target_of(fn: Callable[..., Any] | str) -> str:
+    if isinstance(fn, str):
+        return fn
+    if "<locals>" in fn.__qualname__ or fn.__module__ == "__main__":
+        raise ValueError(
+            f"run_distributed: {fn.__qualname__} must be a module-level function of an importable "
+            "module (ranks import it by name)"
+        )
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def _tail(text: str, limit: int = 6000) -> str:
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def run_distributed(
+    fn: Callable[..., Any] | str,
+    nprocs: int,
+    *args: Any,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``nprocs`` gloo ranks under torchrun.
+
+    Args:
+        fn: a module-level function (or ``"module:function"``); it may call
+            :func:`kd_module.runtime.initialize_distributed` itself.
+        nprocs: number of ranks.
+        *args: positional arguments, pickled to every rank.
+        timeout: seconds before the whole process group is killed and the run fails.
+        env: extra environment variables for the ranks.
+        **kwargs: keyword arguments, pickled to every rank.
+
+    Returns:
+        The return values, indexed by global rank.
+
+    Raises:
+        DistributedRunError: a rank failed, or the run did not finish within ``timeout``.
+    """
+    target = _target_of(fn)
+    with tempfile.TemporaryDirectory(prefix="kd_ranks_") as tmp:
+        work = Path(tmp)
+        (work / "call.pkl").write_bytes(pickle.dumps((args, kwargs)))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nprocs}",
+            "--nnodes=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "--max_restarts=0",
+            "-m",
+            "kd_module.testing",
+            target,
+            str(work),
+        ]
+        run_env = dict(os.environ)
+        run_env.setdefault("OMP_NUM_THREADS", "1")
+        run_env["PYTHONPATH"] = os.pathsep.join(
+            [str(_REPO_ROOT), os.getcwd(), run_env.get("PYTHONPATH", "")]
+        )
+        run_env.update(env or {})
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=run_env,
+            start_new_session=True,
+        )
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            raise DistributedRunError(
+                f"{target} on {nprocs} ranks did not finish within {timeout:.0f} s "
+                f"(process group killed). Output:\n{_tail(output)}"
+            ) from None
+        errors = sorted(work.glob("rank*.err"))
+        if process.returncode != 0 or errors:
+            details = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in errors)
+            raise DistributedRunError(
+                f"{target} on {nprocs} ranks failed (exit {process.returncode}).\n"
+                f"{details}\nOutput:\n{_tail(output)}"
+            )
+        results = []
+        for rank in range(nprocs):
+            path = work / f"rank{rank}.pkl"
+            if not path.exists():
+                raise DistributedRunError(f"rank {rank} returned nothing. Output:\n{_tail(output)}")
+            results.append(pickle.loads(path.read_bytes()))
+        return results
+
+
+def _rank_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="one rank of kd_module.testing.run_distributed")
+    parser.add_argument("target")
+    parser.add_argument("workdir")
+    options = parser.parse_args(argv)
+    work = Path(options.workdir)
+    rank = int(os.environ.get("RANK", "0"))
+    module_name, _, qualname = options.target.partition(":")
+    try:
+        fn: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
+        args, kwargs = pickle.loads((work / "call.pkl").read_bytes())
+        result = fn(*args, **kwargs)
+        (work / f"rank{rank}.pkl").write_bytes(pickle.dumps(_to_portable(result)))
+    except BaseException:
+        (work / f"rank{rank}.err").write_text(traceback.format_exc())
+        return 1
+    finally:
+        _teardown()
+    return 0
+
+
+def _teardown() -> None:
+    try:
+        from kd_module import runtime
+
+        if "megatron.core" in sys.modules:
+            runtime.destroy_distributed()
+    except Exception:  # best effort: the process is about to exit anyway
+        pass
+
+
+def _to_portable(value: Any) -> Any:
+    """Detach tensors so results pickle without autograd graphs."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_portable(v) for v in value)
+    return value
+
+
+def _key_seed(key: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_weights_by_global_key(model: Any, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every parameter of a megatron model so that all layouts hold the same global weights.
+
+    Each checkpoint key's full tensor is drawn from ``N(0, std)`` (norm weights: ``1 + N(0, std)``)
+    with a generator seeded by the key, and the rank's shard is cut out by the sharded tensor's
+    global offset. Uses ``model.sharded_state_dict()``, so it covers exactly what megatron's
+    distributed checkpoints cover.
+    """
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sharded = model.sharded_state_dict()
+    items: list[Any] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, ShardedTensor):
+            items.append(value)
+        elif isinstance(value, ShardedTensorFactory):
+            collect(value.build())
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(sharded)
+    with torch.no_grad():
+        for sh in items:
+            if sh.data is None or sh.data.numel() == 0:
+                continue
+            generator = torch.Generator().manual_seed(_key_seed(sh.key, seed))
+            full = torch.randn(sh.global_shape, generator=generator, dtype=torch.float32) * std
+            if "layernorm" in sh.key or "norm.weight" in sh.key:
+                full += 1.0
+            index = tuple(
+                slice(offset, offset + size)
+                for offset, size in zip(sh.global_offset, _full_local_shape(sh), strict=True)
+            )
+            local = full[index]
+            sh.data.copy_(local.reshape(sh.data.shape).to(sh.data.dtype))
+
+
+def _full_local_shape(sh: Any) -> tuple[int, ...]:
+    prepended = sh.prepend_axis_num
+    return tuple([1] * prepended) + tuple(sh.local_shape)
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""nemo-run recipes: functions returning ``run.Partial(kd_module.distill, ...)``."""
