@@ -1,0 +1,493 @@
+"""Memory-efficient, tensor-parallel logits distillation losses.
+
+:class:`LogitsKDLoss` computes a per-token divergence between the student's and the teacher's
+softmax distributions over the full vocabulary, for vocab-parallel logits (each tensor-parallel
+rank holds a contiguous vocabulary shard, as megatron's ``ColumnParallelLinear`` output layer
+produces them). Unlike ModelOpt's ``LogitsKLLoss``, which casts both full logits tensors to fp32
+and lets autograd keep every intermediate, it never materializes fp32 copies of the whole
+``[tokens x vocab]`` logits: a custom autograd function walks the tokens in chunks, reduces the
+global softmax statistics across the TP group (per-token max and sum of exponentials, as
+megatron's vocab-parallel cross entropy does), saves only per-token statistics, and recomputes
+each chunk in backward.
+
+Definitions (``p = softmax(logits / temperature)`` over the full vocabulary, no ``T**2`` factor,
+as in ModelOpt):
+
+- ``forward_kl``: ``KL(p_teacher || p_student)`` (ModelOpt's ``LogitsKLLoss``);
+- ``reverse_kl``: ``KL(p_student || p_teacher)``;
+- ``jsd``: generalized Jensen-Shannon divergence with ``m = beta * p_teacher + (1 - beta) *
+  p_student``: ``beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m)``.
+
+With ``top_k``, both distributions are restricted to the teacher's global top-k vocabulary
+entries and renormalized over them before the divergence (``forward_kl`` then matches
+ModelOpt's ``TopKLogitsKLLoss``).
+
+Non-finite inputs: each token is computed on its own, so a NaN or ``+inf`` logit makes that
+token's loss and gradient row NaN and leaves every other token untouched. A ``-inf`` logit is a
+zero-probability entry: it contributes nothing where it sits in the distribution the expectation
+is taken over, and makes the divergence ``+inf`` where the other distribution puts mass on it.
+Empty inputs (no tokens) give an empty loss and an empty gradient without communicating.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from modelopt.torch.distill.plugins.megatron import BaseLoss
+from torch import Tensor
+
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+
+__all__ = ["LOSS_TYPES", "KDLogitsCriterion", "LogitsKDLoss", "reference_logits_kd_loss"]
+
+
+@dataclass(frozen=True)
+class _KDSpec:
+    """What to compute; shared by the forward and backward passes."""
+
+    loss_type: str
+    """One of :data:`LOSS_TYPES`."""
+    temperature: float
+    """Logits are divided by this before the softmax."""
+    jsd_beta: float
+    """Teacher weight of the JSD mixture."""
+    chunk_size: int
+    """Tokens processed at once."""
+
+
+def _resolve_tp_group(tp_group: Any) -> Any:
+    """The explicit group, else megatron's TP group when TP > 1, else ``None`` (no comms)."""
+    if tp_group is not None:
+        return tp_group
+    if (
+        parallel_state.model_parallel_is_initialized()
+        and parallel_state.get_tensor_model_parallel_world_size() > 1
+    ):
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _group_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(tensor: Tensor, op: Any, group: Any) -> Tensor:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _chunks(num_tokens: int, chunk_size: int) -> range:
+    return range(0, num_tokens, chunk_size)
+
+
+def _scaled_fp32(logits: Tensor, temperature: float) -> Tensor:
+    """A fresh fp32 copy of a chunk, divided by the temperature."""
+    out = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def _masked_product(weights: Tensor, values: Tensor) -> Tensor:
+    """``weights * values`` in place in ``values``, with ``0 * anything = 0`` (``-inf`` logits)."""
+    return values.mul_(weights).masked_fill_(weights == 0, 0.0)
+
+
+def _masked_sum(weights: Tensor, values: Tensor) -> Tensor:
+    """Per-row ``sum(weights * values)`` with ``0 * anything = 0``; overwrites ``values``."""
+    return _masked_product(weights, values).sum(dim=-1)
+
+
+def _kl_forward(
+    student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """KL(p || q) in one pass over the data, p = teacher (forward) or student (reverse).
+
+    Per chunk and rank it keeps the local max ``m``, ``z = sum exp(x - m)`` of both sides and
+    ``a = sum exp(p - m_p) * ((p - m_p) - (q - m_q))``; rescaled to the global maxima and summed
+    over ranks, ``KL = A / Z_p - log Z_p + log Z_q``.
+    """
+    num_tokens = student.shape[0]
+    stats = torch.empty(5, num_tokens, dtype=torch.float32, device=student.device)
+    reverse = spec.loss_type == "reverse_kl"
+    for start in _chunks(num_tokens, spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        p = _scaled_fp32((student if reverse else teacher)[rows], spec.temperature)
+        q = _scaled_fp32((teacher if reverse else student)[rows], spec.temperature)
+        m_p = p.amax(dim=-1)
+        m_q = q.amax(dim=-1)
+        p.sub_(m_p.unsqueeze(-1))
+        q.sub_(m_q.unsqueeze(-1))
+        stats[3, rows] = m_q
+        stats[4, rows] = torch.exp(q).sum(dim=-1)
+        q.neg_().add_(p)  # q now holds the shifted difference (p - m_p) - (q - m_q)
+        p.exp_()
+        stats[0, rows] = m_p
+        stats[1, rows] = p.sum(dim=-1)
+        stats[2, rows] = _masked_sum(p, q)
+        del p, q
+    m_p, z_p, a, m_q, z_q = stats
+    global_max = _all_reduce(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)
+    local_shift = torch.stack([m_p, m_q]) - global_max
+    scale_p, scale_q = torch.exp(local_shift)
+    # Re-express each rank's shifted difference against the global maxima.
+    a = a + z_p * (local_shift[0] - local_shift[1])
+    sums = _all_reduce(
+        torch.stack([z_p * scale_p, a * scale_p, z_q * scale_q]), dist.ReduceOp.SUM, group
+    )
+    z_p, a, z_q = sums
+    loss = a / z_p - torch.log(z_p) + torch.log(z_q)
+    lse_p = global_max[0] + torch.log(z_p)
+    lse_q = global_max[1] + torch.log(z_q)
+    lse_student, lse_teacher = (lse_p, lse_q) if reverse else (lse_q, lse_p)
+    return loss, (lse_student, lse_teacher, loss)
+
+
+def _log_sum_exp(student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any) -> Tensor:
+    """Global per-token log-sum-exp of both sides, shape [2, tokens] (student, teacher)."""
+    num_tokens = student.shape[0]
+    local = torch.empty(2, 2, num_tokens, dtype=torch.float32, device=student.device)
+    for start in _chunks(num_tokens, spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        for side, logits in enumerate((student, teacher)):
+            x = _scaled_fp32(logits[rows], spec.temperature)
+            m = x.amax(dim=-1)
+            local[0, side, rows] = m
+            local[1, side, rows] = x.sub_(m.unsqueeze(-1)).exp_().sum(dim=-1)
+            del x
+    maxima = _all_reduce(local[0].clone(), dist.ReduceOp.MAX, group)
+    sums = _all_reduce(local[1] * torch.exp(local[0] - maxima), dist.ReduceOp.SUM, group)
+    return maxima + torch.log(sums)
+
+
+def _log_mixture(log_p_teacher: Tensor, log_p_student: Tensor, beta: float) -> Tensor:
+    return torch.logaddexp(log_p_teacher + math.log(beta), log_p_student + math.log1p(-beta))
+
+
+def _jsd_forward(
+    student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Generalized JSD in two passes: global log-sum-exp first, then the two KLs to the mixture."""
+    lse = _log_sum_exp(student, teacher, spec, group)
+    num_tokens = student.shape[0]
+    partial = torch.empty(2, num_tokens, dtype=torch.float32, device=student.device)
+    for start in _chunks(num_tokens, spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        log_p_s = _scaled_fp32(student[rows], spec.temperature).sub_(lse[0, rows].unsqueeze(-1))
+        log_p_t = _scaled_fp32(teacher[rows], spec.temperature).sub_(lse[1, rows].unsqueeze(-1))
+        log_m = _log_mixture(log_p_t, log_p_s, spec.jsd_beta)
+        partial[0, rows] = _masked_sum(log_p_t.exp(), log_p_t.sub_(log_m))
+        partial[1, rows] = _masked_sum(log_p_s.exp(), log_p_s.sub_(log_m))
+        del log_p_s, log_p_t, log_m
+    kl_teacher_mix, kl_student_mix = _all_reduce(partial, dist.ReduceOp.SUM, group)
+    beta = spec.jsd_beta
+    loss = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
+    return loss, (lse[0], lse[1], kl_student_mix)
+
+
+def _dense_forward(
+    student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Per-token loss [tokens] and the per-token statistics backward needs."""
+    if spec.loss_type == "jsd":
+        return _jsd_forward(student, teacher, spec, group)
+    return _kl_forward(student, teacher, spec, group)
+
+
+def _dense_backward(
+    student: Tensor, teacher: Tensor, spec: _KDSpec, stats: tuple[Tensor, ...], grad_loss: Tensor
+) -> Tensor:
+    """Gradient w.r.t. the (local shard of the) student logits, recomputed chunk by chunk.
+
+    With ``s = student / T`` and ``d_j`` the per-entry log-ratio of the distribution the
+    expectation is over: forward KL ``p_s - p_t``; reverse KL ``p_s * (log p_s - log p_t - KL)``;
+    JSD ``(1 - beta) * p_s * (log p_s - log m - KL(p_s || m))``; all divided by ``T``.
+    """
+    lse_student, lse_teacher, extra = stats
+    grad = torch.empty_like(student)
+    scale = grad_loss.to(torch.float32) / spec.temperature
+    for start in _chunks(student.shape[0], spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        log_p_s = _scaled_fp32(student[rows], spec.temperature)
+        log_p_s.sub_(lse_student[rows].unsqueeze(-1))
+        log_p_t = _scaled_fp32(teacher[rows], spec.temperature)
+        log_p_t.sub_(lse_teacher[rows].unsqueeze(-1))
+        if spec.loss_type == "forward_kl":
+            chunk_grad = log_p_s.exp_().sub_(log_p_t.exp_())
+        else:
+            if spec.loss_type == "reverse_kl":
+                ratio = log_p_t.neg_().add_(log_p_s)
+            else:
+                ratio = log_p_s - _log_mixture(log_p_t, log_p_s, spec.jsd_beta)
+            ratio.sub_(extra[rows].unsqueeze(-1))
+            p_s = log_p_s.exp_()
+            chunk_grad = _masked_product(p_s, ratio)
+            if spec.loss_type == "jsd":
+                chunk_grad.mul_(1.0 - spec.jsd_beta)
+        grad[rows] = chunk_grad.mul_(scale[rows].unsqueeze(-1))
+        del log_p_s, log_p_t, chunk_grad
+    return grad
+
+
+class _LogitsKDFunction(torch.autograd.Function):
+    """Full-vocabulary loss on [tokens, local_vocab] logits; saves per-token statistics only."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any) -> Tensor:
+        loss, stats = _dense_forward(student, teacher, spec, group)
+        ctx.spec = spec
+        ctx.save_for_backward(student, teacher, *stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        student, teacher, *stats = ctx.saved_tensors
+        grad = _dense_backward(student, teacher, ctx.spec, tuple(stats), grad_loss)
+        return grad, None, None, None
+
+
+def _top_k_candidates(
+    student: Tensor, teacher: Tensor, top_k: int, spec: _KDSpec, group: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's global top-k entries: (student values, teacher values, global vocab index).
+
+    Each rank takes its local top-k (selection in the input dtype: widening is exact and the
+    temperature is monotonic), the candidates are gathered over the TP group, and the global
+    top-k is picked among them. Values are fp32 and divided by the temperature.
+    """
+    num_tokens, local_vocab = teacher.shape
+    local_k = min(top_k, local_vocab)
+    rank = 0 if group is None else dist.get_rank(group)
+    values = torch.empty(2, num_tokens, local_k, dtype=torch.float32, device=teacher.device)
+    index = torch.empty(num_tokens, local_k, dtype=torch.int64, device=teacher.device)
+    for start in _chunks(num_tokens, spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        top_teacher, top_index = torch.topk(teacher[rows], local_k, dim=-1)
+        values[0, rows] = torch.gather(student[rows], -1, top_index).float()
+        values[1, rows] = top_teacher.float()
+        index[rows] = top_index + rank * local_vocab
+    values.div_(spec.temperature)
+    world = _group_size(group)
+    if world > 1:
+        gathered_values = [torch.empty_like(values) for _ in range(world)]
+        gathered_index = [torch.empty_like(index) for _ in range(world)]
+        dist.all_gather(gathered_values, values.contiguous(), group=group)
+        dist.all_gather(gathered_index, index, group=group)
+        values = torch.cat(gathered_values, dim=-1)
+        index = torch.cat(gathered_index, dim=-1)
+    _, pick = torch.topk(values[1], top_k, dim=-1)
+    return (
+        torch.gather(values[0], -1, pick),
+        torch.gather(values[1], -1, pick),
+        torch.gather(index, -1, pick),
+    )
+
+
+class _TopKLogitsKDFunction(torch.autograd.Function):
+    """Loss restricted to the teacher's global top-k entries; gradient scattered to the shard."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, student: Tensor, teacher: Tensor, spec: _KDSpec, top_k: int, group: Any
+    ) -> Tensor:
+        top_student, top_teacher, index = _top_k_candidates(student, teacher, top_k, spec, group)
+        inner = replace(spec, temperature=1.0)
+        loss, stats = _dense_forward(top_student, top_teacher, inner, None)
+        ctx.spec = inner
+        ctx.temperature = spec.temperature
+        ctx.student_meta = (student.shape, student.dtype, student.device)
+        ctx.local_offset = (0 if group is None else dist.get_rank(group)) * student.shape[-1]
+        ctx.save_for_backward(top_student, top_teacher, index, *stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        top_student, top_teacher, index, *stats = ctx.saved_tensors
+        top_grad = _dense_backward(top_student, top_teacher, ctx.spec, tuple(stats), grad_loss)
+        top_grad.div_(ctx.temperature)
+        shape, dtype, device = ctx.student_meta
+        local = index - ctx.local_offset
+        owned = (local >= 0) & (local < shape[-1])
+        grad = torch.zeros(shape, dtype=torch.float32, device=device)
+        grad.scatter_(-1, local.clamp(0, shape[-1] - 1), top_grad.masked_fill(~owned, 0.0))
+        return grad.to(dtype), None, None, None, None
+
+
+class LogitsKDLoss(torch.nn.Module):
+    """Per-token KD loss between vocab-parallel student and teacher logits.
+
+    Args:
+        loss_type: ``"forward_kl"`` (``KL(teacher || student)``), ``"reverse_kl"``
+            (``KL(student || teacher)``) or ``"jsd"`` (generalized Jensen-Shannon).
+        temperature: logits are divided by this before the softmax (no ``T**2`` factor).
+        jsd_beta: teacher weight of the JSD mixture ``beta * p_t + (1 - beta) * p_s``.
+        top_k: restrict both distributions to the teacher's global top-k entries, or ``None``.
+        chunk_size: tokens processed at once; peak extra memory is a few fp32
+            ``[chunk_size, local_vocab]`` buffers.
+        tp_group: process group the vocabulary is split across; ``None`` means megatron's
+            tensor-parallel group when megatron is initialized with TP > 1, else no
+            communication.
+
+    Raises:
+        ValueError: naming every invalid argument.
+
+    Examples:
+        >>> loss_fn = LogitsKDLoss("forward_kl", temperature=2.0)
+        >>> per_token = loss_fn(student_logits, teacher_logits)  # [s, b, v_local] -> [s, b]
+    """
+
+    def __init__(
+        self,
+        loss_type: str = "forward_kl",
+        temperature: float = 1.0,
+        jsd_beta: float = 0.5,
+        top_k: int | None = None,
+        chunk_size: int = 1024,
+        tp_group: Any = None,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            problems.append(f"temperature={temperature!r} must be a number > 0")
+        if not isinstance(jsd_beta, (int, float)) or not 0 < jsd_beta < 1:
+            problems.append(f"jsd_beta={jsd_beta!r} must be a number with 0 < jsd_beta < 1")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
+        ):
+            problems.append(f"top_k={top_k!r} must be a positive int or None")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            problems.append(f"chunk_size={chunk_size!r} must be a positive int")
+        if problems:
+            raise ValueError("LogitsKDLoss: " + "; ".join(problems))
+        self.loss_type = loss_type
+        self.temperature = float(temperature)
+        self.jsd_beta = float(jsd_beta)
+        self.top_k = top_k
+        self.chunk_size = chunk_size
+        self.tp_group = tp_group
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss_type={self.loss_type!r}, temperature={self.temperature}, "
+            f"jsd_beta={self.jsd_beta}, top_k={self.top_k}, chunk_size={self.chunk_size}"
+        )
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Per-token loss summed over the full vocabulary.
+
+        Args:
+            student_logits: [s, b, v_local], this rank's vocabulary shard; any float dtype.
+            teacher_logits: [s, b, v_local], same shard of the teacher; detached here.
+
+        Returns:
+            fp32 [s, b], identical on every TP rank; gradients flow to ``student_logits`` only.
+
+        Raises:
+            ValueError: on mismatched shapes, or ``top_k`` larger than the full vocabulary.
+        """
+        if student_logits.shape != teacher_logits.shape or student_logits.dim() < 1:
+            raise ValueError(
+                "LogitsKDLoss: student and teacher logits must have the same shape [s, b, v], got "
+                f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            )
+        group = _resolve_tp_group(self.tp_group)
+        token_shape = student_logits.shape[:-1]
+        local_vocab = student_logits.shape[-1]
+        full_vocab = local_vocab * _group_size(group)
+        if self.top_k is not None and self.top_k > full_vocab:
+            raise ValueError(
+                f"LogitsKDLoss: top_k={self.top_k} is larger than the vocabulary ({full_vocab})"
+            )
+        student = student_logits.reshape(-1, local_vocab)
+        teacher = teacher_logits.detach().reshape(-1, local_vocab)
+        if student.shape[0] == 0:
+            # Nothing to reduce; ranks agree on the token count, so skipping comms is safe.
+            return (student.float().sum(dim=-1) * 0.0).reshape(token_shape)
+        spec = _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size)
+        if self.top_k is None:
+            loss = _LogitsKDFunction.apply(student, teacher, spec, group)
+        else:
+            loss = _TopKLogitsKDFunction.apply(student, teacher, spec, self.top_k, group)
+        return loss.reshape(token_shape)
+
+
+def reference_logits_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    top_k: int | None = None,
+) -> Tensor:
+    """Straightforward fp32 full-vocabulary reference of :class:`LogitsKDLoss` (autograd).
+
+    Args:
+        student_logits: unsharded [s, b, v].
+        teacher_logits: unsharded [s, b, v] (detached here).
+        loss_type: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        temperature: logits are divided by this before the softmax.
+        jsd_beta: teacher weight of the JSD mixture.
+        top_k: restrict to the teacher's top-k entries, renormalized, or ``None``.
+
+    Returns:
+        fp32 per-token loss [s, b].
+    """
+    student = student_logits.float() / temperature
+    teacher = teacher_logits.detach().float() / temperature
+    if top_k is not None:
+        index = torch.topk(teacher, top_k, dim=-1).indices
+        student = torch.gather(student, -1, index)
+        teacher = torch.gather(teacher, -1, index)
+    log_p_s = torch.log_softmax(student, dim=-1)
+    log_p_t = torch.log_softmax(teacher, dim=-1)
+
+    def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+        return torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+    if loss_type == "forward_kl":
+        return kl(log_p_t, log_p_s)
+    if loss_type == "reverse_kl":
+        return kl(log_p_s, log_p_t)
+    if loss_type == "jsd":
+        log_m = torch.logsumexp(
+            torch.stack([log_p_t + math.log(jsd_beta), log_p_s + math.log(1.0 - jsd_beta)]), dim=0
+        )
+        return jsd_beta * kl(log_p_t, log_m) + (1.0 - jsd_beta) * kl(log_p_s, log_m)
+    raise ValueError(f"reference_logits_kd_loss: loss_type={loss_type!r} not in {LOSS_TYPES}")
+
+
+class KDLogitsCriterion(BaseLoss):
+    """Adapter that plugs :class:`LogitsKDLoss` into a ModelOpt ``DistillationModel`` criterion.
+
+    The class name contains ``Logits`` because ModelOpt's
+    ``LogitsAndIntermediatesLossBalancer`` finds the logits loss by that substring.
+
+    Args:
+        model_config: megatron ``TransformerConfig`` of the student.
+        loss: the configured loss.
+
+    Examples:
+        >>> kd = KDLogitsCriterion(config, LogitsKDLoss("forward_kl", temperature=2.0))
+        >>> criterion = {("output_layer", "output_layer"): kd}
+    """
+
+    def __init__(self, model_config: Any, loss: LogitsKDLoss) -> None:
+        super().__init__(model_config)
+        self.loss = loss
+
+    def forward(self, predictions: Any, targets: Any) -> tuple[Tensor, bool, bool]:
+        """Loss between output-layer outputs (tensors or ``(logits, bias)`` tuples).
+
+        Returns:
+            ``(loss [b, s], False, False)``: already reduced over TP, not sequence-parallel.
+        """
+        predictions, targets = self.pre_forward(predictions, targets)
+        return self.post_forward(self.loss(predictions, targets), tp_reduce=False)
