@@ -231,6 +231,52 @@ def init_weights_by_global_key(model: Any, seed: int = 0, std: float = 0.02) -> 
             sh.data.copy_(local.reshape(sh.data.shape).to(sh.data.dtype))
 
 
+def _sharded_tensors(model: Any) -> dict[str, Any]:
+    """Local state-dict name -> megatron ``ShardedTensor`` for every plain sharded tensor."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {
+        name: sh
+        for name, sh in model.sharded_state_dict().items()
+        if isinstance(sh, ShardedTensor) and sh.data is not None
+    }
+
+
+def global_shards(model: Any, which: str = "param") -> dict[str, list[Any]]:
+    """This rank's pieces of every parameter (``which="param"``) or gradient (``"grad"``).
+
+    Returns a mapping from global checkpoint key to ``[global_shape, [(global_offset, local_shape,
+    tensor)]]`` that :func:`assemble_global` stitches together across ranks.
+    """
+    params = dict(model.named_parameters())
+    out: dict[str, list[Any]] = {}
+    for name, sh in _sharded_tensors(model).items():
+        if name not in params:
+            continue
+        tensor = params[name] if which == "param" else params[name].grad
+        if tensor is None:
+            continue
+        entry = out.setdefault(sh.key, [tuple(sh.global_shape), []])
+        entry[1].append(
+            (tuple(sh.global_offset), _full_local_shape(sh), tensor.detach().cpu().clone())
+        )
+    return out
+
+
+def assemble_global(per_rank: list[dict[str, list[Any]]]) -> dict[str, Any]:
+    """Full tensors from the :func:`global_shards` of every rank (replicas overwrite each other)."""
+    import torch
+
+    full: dict[str, Any] = {}
+    for shards in per_rank:
+        for key, (global_shape, pieces) in shards.items():
+            target = full.setdefault(key, torch.zeros(global_shape))
+            for offset, local_shape, tensor in pieces:
+                index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
+                target[index] = tensor.reshape(local_shape)
+    return full
+
+
 def _full_local_shape(sh: Any) -> tuple[int, ...]:
     prepended = sh.prepend_axis_num
     return tuple([1] * prepended) + tuple(sh.local_shape)
