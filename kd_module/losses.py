@@ -315,7 +315,9 @@ class _TopKLogitsKDFunction(torch.autograd.Function):
         local = index - ctx.local_offset
         owned = (local >= 0) & (local < shape[-1])
         grad = torch.zeros(shape, dtype=torch.float32, device=device)
-        grad.scatter_(-1, local.clamp(0, shape[-1] - 1), top_grad.masked_fill(~owned, 0.0))
+        # Entries owned by other ranks are clamped onto this shard with a zero value; scatter_add
+        # keeps them from overwriting an owned entry at the same position.
+        grad.scatter_add_(-1, local.clamp(0, shape[-1] - 1), top_grad.masked_fill(~owned, 0.0))
         return grad.to(dtype), None, None, None, None
 
 

@@ -1,0 +1,283 @@
+"""Tests for the chunked, TP-aware logits KD losses in kd_module.losses."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from modelopt.torch.distill.plugins.megatron import LogitsKLLoss, TopKLogitsKLLoss
+
+from kd_module.losses import (
+    LOSS_TYPES,
+    KDLogitsCriterion,
+    LogitsKDLoss,
+    reference_logits_kd_loss,
+)
+from kd_module.testing import run_distributed
+
+RTOL = 1e-5
+ATOL = 1e-6
+TOP_K = 5
+
+
+def _logits(seed: int, shape: tuple[int, ...] = (5, 3, 40), scale: float = 3.0) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=generator) * scale
+    teacher = torch.randn(shape, generator=generator) * scale
+    return student, teacher
+
+
+def _loss_and_grad(loss_fn, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor):
+    student = student.detach().clone().requires_grad_(True)
+    loss = loss_fn(student, teacher)
+    (loss * weights).sum().backward()
+    return loss.detach(), student.grad
+
+
+def _weights(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+@pytest.mark.parametrize("top_k", [None, TOP_K])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_reference_loss_and_gradient(loss_type: str, top_k: int | None) -> None:
+    """Loss and student gradient equal autograd of the fp32 reference for every loss type."""
+    student, teacher = _logits(0)
+    weights = _weights(1, student.shape[:-1])
+    kwargs = dict(loss_type=loss_type, temperature=1.7, jsd_beta=0.3, top_k=top_k)
+    ours = _loss_and_grad(LogitsKDLoss(chunk_size=4, **kwargs), student, teacher, weights)
+    ref = _loss_and_grad(
+        lambda s, t: reference_logits_kd_loss(s, t, **kwargs), student, teacher, weights
+    )
+    assert ours[0].dtype == torch.float32 and ours[0].shape == (5, 3)
+    assert ours[0].min() > 0
+    torch.testing.assert_close(ours[0], ref[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ours[1], ref[1], rtol=RTOL, atol=ATOL)
+    if top_k is not None:
+        # Only the teacher's top-k entries of each token receive gradient.
+        assert ((ours[1] != 0).sum(dim=-1) <= top_k).all()
+
+
+def test_hand_computed_values_on_three_entry_vocabulary() -> None:
+    """p_t = (1/2, 1/4, 1/4), p_s uniform: forward KL = ln(9/8)/2, reverse KL = ln(32/27)/3."""
+    teacher = torch.tensor([0.5, 0.25, 0.25]).log().reshape(1, 1, 3)
+    student = torch.zeros(1, 1, 3)
+    forward = LogitsKDLoss("forward_kl")(student, teacher)
+    reverse = LogitsKDLoss("reverse_kl")(student, teacher)
+    assert forward.item() == pytest.approx(0.5 * math.log(9 / 8), rel=1e-6)
+    assert reverse.item() == pytest.approx(math.log(32 / 27) / 3, rel=1e-6)
+    # JSD with m = (5/12, 7/24, 7/24) at beta = 1/2.
+    p, q, m = [0.5, 0.25, 0.25], [1 / 3] * 3, [5 / 12, 7 / 24, 7 / 24]
+    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True))
+    jsd += 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m, strict=True))
+    assert LogitsKDLoss("jsd")(student, teacher).item() == pytest.approx(jsd, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_temperature_divides_logits(loss_type: str) -> None:
+    """Temperature T equals T=1 on logits / T, with a 1/T gradient factor; higher T, lower loss."""
+    student, teacher = _logits(2)
+    weights = torch.ones(student.shape[:-1])
+    hot = _loss_and_grad(LogitsKDLoss(loss_type, temperature=4.0), student, teacher, weights)
+    cold = _loss_and_grad(LogitsKDLoss(loss_type), student / 4.0, teacher / 4.0, weights)
+    torch.testing.assert_close(hot[0], cold[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(hot[1], cold[1] / 4.0, rtol=RTOL, atol=ATOL)
+    plain = LogitsKDLoss(loss_type)(student, teacher)
+    assert (hot[0] < plain).all()
+
+
+@pytest.mark.parametrize("top_k", [None, TOP_K])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_chunk_size_does_not_change_results(loss_type: str, top_k: int | None) -> None:
+    """Chunks of 4 (not dividing 15 tokens), 1 and 1024 give the same loss and gradient.
+
+    Same up to the last bit: vectorized exp/log kernels may round a row differently by its length.
+    """
+    student, teacher = _logits(3)
+    weights = _weights(4, student.shape[:-1])
+    results = [
+        _loss_and_grad(
+            LogitsKDLoss(loss_type, top_k=top_k, chunk_size=chunk), student, teacher, weights
+        )
+        for chunk in (4, 1, 1024)
+    ]
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_bf16_inputs_agree_with_fp32_reference(loss_type: str) -> None:
+    """bf16 logits: fp32 loss exact on the rounded inputs, bf16 gradient within bf16 rounding."""
+    student, teacher = _logits(5, shape=(6, 2, 300))
+    weights = torch.ones(student.shape[:-1])
+    student_bf16, teacher_bf16 = student.bfloat16(), teacher.bfloat16()
+    loss, grad = _loss_and_grad(
+        LogitsKDLoss(loss_type, chunk_size=5), student_bf16, teacher_bf16, weights
+    )
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+
+    def reference(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return reference_logits_kd_loss(s, t, loss_type)
+
+    rounded = _loss_and_grad(reference, student_bf16.float(), teacher_bf16.float(), weights)
+    torch.testing.assert_close(loss, rounded[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad.float(), rounded[1], rtol=2**-8, atol=1e-7)
+    # Against the unrounded fp32 logits, only the input rounding separates the losses.
+    exact_loss = reference(student, teacher)
+    torch.testing.assert_close(loss, exact_loss.detach(), rtol=2e-2, atol=2e-2)
+
+
+def _modelopt_config() -> SimpleNamespace:
+    # ModelOpt's logits losses only read ``tensor_model_parallel_size`` from the config.
+    return SimpleNamespace(tensor_model_parallel_size=1, sequence_parallel=False)
+
+
+@pytest.mark.parametrize("top_k", [None, TOP_K])
+def test_forward_kl_equals_modelopt(top_k: int | None) -> None:
+    """forward_kl equals ModelOpt's LogitsKLLoss, and with top_k its TopKLogitsKLLoss."""
+    student, teacher = _logits(6)
+    weights = _weights(7, student.shape[:-1])
+    if top_k is None:
+        modelopt_loss = LogitsKLLoss(_modelopt_config(), temperature=2.0)
+    else:
+        modelopt_loss = TopKLogitsKLLoss(_modelopt_config(), temperature=2.0, top_k=top_k)
+    ours = _loss_and_grad(
+        LogitsKDLoss("forward_kl", temperature=2.0, top_k=top_k), student, teacher, weights
+    )
+    theirs = _loss_and_grad(
+        lambda s, t: modelopt_loss(s, t)[0].transpose(0, 1), student, teacher, weights
+    )
+    torch.testing.assert_close(ours[0], theirs[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=RTOL, atol=ATOL)
+
+
+def test_criterion_adapter_returns_modelopt_triple() -> None:
+    """The adapter unpacks (logits, bias), detaches the teacher, returns (loss[b, s], F, F)."""
+    student, teacher = _logits(8)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    criterion = KDLogitsCriterion(_modelopt_config(), LogitsKDLoss("reverse_kl"))
+    loss, tp_reduce, sequence_parallel = criterion((student, None), (teacher, None))
+    assert "Logits" in type(criterion).__name__
+    assert (tp_reduce, sequence_parallel) == (False, False)
+    expected = reference_logits_kd_loss(student, teacher, "reverse_kl").transpose(0, 1)
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    loss.sum().backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_empty_input_gives_empty_loss_and_gradient() -> None:
+    """Zero tokens: an empty [s, b] loss, and backward gives an all-zero gradient of input shape."""
+    for top_k in (None, 2):
+        student = torch.zeros(0, 2, 10, requires_grad=True)
+        loss = LogitsKDLoss(top_k=top_k)(student, torch.zeros(0, 2, 10))
+        assert loss.shape == (0, 2) and loss.dtype == torch.float32
+        loss.sum().backward()
+        assert student.grad.shape == (0, 2, 10)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_non_finite_logit_only_poisons_its_token(loss_type: str) -> None:
+    """A NaN logit makes that token's loss and gradient NaN; other tokens match the reference."""
+    student, teacher = _logits(9)
+    teacher[2, 1, 7] = float("nan")
+    weights = torch.ones(student.shape[:-1])
+    loss, grad = _loss_and_grad(LogitsKDLoss(loss_type, chunk_size=4), student, teacher, weights)
+    assert loss[2, 1].isnan() and grad[2, 1].isnan().all()
+    keep = torch.ones(student.shape[:-1], dtype=torch.bool)
+    keep[2, 1] = False
+    ref_loss, ref_grad = _loss_and_grad(
+        lambda s, t: reference_logits_kd_loss(s, t, loss_type), student, teacher, weights
+    )
+    torch.testing.assert_close(loss[keep], ref_loss[keep], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad[keep], ref_grad[keep], rtol=RTOL, atol=ATOL)
+
+
+def test_minus_inf_teacher_entry_has_zero_probability() -> None:
+    """A -inf teacher logit is a zero-probability entry in forward KL, not a NaN."""
+    student, teacher = _logits(10)
+    teacher[:, :, 3] = float("-inf")
+    weights = torch.ones(student.shape[:-1])
+    loss, grad = _loss_and_grad(LogitsKDLoss("forward_kl"), student, teacher, weights)
+    finite_teacher = teacher.clone()
+    finite_teacher[:, :, 3] = -1e30
+    ref_loss, ref_grad = _loss_and_grad(
+        lambda s, t: reference_logits_kd_loss(s, t), student, finite_teacher, weights
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss_type": "kl"}, r"loss_type='kl' is not one of forward_kl, reverse_kl, jsd"),
+        ({"temperature": 0.0}, r"temperature=0.0 must be a number > 0"),
+        ({"jsd_beta": 1.0}, r"jsd_beta=1.0 must be a number with 0 < jsd_beta < 1"),
+        ({"top_k": 0}, r"top_k=0 must be a positive int or None"),
+        ({"top_k": 2.5}, r"top_k=2.5 must be a positive int or None"),
+        ({"chunk_size": -1}, r"chunk_size=-1 must be a positive int"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs: dict, message: str) -> None:
+    """Each invalid constructor argument is named in the ValueError."""
+    with pytest.raises(ValueError, match=message):
+        LogitsKDLoss(**kwargs)
+
+
+def test_all_problems_reported_at_once_and_forward_checks() -> None:
+    """Several bad arguments give one error naming each; bad shapes and top_k > vocab raise."""
+    with pytest.raises(ValueError, match=r"loss_type='x'.*temperature=-1"):
+        LogitsKDLoss(loss_type="x", temperature=-1)
+    with pytest.raises(ValueError, match=r"same shape"):
+        LogitsKDLoss()(torch.zeros(2, 1, 4), torch.zeros(2, 1, 5))
+    with pytest.raises(ValueError, match=r"top_k=5 is larger than the vocabulary \(4\)"):
+        LogitsKDLoss(top_k=5)(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+
+
+def tp2_rank_checks() -> dict:
+    """One TP=2 rank: each loss on this rank's vocab shard, next to the full-vocab reference."""
+    from kd_module.runtime import initialize_distributed
+
+    initialize_distributed(tensor_model_parallel_size=2)
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    student, teacher = _logits(11, shape=(5, 3, 40))
+    weights = _weights(12, student.shape[:-1])
+    shard = slice(rank * 20, (rank + 1) * 20)
+    results = {}
+    for loss_type in LOSS_TYPES:
+        for top_k in (None, TOP_K, 30):
+            kwargs = dict(loss_type=loss_type, temperature=1.3, jsd_beta=0.4, top_k=top_k)
+            loss, grad = _loss_and_grad(
+                LogitsKDLoss(chunk_size=4, **kwargs),
+                student[..., shard],
+                teacher[..., shard],
+                weights,
+            )
+            ref_loss, ref_grad = _loss_and_grad(
+                lambda s, t, kw=kwargs: reference_logits_kd_loss(s, t, **kw),
+                student,
+                teacher,
+                weights,
+            )
+            results[(loss_type, top_k)] = (loss, grad, ref_loss, ref_grad[..., shard])
+    return results
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(240)
+def test_tensor_parallel_matches_single_rank_reference() -> None:
+    """At TP=2 each loss, with/without top-k (k above a shard too), equals the TP=1 reference."""
+    ranks = run_distributed(tp2_rank_checks, 2, timeout=200)
+    for rank_results in ranks:
+        assert len(rank_results) == 9
+        for key, (loss, grad, ref_loss, ref_grad) in rank_results.items():
+            torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL, msg=str(key))
+            torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=ATOL, msg=str(key))
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key][0], ranks[1][key][0]), key
