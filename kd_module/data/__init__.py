@@ -1,0 +1,1 @@
+"""Data: tokenizers, prepared megatron datasets, the data module and the embedded corpus."""
