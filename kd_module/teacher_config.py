@@ -951,6 +951,11 @@ def _yaml_repr(value: Any) -> str:
 
 def _read_yaml(path: str) -> dict[str, Any]:
     """Parse a teacher config file; errors name the file and, for syntax errors, the line."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(
+            f"teacher model config {path}: is a directory; pass the YAML file, or the checkpoint "
+            f"directory as teacher_checkpoint to read its {MODEL_CONFIG_FILE}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher model config {path}: no such file")
     try:

@@ -437,6 +437,8 @@ def test_missing_explicit_file(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(FileNotFoundError, match=re.escape(f"teacher model config {path}: no such")):
         load_teacher_model_config(path, STUDENT)
+    with pytest.raises(FileNotFoundError, match="is a directory; pass the YAML file, or the"):
+        load_teacher_model_config(tmp_path, STUDENT)
 
 
 def test_unparsable_yaml_names_line(tmp_path):
