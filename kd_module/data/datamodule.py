@@ -128,7 +128,7 @@ class GPTDataModule(L.LightningDataModule):
         tokenizer: The tokenizer the data was prepared with (byte tokenizer when ``None``).
         split: Train/validation/test weights of the documents of each prefix, e.g. ``"969,30,1"``.
         index_mapping_dir: Where megatron caches its sample index mappings (next to the data when
-            ``None``).
+            ``None``, and for blends when no process group is initialized).
         eod_mask_loss: Give EOD labels zero loss weight.
         reset_position_ids: Restart position ids after each EOD.
         reset_attention_mask: Stop attention across EODs; adds ``attention_mask`` to batches.
@@ -243,6 +243,7 @@ class GPTDataModule(L.LightningDataModule):
         elif paths is not None:
             self._blend = parse_blend(paths)
         self.train_dataset = self.validation_dataset = self.test_dataset = None
+        self._planned_samples: dict[str, int | None] = {}
 
     # ------------------------------------------------------------------ building
     def prefixes(self) -> list[str]:
@@ -278,6 +279,19 @@ class GPTDataModule(L.LightningDataModule):
     def _trainer_or_none(self) -> Any:
         return getattr(self, "trainer", None)
 
+    def _path_to_cache(self) -> str | None:
+        import torch.distributed
+
+        blends = [self._blend] if self._blend is not None else (self._blend_per_split or [])
+        blended = any(b is not None and (len(b[0]) > 1 or b[1] is not None) for b in blends)
+        if blended and not torch.distributed.is_initialized():
+            # megatron-core 0.16.1 blended_dataset.py:153 calls torch.distributed.get_rank() to
+            # write a cached blend index, which fails without a process group. Without a cache
+            # directory megatron keeps the blend index in memory and caches each source's
+            # indices next to its data instead.
+            return None
+        return self.index_mapping_dir
+
     def dataset_config(self) -> Any:
         """megatron-core's ``GPTDatasetConfig`` for this module."""
         from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -288,7 +302,7 @@ class GPTDataModule(L.LightningDataModule):
             blend=self._blend,
             blend_per_split=self._blend_per_split,
             split=None if self._blend_per_split is not None else self.split,
-            path_to_cache=self.index_mapping_dir,
+            path_to_cache=self._path_to_cache(),
             tokenizer=self.tokenizer.build(),
             reset_position_ids=self.reset_position_ids,
             reset_attention_mask=self.reset_attention_mask,
@@ -312,6 +326,7 @@ class GPTDataModule(L.LightningDataModule):
 
         check_prefixes_exist(self.prefixes())
         train, validation = self._sample_counts()
+        self._planned_samples = {"train": train, "validation": validation, "test": validation}
         builder = BlendedMegatronDatasetBuilder(
             MockGPTDataset if self.mock else GPTDataset,
             [train, validation, validation],
@@ -327,10 +342,13 @@ class GPTDataModule(L.LightningDataModule):
         step = trainer.global_step if trainer is not None else 0
         return self.consumed_samples + step * self.global_batch_size
 
-    def _loader(self, dataset: Any, consumed_samples: int) -> DataLoader:
+    def _loader(self, dataset: Any, split: str, consumed_samples: int) -> DataLoader:
+        # megatron builds whole epochs; draw only the samples planned (max_steps x batch).
+        planned = self._planned_samples[split]
+        total = len(dataset) if planned is None else min(planned, len(dataset))
         rank, size = data_parallel_rank_and_size()
         sampler = MegatronPretrainingSampler(
-            total_samples=len(dataset),
+            total_samples=total,
             consumed_samples=consumed_samples,
             micro_batch_size=self.micro_batch_size,
             global_batch_size=self.global_batch_size,
@@ -348,21 +366,21 @@ class GPTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Micro-batches of this data-parallel rank, from :meth:`current_consumed_samples`."""
         self.setup("fit")
-        return self._loader(self.train_dataset, self.current_consumed_samples())
+        return self._loader(self.train_dataset, "train", self.current_consumed_samples())
 
     def val_dataloader(self) -> DataLoader:
         """Validation micro-batches of this data-parallel rank, from sample 0 every time."""
         self.setup("validate")
         if self.validation_dataset is None:
             return []
-        return self._loader(self.validation_dataset, 0)
+        return self._loader(self.validation_dataset, "validation", 0)
 
     def test_dataloader(self) -> DataLoader:
         """Test micro-batches of this data-parallel rank, from sample 0."""
         self.setup("test")
         if self.test_dataset is None:
             return []
-        return self._loader(self.test_dataset, 0)
+        return self._loader(self.test_dataset, "test", 0)
 
     # ------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:
