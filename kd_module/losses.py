@@ -104,6 +104,33 @@ def _masked_sum(weights: Tensor, values: Tensor) -> Tensor:
     return _masked_product(weights, values).sum(dim=-1)
 
 
+def _nan_zeroed_sum(weights: Tensor, values: Tensor) -> Tensor:
+    """:func:`_masked_sum` without the boolean mask, for sums next to a normalizer.
+
+    A NaN product is either ``0 * inf`` (a ``-inf`` logit) or comes from a NaN input; the latter
+    also makes the token's normalizer NaN, and the caller adds the normalizer to the loss, so
+    zeroing NaN products cannot hide a NaN input. Saves a ``[chunk, vocab]`` bool buffer.
+    """
+    values.mul_(weights).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return values.sum(dim=-1)
+
+
+def _row_sum_exp(x: Tensor, scratch: Tensor) -> Tensor:
+    """Per-row ``sum(exp(x))`` through a small reused ``scratch`` buffer of rows.
+
+    A fresh ``exp(x)`` would be a third ``[chunk, vocab]`` fp32 buffer; fresh per-block temporaries
+    were seen to grow the CPU allocator's resident set instead of being reused.
+    """
+    step = scratch.shape[0]
+    sums = []
+    for start in range(0, x.shape[0], step):
+        block = x[start : start + step]
+        out = scratch[: block.shape[0]]
+        torch.exp(block, out=out)
+        sums.append(out.sum(dim=-1))
+    return torch.cat(sums)
+
+
 def _kl_forward(
     student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -116,6 +143,9 @@ def _kl_forward(
     num_tokens = student.shape[0]
     stats = torch.empty(5, num_tokens, dtype=torch.float32, device=student.device)
     reverse = spec.loss_type == "reverse_kl"
+    scratch = student.new_empty(
+        min(64, spec.chunk_size, num_tokens), student.shape[-1], dtype=torch.float32
+    )
     for start in _chunks(num_tokens, spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
         p = _scaled_fp32((student if reverse else teacher)[rows], spec.temperature)
@@ -125,12 +155,12 @@ def _kl_forward(
         p.sub_(m_p.unsqueeze(-1))
         q.sub_(m_q.unsqueeze(-1))
         stats[3, rows] = m_q
-        stats[4, rows] = torch.exp(q).sum(dim=-1)
+        stats[4, rows] = _row_sum_exp(q, scratch)
         q.neg_().add_(p)  # q now holds the shifted difference (p - m_p) - (q - m_q)
         p.exp_()
         stats[0, rows] = m_p
         stats[1, rows] = p.sum(dim=-1)
-        stats[2, rows] = _masked_sum(p, q)
+        stats[2, rows] = _nan_zeroed_sum(p, q)
         del p, q
     m_p, z_p, a, m_q, z_q = stats
     global_max = _all_reduce(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)
@@ -230,7 +260,7 @@ def _dense_backward(
             chunk_grad = _masked_product(p_s, ratio)
             if spec.loss_type == "jsd":
                 chunk_grad.mul_(1.0 - spec.jsd_beta)
-        grad[rows] = chunk_grad.mul_(scale[rows].unsqueeze(-1))
+        grad[rows].copy_(chunk_grad.mul_(scale[rows].unsqueeze(-1)))
         del log_p_s, log_p_t, chunk_grad
     return grad
 
