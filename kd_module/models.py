@@ -87,6 +87,10 @@ class GPTModelConfig:
     """``transformer_engine``, ``local`` or ``auto`` (TE when TE and CUDA are present)."""
     model_type: str = "gpt"
     """``gpt`` (megatron ``GPTModel``) or ``mamba`` (``MambaModel``, needs mamba-ssm on CUDA)."""
+    rope_scaling: bool = False
+    """Llama 3.1 style RoPE frequency scaling (NeMo's ``scale_positional_embedding``)."""
+    rope_scaling_factor: float = 8.0
+    """Scale factor of ``rope_scaling``."""
     hybrid_override_pattern: str | None = None
     """Mamba/hybrid layer pattern such as ``M*M-`` (``M`` mamba, ``*`` attention, ``-`` MLP)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -310,6 +314,9 @@ def transformer_config(
         use_cpu_initialization=not on_cuda,
         perform_initialization=True,
         cross_entropy_loss_fusion=False,
+        # Loss functions return (sum, num_tokens); megatron divides gradients by the global
+        # token count (finalize_model_grads), so losses are per-token means over the global batch.
+        calculate_per_token_loss=True,
     )
     kwargs.update(_activation_fields(config.activation))
     kwargs.update(config.extra)
@@ -362,11 +369,7 @@ def build_model(
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        spec = get_gpt_layer_local_spec(
-            qk_layernorm=config.qk_layernorm, normalization=config.normalization
-        )
+        spec = local_block_spec(tconfig, config.qk_layernorm)
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
@@ -378,10 +381,95 @@ def build_model(
         position_embedding_type=config.position_embedding_type,
         rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
+        rope_scaling=config.rope_scaling,
+        rope_scaling_factor=config.rope_scaling_factor,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+class LocalNorm:
+    """LayerNorm / RMSNorm for megatron's local (non-TE) spec.
+
+    megatron's ``WrappedTorchNorm`` refuses sequence parallelism and zero-centered gamma
+    (NeMo's ``layernorm1p``). This norm supports both: with sequence parallelism its parameters
+    carry ``sequence_parallel = True`` so megatron's ``finalize_model_grads`` all-reduces their
+    gradients across tensor-parallel ranks, as it does for TE's norms.
+    """
+
+    def __new__(
+        cls,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ) -> Any:
+        return _build_local_norm(config, hidden_size, eps)
+
+
+def _build_local_norm(config: Any, hidden_size: int, eps: float) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class _Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.zero_centered = bool(config.layernorm_zero_centered_gamma)
+            self.rms = config.normalization == "RMSNorm"
+            self.eps = eps
+            init = 0.0 if self.zero_centered else 1.0
+            self.weight = torch.nn.Parameter(
+                torch.full((hidden_size,), init, dtype=config.params_dtype)
+            )
+            self.bias = None
+            if not self.rms:
+                self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+            for param in self.parameters():
+                param.sequence_parallel = bool(config.sequence_parallel)
+
+        def forward(self, x: Any) -> Any:
+            weight = self.weight + 1 if self.zero_centered else self.weight
+            if self.rms:
+                return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+
+    return _Norm()
+
+
+def local_block_spec(tconfig: Any, qk_layernorm: bool = False) -> Any:
+    """megatron's local GPT layer spec with :class:`LocalNorm` for every norm, as a block spec."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm))
+
+    def replace_norms(spec: Any) -> None:
+        submodules = spec.submodules if isinstance(spec, ModuleSpec) else spec
+        if submodules is None or not dataclasses.is_dataclass(submodules):
+            return
+        for item in dataclasses.fields(submodules):
+            value = getattr(submodules, item.name)
+            if value is WrappedTorchNorm:
+                setattr(submodules, item.name, LocalNorm)
+            elif isinstance(value, ModuleSpec):
+                if value.module is WrappedTorchNorm:
+                    value.module = LocalNorm
+                replace_norms(value)
+
+    replace_norms(layer)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(tconfig), layer_norm=LocalNorm
+    )
 
 
 def mamba_available() -> bool:

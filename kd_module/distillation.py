@@ -1,0 +1,436 @@
+"""Student + frozen teacher in a ModelOpt ``DistillationModel``, and the KD loss for megatron.
+
+:func:`build_distillation_model` builds the local pipeline stage of the student and of the teacher
+at the current parallel layout, converts the student with ModelOpt's ``kd_loss`` mode (criteria
+on the last pipeline stage only, as ModelOpt's megatron plugin requires), applies ModelOpt's
+megatron-core adjustments (teacher hidden from checkpoints, pipeline tensor concatenation), and
+freezes the teacher.
+
+:func:`kd_loss_func` is the per-micro-batch loss function handed to megatron's forward-backward
+schedule. It returns megatron's per-token triple ``(loss_sum, num_tokens, report)``; with
+``calculate_per_token_loss`` megatron divides gradients by the global token count (all
+micro-batches, all data-parallel and context-parallel ranks), so every term is a per-token mean
+over the global batch.
+
+Objective, per token ``t`` with loss mask 1::
+
+    logits_t       = logit KD loss (forward KL by default) between student and teacher
+    intermediate_t = mean over intermediate pairs of their per-token loss (cosine or MSE)
+    kd_t           = logits_t + intermediate_t
+    loss_t         = kd_t                                  if skip_lm_loss
+                   = lm_t + kd_loss_scale * kd_t           otherwise
+
+and ``kd_loss`` (logged) is the mean of ``loss_t``: the objective that is backpropagated.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from types import MethodType, SimpleNamespace
+from typing import Any
+
+import modelopt.torch.distill as mtd
+import torch
+from modelopt.torch.distill.plugins import megatron as mtd_megatron
+
+from kd_module.distill_config import DistillConfig, check_module_names, check_pipeline_placement
+from kd_module.models import GPTModelConfig, ParallelLayout, build_model
+
+logger = logging.getLogger(__name__)
+
+REPORT_KEYS = ("kd_loss", "logits_loss", "intermediate_loss", "lm_loss")
+
+
+class KDLossBalancer(mtd.DistillationLossBalancer):
+    """Combines ModelOpt's per-criterion losses into the documented objective (module docstring).
+
+    It receives the dict ``DistillationModel.compute_kd_loss`` builds: the student's LM loss under
+    ``student_loss`` and one entry per criterion, keyed by the criterion's class name. Unlike
+    ModelOpt's ``LogitsAndIntermediatesLossBalancer`` it rescales nothing dynamically: every term
+    keeps its own units, so each logged term means what its name says.
+    """
+
+    def __init__(self, kd_loss_scale: float = 1.0, skip_lm_loss: bool = True) -> None:
+        super().__init__()
+        self.kd_loss_scale = kd_loss_scale
+        self.skip_lm_loss = skip_lm_loss
+
+    def forward(self, loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss_dict = dict(loss_dict)
+        lm_loss = loss_dict.pop("student_loss")
+        logits_keys = [key for key in loss_dict if "Logits" in key]
+        if len(logits_keys) != 1:
+            raise RuntimeError(f"expected exactly one logits criterion, got {sorted(loss_dict)}")
+        logits_loss = loss_dict.pop(logits_keys[0])
+        if loss_dict:
+            intermediate_loss = sum(loss_dict.values()) / len(loss_dict)
+        else:
+            intermediate_loss = torch.zeros_like(logits_loss)
+        kd = logits_loss + intermediate_loss
+        total = kd if self.skip_lm_loss else lm_loss + self.kd_loss_scale * kd
+        return {
+            "kd_loss": total,
+            "logits_loss": logits_loss,
+            "intermediate_loss": intermediate_loss,
+            "lm_loss": lm_loss,
+        }
+
+
+def _local_layer_name(name: str, layer_offset: int) -> str:
+    """``decoder.layers.N.x`` with the global index N turned into this stage's local index."""
+    match = re.search(r"(?<=\.layers\.)\d+(?=\.|$)", name)
+    if not match:
+        return name
+    local = int(match.group(0)) - layer_offset
+    return name[: match.start()] + str(local) + name[match.end() :]
+
+
+def _layer_offset(model: Any) -> int:
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return TransformerLayer._get_layer_offset(model.config)
+
+
+def build_criterion(
+    distill: DistillConfig, student: Any, teacher: Any, chunk_size: int = 1024
+) -> dict[tuple[str, str], torch.nn.Module]:
+    """ModelOpt criterion dict for the last pipeline stage: logits pair plus intermediate pairs."""
+    from kd_module.losses import KDLogitsCriterion, LogitsKDLoss
+
+    logits_loss = LogitsKDLoss(
+        loss_type=distill.logit_loss,
+        temperature=distill.logit_kl_temperature,
+        jsd_beta=distill.jsd_beta,
+        top_k=distill.logit_kl_topk,
+        chunk_size=chunk_size,
+    )
+    criterion: dict[tuple[str, str], torch.nn.Module] = {
+        tuple(distill.logit_layers): KDLogitsCriterion(student.config, logits_loss)
+    }
+    if distill.intermediate_layer_pairs:
+        # One projection shared by all pairs (identity when hidden sizes match), as in ModelOpt.
+        projection = mtd_megatron.ProjectionLayer(student.config, teacher.config)
+        student_offset, teacher_offset = _layer_offset(student), _layer_offset(teacher)
+        losses = {"cosine": mtd_megatron.HiddenStateCosineLoss, "mse": mtd_megatron.MSELoss}
+        for pair in distill.intermediate_layer_pairs:
+            student_name = _local_layer_name(pair[0], student_offset)
+            teacher_name = _local_layer_name(pair[1], teacher_offset)
+            loss_cls = losses[pair[2] if len(pair) == 3 else "cosine"]
+            criterion[(student_name, teacher_name)] = loss_cls(
+                student.config, projection_layer=projection
+            )
+    return criterion
+
+
+def _lm_loss_on_a_copy(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The student's LM loss without destroying the logits the KD criterion reads.
+
+    megatron's ``vocab_parallel_cross_entropy`` works in place on ``logits.float()``: for fp32
+    logits that is the output layer's own tensor, which the KD hook captured, so the KD loss
+    would read softmax probabilities instead of logits. A copy is made only for fp32 logits;
+    for bf16/fp16 ``.float()`` already copies.
+    """
+    if logits.dtype == torch.float32:
+        logits = logits.clone()
+    return type(self).compute_language_model_loss(self, labels, logits)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teacher: eval mode and no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@dataclass
+class DistillationParts:
+    """What :func:`build_distillation_model` made, for callers that need the pieces."""
+
+    model: Any
+    """The ModelOpt ``DistillationModel`` (student module with the teacher inside)."""
+    distill: DistillConfig
+    """The validated distillation config."""
+    is_last_stage: bool
+    """Whether this rank holds criteria (the last pipeline stage)."""
+
+
+def validate_modules(
+    distill: DistillConfig,
+    student: Any,
+    teacher: Any,
+    student_config: GPTModelConfig,
+    teacher_config: GPTModelConfig,
+    layout: ParallelLayout,
+) -> None:
+    """Module names exist on the built models and sit on the last pipeline stage."""
+    from megatron.core import parallel_state
+
+    problems: list[str] = []
+    pairs = distill.intermediate_layer_pairs
+    problems += check_pipeline_placement(
+        [p[0] for p in pairs],
+        student_config.num_layers,
+        layout.pipeline_model_parallel_size,
+        "student",
+    )
+    problems += check_pipeline_placement(
+        [p[1] for p in pairs],
+        teacher_config.num_layers,
+        layout.pipeline_model_parallel_size,
+        "teacher",
+    )
+    if not problems and parallel_state.is_pipeline_last_stage():
+        s_off, t_off = _layer_offset(student), _layer_offset(teacher)
+        student_names = [distill.logit_layers[0]] + [_local_layer_name(p[0], s_off) for p in pairs]
+        teacher_names = [distill.logit_layers[1]] + [_local_layer_name(p[1], t_off) for p in pairs]
+        problems += check_module_names(student, student_names, "student")
+        problems += check_module_names(teacher, teacher_names, "teacher")
+    if problems:
+        raise ValueError("distill config: " + "; ".join(problems))
+
+
+def check_virtual_pipeline(layout: ParallelLayout) -> None:
+    """Megatron-LM's restriction: no interleaved (virtual) pipeline schedule with distillation."""
+    if layout.virtual_pipeline_model_parallel_size not in (None, 1):
+        raise ValueError(
+            "parallel layout: virtual_pipeline_model_parallel_size="
+            f"{layout.virtual_pipeline_model_parallel_size} (interleaved pipeline parallelism) is "
+            "not supported for distillation; use None (the 1F1B schedule)"
+        )
+
+
+def build_distillation_model(
+    student_config: GPTModelConfig,
+    teacher_config: GPTModelConfig,
+    distill: DistillConfig | None = None,
+    layout: ParallelLayout | None = None,
+    vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    params_dtype: Any = None,
+    teacher: torch.nn.Module | None = None,
+    teacher_loader: Any = None,
+    student_init: Any = None,
+    loss_chunk_size: int = 1024,
+) -> DistillationParts:
+    """Build student and frozen teacher for this rank's pipeline stage inside a DistillationModel.
+
+    megatron's parallel state must already be initialized at ``layout``.
+
+    Args:
+        student_config: student architecture.
+        teacher_config: teacher architecture (see ``kd_module.teacher_config``).
+        distill: distillation config; ``None`` means logits-only defaults.
+        layout: parallel sizes (must match megatron's parallel state).
+        vocab_size: padded vocabulary size when the configs leave it unset.
+        teacher_vocab_size: the teacher's padded vocabulary (defaults to the student's); a
+            difference is an error.
+        params_dtype: parameter dtype (fp32 default).
+        teacher: an already built teacher stage (its weights are used as they are).
+        teacher_loader: ``fn(teacher_module) -> None`` loading teacher weights in place.
+        student_init: ``fn(student_module) -> None`` initializing student weights in place.
+        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+
+    Returns:
+        The :class:`DistillationParts`.
+
+    Raises:
+        ValueError: for a config the models cannot satisfy (names, placement, vocabulary,
+            interleaved pipeline).
+    """
+    from megatron.core import parallel_state
+
+    distill = distill or DistillConfig()
+    layout = layout or ParallelLayout()
+    check_virtual_pipeline(layout)
+    student_vocab = student_config.vocab_size or vocab_size
+    teacher_vocab = teacher_config.vocab_size or teacher_vocab_size or student_vocab
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"vocabulary: teacher vocab_size {teacher_vocab} differs from student vocab_size "
+            f"{student_vocab}; teacher and student must share one (padded) vocabulary"
+        )
+    problems = student_config.layout_problems(
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.context_parallel_size,
+        who="student",
+    ) + teacher_config.layout_problems(
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.context_parallel_size,
+        who="teacher",
+    )
+    if problems:
+        raise ValueError("parallel layout: " + "; ".join(problems))
+
+    student = build_model(student_config, layout, student_vocab, params_dtype)
+    if student_init is not None:
+        student_init(student)
+    if teacher is None:
+        teacher = build_model(teacher_config, layout, teacher_vocab, params_dtype)
+        if teacher_loader is not None:
+            teacher_loader(teacher)
+    freeze(teacher)
+    validate_modules(distill, student, teacher, student_config, teacher_config, layout)
+
+    is_last = parallel_state.is_pipeline_last_stage()
+    criterion = build_criterion(distill, student, teacher, loss_chunk_size) if is_last else {}
+    balancer = KDLossBalancer(distill.kd_loss_scale, distill.skip_lm_loss)
+    model = mtd.convert(
+        student,
+        mode=[
+            (
+                "kd_loss",
+                {"teacher_model": teacher, "criterion": criterion, "loss_balancer": balancer},
+            )
+        ],
+    )
+    # The student's LM loss is always computed so that ``lm_loss`` can be logged; whether it
+    # enters the objective is decided by KDLossBalancer.
+    mtd_megatron.adjust_distillation_model_for_mcore(model, SimpleNamespace(skip_lm_loss=False))
+    model.compute_language_model_loss = MethodType(_lm_loss_on_a_copy, model)
+    freeze(model.teacher_model)
+    return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
+
+
+def _masked_sum(loss_mask: torch.Tensor) -> Any:
+    """Reduction for ModelOpt criteria: masked sum over this rank's tokens, TP-summed if flagged."""
+    from megatron.core import parallel_state
+
+    def reduce(output: Any) -> torch.Tensor:
+        if isinstance(output, tuple):
+            per_token, tp_reduce, is_sequence_parallel = output
+        else:
+            per_token, tp_reduce, is_sequence_parallel = output, False, False
+        mask = loss_mask
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if is_sequence_parallel and tp_size > 1:
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            mask = torch.tensor_split(mask, tp_size, dim=1)[rank]
+        total = torch.sum(per_token.float().reshape(-1) * mask.reshape(-1).float())
+        if (tp_reduce or is_sequence_parallel) and tp_size > 1:
+            reduced = total.detach().clone()
+            torch.distributed.all_reduce(
+                reduced, group=parallel_state.get_tensor_model_parallel_group()
+            )
+            # Value of the TP sum, gradient of this rank's own part: each rank backpropagates
+            # the share of the loss its shard produced.
+            total = total + (reduced - total).detach()
+        return total
+
+    return reduce
+
+
+def unwrap(model: Any) -> Any:
+    """The innermost module under megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def kd_loss_func(model: Any, loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
+    """megatron loss function for one micro-batch of distillation.
+
+    Args:
+        model: the (possibly wrapped) DistillationModel.
+        loss_mask: [b, s] float mask of the tokens that count.
+        output_tensor: the student's per-token LM loss [b, s] (megatron's output with labels).
+
+    Returns:
+        ``(loss_sum, num_tokens, report)`` where ``report`` maps each of ``REPORT_KEYS`` to a
+        ``[sum, num_tokens]`` tensor for logging.
+    """
+    core = unwrap(model)
+    reduce = _masked_sum(loss_mask)
+    lm_sum = reduce(output_tensor)
+    num_tokens = loss_mask.sum().to(torch.int)
+    losses = core.compute_kd_loss(student_loss=lm_sum, loss_reduction_fn=reduce)
+    count = num_tokens.float().view(1)
+    report = {key: torch.cat([losses[key].detach().float().view(1), count]) for key in REPORT_KEYS}
+    return losses["kd_loss"], num_tokens, report
+
+
+def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
+    """megatron loss function for the student alone (LM loss), same per-token convention."""
+    reduce = _masked_sum(loss_mask)
+    lm_sum = reduce(output_tensor)
+    num_tokens = loss_mask.sum().to(torch.int)
+    count = num_tokens.float().view(1)
+    return lm_sum, num_tokens, {"lm_loss": torch.cat([lm_sum.detach().view(1), count])}
+
+
+def _forward_step_func(loss: str) -> Any:
+    from functools import partial
+
+    def forward_step(data_iterator: Any, model: Any) -> tuple:
+        batch = next(data_iterator)
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            batch.get("attention_mask"),
+            labels=batch["labels"],
+        )
+        if loss == "kd":
+            return output, partial(kd_loss_func, model, batch["loss_mask"])
+        return output, partial(lm_loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def forward_backward(
+    model: Any,
+    data_iterator: Any,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    loss: str = "kd",
+) -> dict[str, torch.Tensor]:
+    """One pass of megatron's forward-backward schedule over ``num_microbatches`` micro-batches.
+
+    Picks megatron's schedule for the current layout and, for a DistillationModel with PP > 1,
+    ModelOpt's tensor-shape hook (student and teacher activations travel concatenated between
+    stages).
+
+    Args:
+        model: the (possibly DDP-wrapped) model of this stage.
+        data_iterator: yields micro-batch dicts (``tokens``, ``labels``, ``loss_mask``,
+            ``position_ids``, optional ``attention_mask``).
+        num_microbatches: micro-batches in this step.
+        seq_length: tokens per sample.
+        micro_batch_size: samples per micro-batch.
+        forward_only: evaluation (no backward).
+        loss: ``"kd"`` (:func:`kd_loss_func`) or ``"lm"`` (:func:`lm_loss_func`).
+
+    Returns:
+        On the last pipeline stage, each report key mapped to ``[sum, num_tokens]`` summed over
+        this rank's micro-batches; empty on other stages.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    adjust = None
+    if loss == "kd" and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        adjust = mtd_megatron.get_tensor_shapes_adjust_fn_for_distillation(
+            model,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            decoder_seq_length=None,
+        )
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step_func(loss),
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust,
+    )
+    totals: dict[str, torch.Tensor] = {}
+    for report in reports or []:
+        for key, value in report.items():
+            totals[key] = totals[key] + value if key in totals else value.clone()
+    return totals
