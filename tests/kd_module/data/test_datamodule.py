@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -267,3 +268,41 @@ def test_parse_blend_reads_prefixes_and_weights():
     assert parse_blend([1, "p", "3", "q"]) == (["p", "q"], [1.0, 3.0])
     with pytest.raises(ValueError, match="mixes weights and prefixes"):
         parse_blend([1, "p", "q"])
+
+
+def read_shares_on_each_rank(paths, cache_dir):
+    """Rank function: train tokens at DP=2 (TP=1), then at TP=2 (DP=1), from megatron's groups."""
+    from kd_module.data.datamodule import data_parallel_rank_and_size
+    from kd_module.runtime import initialize_distributed
+
+    result = {}
+    for tensor_parallel in (1, 2):
+        initialize_distributed(tensor_model_parallel_size=tensor_parallel)
+        module = _module(paths, Path(cache_dir), num_train_samples=64)
+        result[tensor_parallel] = (
+            data_parallel_rank_and_size(),
+            _tokens(module.train_dataloader()),
+        )
+    return result
+
+
+@pytest.mark.multirank
+def test_data_parallel_ranks_read_their_share_of_a_blend(data, tmp_path):
+    """Under torchrun, DP=2 ranks split each global batch of a blend and TP=2 ranks share it."""
+    from kd_module.testing import run_distributed
+
+    paths = [1.0, data["varied"], 1.0, data["a"]]
+    reference = _tokens(_module(paths, tmp_path, num_train_samples=64).train_dataloader())
+    assert reference.shape == (64, SEQ)
+    results = run_distributed(
+        read_shares_on_each_rank, 2, paths, str(tmp_path / "ranks"), timeout=240
+    )
+    for rank, result in enumerate(results):
+        (dp_rank_and_size, dp_tokens), (tp_rank_and_size, tp_tokens) = result[1], result[2]
+        assert dp_rank_and_size == (rank, 2) and tp_rank_and_size == (0, 1)
+        expected = torch.cat([reference[g * 8 + rank * 4 : g * 8 + rank * 4 + 4] for g in range(8)])
+        torch.testing.assert_close(dp_tokens, expected)
+        torch.testing.assert_close(tp_tokens, reference)
+    assert any((tmp_path / "ranks").iterdir()), (
+        "the blend's indices are cached in index_mapping_dir"
+    )
