@@ -263,6 +263,50 @@ def prepare_data(
     return summary
 
 
+def prepare_data_cli(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer_library: str = "byte",
+    tokenizer_path: str | None = None,
+    json_key: str = "text",
+    workers: int = 2,
+    append_eod: bool = True,
+) -> dict[str, Any]:
+    """:func:`prepare_data` with the tokenizer as plain arguments, for command lines.
+
+    Args:
+        inputs: ``.jsonl`` files, ``.txt`` or other text files, or directories of them.
+        output_prefix: Writes ``<output_prefix>.bin`` and ``<output_prefix>.idx``.
+        tokenizer_library: ``"byte"``, ``"huggingface"`` or ``"sentencepiece"``.
+        tokenizer_path: HuggingFace tokenizer directory or SentencePiece ``.model`` file.
+        json_key: Key of the text in each JSON line.
+        workers: Tokenizing processes.
+        append_eod: End each document with the end-of-document token.
+
+    Returns:
+        The summary of :func:`prepare_data`.
+
+    Examples:
+        CLI::
+
+            nemo kd prepare-data inputs='["data/train.jsonl"]' output_prefix=data/train
+            python -m kd_module.data.prepare data/train.jsonl --output-prefix data/train
+
+        Python::
+
+            prepare_data_cli(["data/train.jsonl"], "data/train", workers=4)
+    """
+    tokenizer = TokenizerConfig(library=tokenizer_library, path=tokenizer_path)
+    return prepare_data(
+        inputs,
+        output_prefix,
+        tokenizer=tokenizer,
+        json_key=json_key,
+        workers=workers,
+        append_eod=append_eod,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line of :func:`prepare_data`."""
     parser = argparse.ArgumentParser(
@@ -287,15 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     try:
-        tokenizer = TokenizerConfig(library=args.tokenizer_library, path=args.tokenizer_path)
-        return prepare_data(
-            args.inputs,
-            args.output_prefix,
-            tokenizer=tokenizer,
-            json_key=args.json_key,
-            workers=args.workers,
-            append_eod=args.append_eod,
-        )
+        return prepare_data_cli(**vars(args))
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from kd_module.data.prepare import main, prepare_data
+from kd_module.data.prepare import main, prepare_data, prepare_data_cli
 from kd_module.data.tokenizers import TokenizerConfig
 
 TEXTS = ["first document\n", "zweite Größe ✓", "  trailing spaces and tabs\t\n\n"]
@@ -71,6 +71,17 @@ def test_cli_writes_the_dataset_and_reports_counts(tmp_path, capsys):
     assert "wrote 2 documents, 7 tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_cli_reports_bad_arguments_by_name(tmp_path, capsys):
+    """A misspelt tokenizer library exits with status 2 and the config error on stderr."""
+    jsonl = _write_jsonl(tmp_path / "a.jsonl", [{"text": "abc"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main([jsonl, "--output-prefix", str(tmp_path / "ds"), "--tokenizer-library", "bytes"])
+    assert exit_info.value.code == 2
+    assert "unknown library 'bytes' (did you mean 'byte'?)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="library 'sentencepiece' needs a path"):
+        prepare_data_cli([jsonl], str(tmp_path / "ds"), tokenizer_library="sentencepiece")
 
 
 def test_huggingface_tokenizer_dataset_round_trips(tmp_path):
