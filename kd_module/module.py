@@ -1,0 +1,349 @@
+"""``DistillationModule``: the LightningModule holding student, frozen teacher and the KD loss.
+
+Each ``training_step`` is one optimizer step over a global batch: it pulls
+``global_batch_size / (micro_batch_size x data_parallel_size)`` micro-batches from the data
+iterator, runs megatron's forward-backward schedule with the KD loss, then megatron's optimizer
+step and learning-rate schedule.
+
+Logged every step (on the progress bar too): ``kd_loss`` (the objective), ``logits_loss``,
+``intermediate_loss``, ``lm_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
+``consumed_samples``. Logged at each validation: ``val_loss`` (the student's LM loss),
+``val_kd_loss`` (its logits + intermediate loss against the teacher) and, measured once,
+``teacher_val_loss`` (the teacher's own LM loss on the same batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+
+from kd_module.distill_config import DistillConfig, load_distill_config
+from kd_module.distillation import REPORT_KEYS, build_distillation_model, forward_backward, unwrap
+from kd_module.models import GPTModelConfig
+from kd_module.optim import (
+    MegatronOptimizerAdapter,
+    OptimizerConfig,
+    build_lr_scheduler,
+    build_megatron_optimizer,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAIN_METRICS = REPORT_KEYS + ("lr", "grad_norm", "tokens_per_s", "consumed_samples")
+PROGRESS_BAR = ("kd_loss", "lm_loss", "lr", "tokens_per_s")
+VAL_METRICS = ("val_loss", "val_kd_loss", "teacher_val_loss")
+
+
+class DistillationModule(L.LightningModule):
+    """Student + frozen teacher in a ModelOpt DistillationModel, trained with megatron-core.
+
+    Args:
+        student: the student's architecture.
+        teacher: the teacher's architecture; ``None`` means resolved from
+            ``teacher_model_config`` / the checkpoint's ``model_config.yaml`` (NeMo style) over the
+            student's arguments, or the student's architecture when neither exists.
+        teacher_checkpoint: teacher weights (megatron ``torch_dist`` or legacy ``torch``); ``None``
+            leaves the teacher randomly initialized (tests only: a warning says so).
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        teacher_model_config: path of a NeMo-style ``model_config.yaml`` for the teacher.
+        student_checkpoint: initialize the student from these weights (``None``: from scratch).
+        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        distill_config: distillation YAML path, dict or :class:`DistillConfig` (``None``:
+            logits-only defaults).
+        optimizer: :class:`OptimizerConfig`.
+        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+        student_init_fn: ``fn(student_stage)`` initializing student weights (tests, notebooks).
+        teacher_init_fn: ``fn(teacher_stage)`` initializing teacher weights (tests, notebooks).
+
+    Examples:
+        >>> module = DistillationModule(student=GPTModelConfig(num_layers=2),
+        ...                             teacher_checkpoint="runs/teacher/checkpoints/last")
+        >>> trainer = L.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(),
+        ...                     max_steps=30)
+        >>> trainer.fit(module, datamodule=GPTDataModule(...))
+    """
+
+    def __init__(
+        self,
+        student: GPTModelConfig,
+        teacher: GPTModelConfig | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_ckpt_format: str = "auto",
+        teacher_model_config: str | None = None,
+        student_checkpoint: str | None = None,
+        student_ckpt_format: str = "auto",
+        distill_config: str | dict | DistillConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        loss_chunk_size: int = 1024,
+        student_init_fn: Callable[[Any], None] | None = None,
+        teacher_init_fn: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.student_config = student
+        self.teacher_checkpoint = teacher_checkpoint
+        self.teacher_ckpt_format = teacher_ckpt_format
+        self.student_checkpoint = student_checkpoint
+        self.student_ckpt_format = student_ckpt_format
+        self.distill_config = load_distill_config(distill_config)
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.loss_chunk_size = loss_chunk_size
+        self.student_init_fn = student_init_fn
+        self.teacher_init_fn = teacher_init_fn
+        self.teacher_model_config_path = teacher_model_config
+        if teacher is None:
+            from kd_module.teacher_config import load_teacher_model_config
+
+            teacher = load_teacher_model_config(
+                teacher_model_config, student, teacher_checkpoint
+            ).model
+        self.teacher_config = teacher
+        self.module: Any = None
+        self.lr_scheduler: Any = None
+        self.teacher_val_loss: float | None = None
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self._teacher_val_sums: torch.Tensor | None = None
+        self._measure_teacher = False
+        self.step_times: list[float] = []
+
+    # ------------------------------------------------------------------ building
+    @property
+    def data(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "global_batch_size"):
+            raise ValueError(
+                "DistillationModule needs a data module with micro_batch_size, global_batch_size "
+                "and seq_length (kd_module.data.GPTDataModule); pass datamodule= to Trainer.fit"
+            )
+        return datamodule
+
+    def padded_vocab_size(self) -> int:
+        """The vocabulary both models use: the config's, or the tokenizer's padded for TP."""
+        if self.student_config.vocab_size:
+            return self.student_config.vocab_size
+        from kd_module.data.tokenizers import padded_vocab_size
+
+        tokenizer = self.data.tokenizer.build()
+        return padded_vocab_size(
+            tokenizer.vocab_size,
+            self.student_config.make_vocab_size_divisible_by,
+            self.trainer.strategy.layout.tensor_model_parallel_size,
+        )
+
+    def configure_model(self) -> None:
+        if self.module is not None:
+            return
+        strategy = self.trainer.strategy
+        teacher_loader = self.teacher_init_fn
+        if self.teacher_checkpoint is not None:
+            from kd_module.checkpoint import make_teacher_loader
+
+            teacher_loader = make_teacher_loader(self.teacher_checkpoint, self.teacher_ckpt_format)
+        elif teacher_loader is None:
+            warnings.warn(
+                "DistillationModule: no teacher_checkpoint, the teacher has random weights "
+                "(only useful for tests)",
+                stacklevel=2,
+            )
+        student_init = self.student_init_fn
+        if self.student_checkpoint is not None:
+            from kd_module.checkpoint import make_student_init
+
+            student_init = make_student_init(self.student_checkpoint, self.student_ckpt_format)
+        vocab = self.padded_vocab_size()
+        parts = build_distillation_model(
+            self.student_config,
+            self.teacher_config,
+            self.distill_config,
+            strategy.layout,
+            vocab_size=vocab,
+            params_dtype=strategy.params_dtype,
+            teacher_loader=teacher_loader,
+            student_init=student_init,
+            loss_chunk_size=self.loss_chunk_size,
+        )
+        self.module = parts.model
+
+    def wrap_for_training(self, strategy: Any) -> None:
+        """Called by MegatronStrategy.setup: megatron DDP (and Float16Module) around the model."""
+        self.module = strategy.wrap_model(self.module)
+
+    @property
+    def distillation_model(self) -> Any:
+        """The ModelOpt DistillationModel without megatron's wrappers."""
+        return unwrap(self.module)
+
+    def configure_optimizers(self) -> Any:
+        strategy = self.trainer.strategy
+        megatron_optimizer = build_megatron_optimizer(
+            self.optimizer_config,
+            self.module,
+            use_distributed_optimizer=strategy.use_distributed_optimizer,
+            params_dtype=strategy.params_dtype,
+        )
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        self.lr_scheduler = build_lr_scheduler(self.optimizer_config, megatron_optimizer, max_steps)
+        return MegatronOptimizerAdapter(megatron_optimizer)
+
+    # ------------------------------------------------------------------ steps
+    def _micro_batches(self, dataloader_iter: Iterator, count: int) -> list[dict[str, Any]]:
+        from megatron.core import parallel_state
+
+        batches = []
+        for _ in range(count):
+            try:
+                item = next(dataloader_iter)
+            except StopIteration:
+                break
+            batch = item[0] if isinstance(item, tuple) else item
+            batch = {
+                key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+                for key, value in batch.items()
+            }
+            if parallel_state.get_context_parallel_world_size() > 1:
+                from megatron.core.utils import get_batch_on_this_cp_rank
+
+                batch = get_batch_on_this_cp_rank(batch)
+            batches.append(batch)
+        return batches
+
+    @property
+    def num_microbatches(self) -> int:
+        data = self.data
+        dp = self.trainer.strategy.data_parallel_size
+        if data.global_batch_size % (data.micro_batch_size * dp):
+            raise ValueError(
+                f"global_batch_size={data.global_batch_size} is not divisible by "
+                f"micro_batch_size={data.micro_batch_size} x data_parallel_size={dp}"
+            )
+        return data.global_batch_size // (data.micro_batch_size * dp)
+
+    def _reduce_report(self, report: dict[str, torch.Tensor], keys: tuple[str, ...]) -> Any:
+        """Per-token means of ``keys`` over the global batch, identical on every rank."""
+        from megatron.core import parallel_state
+
+        values = torch.zeros(len(keys), 2, dtype=torch.float64, device=self.device)
+        for i, key in enumerate(keys):
+            if key in report:
+                values[i] = report[key].to(values)
+        if parallel_state.is_pipeline_last_stage():
+            torch.distributed.all_reduce(
+                values, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+            )
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(
+                values,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        return values
+
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        data = self.data
+        batches = self._micro_batches(dataloader_iter, self.num_microbatches)
+        if not batches:
+            return None
+        optimizer = self.optimizers()
+        start = time.perf_counter()
+        self.module.zero_grad_buffer()
+        optimizer.zero_grad()
+        report = forward_backward(
+            self.module, iter(batches), len(batches), data.seq_length, data.micro_batch_size
+        )
+        optimizer.step()
+        self.lr_scheduler.step(increment=1)
+        values = self._reduce_report(report, REPORT_KEYS)
+        elapsed = time.perf_counter() - start
+        self.step_times.append(elapsed)
+        adapter = optimizer.optimizer
+        grad_norm = adapter.last_step.get("grad_norm")
+        tokens = len(batches) * data.micro_batch_size * self.trainer.strategy.data_parallel_size
+        tokens *= data.seq_length
+        metrics = {
+            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(REPORT_KEYS)
+        }
+        metrics["lr"] = adapter.param_groups[0]["lr"]
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["tokens_per_s"] = tokens / elapsed
+        metrics["consumed_samples"] = float((self.global_step) * data.global_batch_size)
+        metrics = {key: float(value) for key, value in metrics.items()}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key in PROGRESS_BAR, batch_size=1)
+        self.last_train_metrics = metrics
+        return None
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+        self._measure_teacher = self.teacher_val_loss is None and not self.trainer.sanity_checking
+        self._teacher_val_sums = None
+
+    def validation_step(self, dataloader_iter: Iterator) -> None:
+        data = self.data
+        batches = self._micro_batches(dataloader_iter, self.num_microbatches)
+        if not batches:
+            return None
+        report = forward_backward(
+            self.module,
+            iter(batches),
+            len(batches),
+            data.seq_length,
+            data.micro_batch_size,
+            forward_only=True,
+        )
+        for key, value in report.items():
+            self._val_sums[key] = self._val_sums.get(key, 0) + value
+        if self._measure_teacher:
+            teacher_report = self._teacher_forward(batches)
+            if "lm_loss" in teacher_report:
+                previous = self._teacher_val_sums
+                value = teacher_report["lm_loss"]
+                self._teacher_val_sums = value if previous is None else previous + value
+        return None
+
+    def _teacher_forward(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The teacher's own LM loss (ModelOpt replaces it by zeros while distilling)."""
+        teacher = self.distillation_model.teacher_model
+        patched = teacher.__dict__.pop("compute_language_model_loss", None)
+        try:
+            return forward_backward(
+                teacher,
+                iter(batches),
+                len(batches),
+                self.data.seq_length,
+                self.data.micro_batch_size,
+                forward_only=True,
+                loss="lm",
+            )
+        finally:
+            if patched is not None:
+                teacher.compute_language_model_loss = patched
+            # ModelOpt's capture hooks stored the teacher's outputs; nothing will consume them.
+            for _, teacher_layer in self.distillation_model._layers_to_loss:
+                teacher_layer._intermediate_output = None
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums and self._teacher_val_sums is None:
+            return
+        values = self._reduce_report(self._val_sums, REPORT_KEYS)
+        means = {key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(REPORT_KEYS)}
+        metrics = {
+            "val_loss": float(means["lm_loss"]),
+            "val_kd_loss": float(means["logits_loss"] + means["intermediate_loss"]),
+        }
+        if self._measure_teacher:
+            teacher = self._reduce_report(
+                {"lm_loss": self._teacher_val_sums} if self._teacher_val_sums is not None else {},
+                ("lm_loss",),
+            )
+            self.teacher_val_loss = float(teacher[0, 0] / teacher[0, 1].clamp(min=1))
+        if self.teacher_val_loss is not None:
+            metrics["teacher_val_loss"] = self.teacher_val_loss
+        self.log_dict(metrics, prog_bar=True, batch_size=1)
+        self.last_val_metrics = metrics

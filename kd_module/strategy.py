@@ -1,0 +1,235 @@
+"""``MegatronStrategy``: megatron-core parallelism, DDP and optimizer as a Lightning strategy.
+
+Lightning's stock strategies wrap the model in ``torch.nn.parallel.DistributedDataParallel``;
+megatron-core needs its own parallel state (tensor / pipeline / context / data parallel groups),
+its own ``DistributedDataParallel`` (contiguous gradient buffers, reduce of per-token loss
+gradients, pipeline embedding all-reduce) and its own optimizer. This strategy provides them:
+
+- ``setup_environment``: initializes torch.distributed and megatron's parallel state through
+  :func:`kd_module.runtime.initialize_distributed` (gloo on CPU, NCCL on GPU, a single in-process
+  rank in a notebook);
+- ``setup``: wraps the module built by ``configure_model`` in megatron's DDP (and ``Float16Module``
+  for bf16) and builds megatron's optimizer through ``configure_optimizers``;
+- ``teardown``: destroys megatron's state, so ``Trainer.fit`` can run again in the same process.
+
+The LightningModule drives megatron's forward-backward schedule itself (see
+:class:`kd_module.module.DistillationModule`); the strategy gives it the layout and the number of
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+from kd_module import runtime
+from kd_module.models import ParallelLayout
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class MegatronStrategy(DDPStrategy):
+    """Lightning strategy running megatron-core models with TP/PP/CP/DP.
+
+    Args:
+        tensor_model_parallel_size: ranks each layer's weights are split across.
+        pipeline_model_parallel_size: ranks the layers are split across (1F1B schedule).
+        context_parallel_size: ranks the sequence is split across (needs Transformer Engine).
+        sequence_parallel: split activations outside tensor-parallel regions along the sequence.
+        virtual_pipeline_model_parallel_size: interleaved pipeline chunks; distillation refuses it.
+        use_distributed_optimizer: shard optimizer state across data-parallel ranks.
+        overlap_grad_reduce: overlap DDP's gradient all-reduce with the backward pass.
+        grad_reduce_in_fp32: keep DDP gradient buffers in fp32 with bf16 parameters.
+        precision: ``fp32`` or ``bf16`` (bf16 parameters with fp32 main weights; CUDA only).
+        seed: seed of torch and megatron's named RNG states.
+        timeout_minutes: collective timeout, so a dead rank fails the job instead of hanging it.
+        **kwargs: passed to Lightning's ``DDPStrategy`` (accelerator, cluster_environment, ...).
+
+    Raises:
+        ValueError: for sizes that are not positive integers, an unknown precision, or bf16 on a
+            machine without CUDA.
+
+    Examples:
+        >>> trainer = lightning.Trainer(
+        ...     accelerator="cpu", devices=2,
+        ...     strategy=MegatronStrategy(tensor_model_parallel_size=2))
+    """
+
+    strategy_name = "megatron"
+
+    def __init__(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        virtual_pipeline_model_parallel_size: int | None = None,
+        use_distributed_optimizer: bool = False,
+        overlap_grad_reduce: bool = False,
+        grad_reduce_in_fp32: bool = True,
+        precision: str = "fp32",
+        seed: int = 1234,
+        timeout_minutes: int = 10,
+        **kwargs: Any,
+    ) -> None:
+        problems = []
+        for name, value in (
+            ("tensor_model_parallel_size", tensor_model_parallel_size),
+            ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+            ("context_parallel_size", context_parallel_size),
+            ("timeout_minutes", timeout_minutes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if virtual_pipeline_model_parallel_size is not None and (
+            not isinstance(virtual_pipeline_model_parallel_size, int)
+            or virtual_pipeline_model_parallel_size < 1
+        ):
+            problems.append(
+                "virtual_pipeline_model_parallel_size="
+                f"{virtual_pipeline_model_parallel_size!r} must be a positive integer or None"
+            )
+        if precision not in PRECISIONS:
+            problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        elif precision == "bf16" and not torch.cuda.is_available():
+            problems.append("precision='bf16' needs CUDA; use 'fp32' on CPU")
+        if sequence_parallel and tensor_model_parallel_size == 1:
+            logger.warning("sequence_parallel has no effect with tensor_model_parallel_size=1")
+        if problems:
+            raise ValueError("MegatronStrategy: " + "; ".join(problems))
+        kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
+        super().__init__(**kwargs)
+        self.layout = ParallelLayout(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        )
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.grad_reduce_in_fp32 = grad_reduce_in_fp32
+        self.precision_name = precision
+        self.seed = seed
+        self.timeout_minutes = timeout_minutes
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision_name == "bf16" else torch.float32
+
+    @property
+    def data_parallel_size(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
+
+    def layout_problems(self, world_size: int) -> list[str]:
+        """Problems of this layout on ``world_size`` ranks (checked before any model is built)."""
+        model_parallel = (
+            self.layout.tensor_model_parallel_size
+            * self.layout.pipeline_model_parallel_size
+            * self.layout.context_parallel_size
+        )
+        if world_size % model_parallel:
+            return [
+                f"world size {world_size} (num_nodes x devices) is not divisible by "
+                f"tensor_model_parallel_size x pipeline_model_parallel_size x "
+                f"context_parallel_size = {model_parallel}"
+            ]
+        return []
+
+    # ------------------------------------------------------------------ environment
+    def setup_environment(self) -> None:
+        # The data module's megatron-style sampler already splits batches across data-parallel
+        # ranks; Lightning must not inject its DistributedSampler on top of it.
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None:
+            trainer._accelerator_connector.use_distributed_sampler = False
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        self.set_world_ranks()
+        problems = self.layout_problems(self.world_size)
+        if problems:
+            raise ValueError("parallel layout: " + "; ".join(problems))
+        if self.world_size > 1 or "RANK" in os.environ:
+            environment = self.cluster_environment
+            os.environ["MASTER_ADDR"] = str(environment.main_address)
+            os.environ["MASTER_PORT"] = str(environment.main_port)
+            os.environ["RANK"] = str(self.global_rank)
+            os.environ["WORLD_SIZE"] = str(self.world_size)
+            os.environ["LOCAL_RANK"] = str(self.local_rank)
+        runtime.initialize_distributed(
+            tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
+            context_parallel_size=self.layout.context_parallel_size,
+            virtual_pipeline_model_parallel_size=self.layout.virtual_pipeline_model_parallel_size,
+            seed=self.seed,
+            timeout_minutes=self.timeout_minutes,
+        )
+
+    @property
+    def root_device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def model_to_device(self) -> None:
+        pass  # megatron builds the model on its device
+
+    # ------------------------------------------------------------------ model and optimizer
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """megatron's Float16Module (bf16) and DistributedDataParallel around a model chunk."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.transformer.module import Float16Module
+
+        config = model.config
+        if self.precision_name == "bf16":
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=self.grad_reduce_in_fp32,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        config.no_sync_func = wrapped.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        if self.overlap_grad_reduce:
+            config.grad_sync_func = wrapped.start_grad_sync
+        return wrapped
+
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        module.wrap_for_training(self)
+        self.model = module
+        if trainer.state.fn == "fit":
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def configure_ddp(self) -> None:
+        pass  # megatron's DDP is applied in setup()
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        return optimizer.step(closure=closure)
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        return tensor  # metrics are reduced by the module across megatron's groups
+
+    def teardown(self) -> None:
+        super().teardown()
+        runtime.destroy_distributed()
