@@ -351,6 +351,52 @@ class _TopKLogitsKDFunction(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None
 
 
+class _FusedProjectionKDFunction(torch.autograd.Function):
+    """Output projection fused into the loss: full student logits never exist.
+
+    Per chunk of tokens it computes ``hidden[chunk] @ weight.T`` (this rank's vocab shard), the
+    loss statistics of those tokens, and drops the chunk; backward recomputes each chunk's logits,
+    their gradient, and accumulates the hidden-state and weight gradients. Tokens are independent,
+    so running the full-vocabulary loss per chunk is exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: Tensor, weight: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
+    ) -> Tensor:
+        losses, stats = [], []
+        for start in _chunks(hidden.shape[0], spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            loss, chunk_stats = _dense_forward(
+                hidden[rows] @ weight.t(), teacher[rows], spec, group
+            )
+            losses.append(loss)
+            stats.append(torch.stack(chunk_stats))
+        ctx.spec, ctx.group = spec, group
+        ctx.save_for_backward(hidden, weight, teacher, torch.cat(stats, dim=1))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, teacher, stats = ctx.saved_tensors
+        spec = ctx.spec
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in _chunks(hidden.shape[0], spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            logits = hidden[rows] @ weight.t()
+            chunk_stats = tuple(stats[:, rows])
+            grad_logits = _dense_backward(logits, teacher[rows], spec, chunk_stats, grad_loss[rows])
+            del logits
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight.add_(grad_logits.t() @ hidden[rows])
+            del grad_logits
+        # Every TP rank holds the whole hidden state but only its vocab shard's contribution, as
+        # in the backward of megatron's ColumnParallelLinear input (copy to TP region).
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
 class LogitsKDLoss(torch.nn.Module):
     """Per-token KD loss between vocab-parallel student and teacher logits.
 
@@ -448,6 +494,46 @@ class LogitsKDLoss(torch.nn.Module):
             loss = _LogitsKDFunction.apply(student, teacher, spec, group)
         else:
             loss = _TopKLogitsKDFunction.apply(student, teacher, spec, self.top_k, group)
+        return loss.reshape(token_shape)
+
+    def forward_from_hidden(
+        self, hidden_states: Tensor, output_weight: Tensor, teacher_logits: Tensor
+    ) -> Tensor:
+        """Loss of the logits ``hidden_states @ output_weight.T``, never materializing them.
+
+        Args:
+            hidden_states: [s, b, h], the full (not sequence-parallel) input of the output layer.
+            output_weight: [v_local, h], this rank's shard of the output layer weight (no bias).
+            teacher_logits: [s, b, v_local], the teacher's logits shard; detached here.
+
+        Returns:
+            fp32 [s, b] as :meth:`forward`; gradients flow to ``hidden_states`` (summed over the TP
+            group) and ``output_weight``.
+
+        Raises:
+            ValueError: on mismatched shapes, or when ``top_k`` is set (not supported here).
+        """
+        if self.top_k is not None:
+            raise ValueError("LogitsKDLoss.forward_from_hidden: top_k is not supported")
+        expected = (*hidden_states.shape[:-1], output_weight.shape[0])
+        if (
+            tuple(teacher_logits.shape) != expected
+            or output_weight.dim() != 2
+            or output_weight.shape[1] != hidden_states.shape[-1]
+        ):
+            raise ValueError(
+                "LogitsKDLoss.forward_from_hidden: expected hidden [s, b, h], weight [v, h] and "
+                f"teacher [s, b, v], got {tuple(hidden_states.shape)}, "
+                f"{tuple(output_weight.shape)} and {tuple(teacher_logits.shape)}"
+            )
+        token_shape = hidden_states.shape[:-1]
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        teacher = teacher_logits.detach().reshape(-1, output_weight.shape[0])
+        if hidden.shape[0] == 0:
+            return ((hidden @ output_weight.t()).float().sum(dim=-1) * 0.0).reshape(token_shape)
+        spec = _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size)
+        group = _resolve_tp_group(self.tp_group)
+        loss = _FusedProjectionKDFunction.apply(hidden, output_weight, teacher, spec, group)
         return loss.reshape(token_shape)
 
 

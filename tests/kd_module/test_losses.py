@@ -40,6 +40,33 @@ def _weights(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) + 0.5
 
 
+def _projection_inputs(seed: int, tokens: tuple[int, int] = (5, 3), hidden: int = 16) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(*tokens, hidden, generator=generator)
+    weight = torch.randn(40, hidden, generator=generator) * 0.5
+    teacher = torch.randn(*tokens, 40, generator=generator) * 3.0
+    return hidden_states, weight, teacher
+
+
+def _fused_and_reference(loss_type: str, hidden_states, weight, teacher, weights, shard=None):
+    """(loss, grad_hidden, grad_weight) of the fused path and of projection + reference."""
+    results = []
+    for fused in (True, False):
+        h = hidden_states.detach().clone().requires_grad_(True)
+        w = weight.detach().clone().requires_grad_(True)
+        if fused:
+            local = slice(None) if shard is None else shard
+            loss = LogitsKDLoss(loss_type, temperature=1.3, chunk_size=4).forward_from_hidden(
+                h, w[local], teacher[..., local]
+            )
+        else:
+            loss = reference_logits_kd_loss(h @ w.t(), teacher, loss_type, temperature=1.3)
+        (loss * weights).sum().backward()
+        grad_w = w.grad if shard is None else w.grad[shard]
+        results.append((loss.detach(), h.grad, grad_w))
+    return results
+
+
 @pytest.mark.parametrize("top_k", [None, TOP_K])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_matches_reference_loss_and_gradient(loss_type: str, top_k: int | None) -> None:
@@ -128,6 +155,20 @@ def test_bf16_inputs_agree_with_fp32_reference(loss_type: str) -> None:
     # Against the unrounded fp32 logits, only the input rounding separates the losses.
     exact_loss = reference(student, teacher)
     torch.testing.assert_close(loss, exact_loss.detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_fused_projection_matches_projection_then_reference(loss_type: str) -> None:
+    """forward_from_hidden equals hidden @ W.T then the reference: loss, hidden and weight grads."""
+    hidden_states, weight, teacher = _projection_inputs(13)
+    weights = _weights(14, hidden_states.shape[:-1])
+    fused, reference = _fused_and_reference(loss_type, hidden_states, weight, teacher, weights)
+    for ours, theirs in zip(fused, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-5)
+    with pytest.raises(ValueError, match=r"top_k is not supported"):
+        LogitsKDLoss(top_k=2).forward_from_hidden(hidden_states, weight, teacher)
+    with pytest.raises(ValueError, match=r"expected hidden \[s, b, h\]"):
+        LogitsKDLoss().forward_from_hidden(hidden_states, weight[:, :8], teacher)
 
 
 def _modelopt_config() -> SimpleNamespace:
@@ -266,18 +307,25 @@ def tp2_rank_checks() -> dict:
                 weights,
             )
             results[(loss_type, top_k)] = (loss, grad, ref_loss, ref_grad[..., shard])
+        hidden_states, weight, teacher_full = _projection_inputs(13)
+        fused, reference = _fused_and_reference(
+            loss_type, hidden_states, weight, teacher_full, weights, shard=shard
+        )
+        results[(loss_type, "fused")] = (*fused, *reference)
     return results
 
 
 @pytest.mark.multirank
 @pytest.mark.timeout(240)
 def test_tensor_parallel_matches_single_rank_reference() -> None:
-    """At TP=2 each loss, with/without top-k (k above a shard too), equals the TP=1 reference."""
+    """At TP=2 each loss (top-k, k above a shard, fused projection) equals the TP=1 reference."""
     ranks = run_distributed(tp2_rank_checks, 2, timeout=200)
     for rank_results in ranks:
-        assert len(rank_results) == 9
-        for key, (loss, grad, ref_loss, ref_grad) in rank_results.items():
-            torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL, msg=str(key))
-            torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=ATOL, msg=str(key))
+        assert len(rank_results) == 12
+        for key, values in rank_results.items():
+            half = len(values) // 2
+            atol = 1e-5 if key[1] == "fused" else ATOL  # fused: matmul summation order differs
+            for ours, reference in zip(values[:half], values[half:], strict=True):
+                torch.testing.assert_close(ours, reference, rtol=RTOL, atol=atol, msg=str(key))
     for key in ranks[0]:
         assert torch.equal(ranks[0][key][0], ranks[1][key][0]), key
