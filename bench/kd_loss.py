@@ -117,13 +117,77 @@ def run_case(vocab: int, tokens: int, tp: int, rank: int = 0) -> dict[str, Any]:
     }
 
 
-def tp_rank_cases(cases: list[tuple[int, int]], tp: int) -> list[dict[str, Any]]:
+def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0) -> dict[str, Any]:
+    """Extra column: output projection fused into the loss vs projection (autograd) + our loss.
+
+    Inputs are bf16 hidden states [tokens, 1, hidden] (the same on every rank) and this rank's
+    output weight shard [vocab / tp, hidden]; both paths produce gradients for both.
+    """
+    from kd_module.losses import LogitsKDLoss
+
+    device = _device()
+    local_vocab = vocab // tp
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    hidden_states = torch.randn(tokens, 1, hidden, generator=generator, device=device)
+    hidden_states = hidden_states.bfloat16().requires_grad_(True)
+    weight = (_shard_logits(local_vocab, hidden, SEED + 10 + rank, device) * 0.05).squeeze(1)
+    weight = weight.detach().requires_grad_(True)
+    teacher = _shard_logits(tokens, local_vocab, SEED + 2 * rank + 1, device)
+    loss_fn = LogitsKDLoss("forward_kl", temperature=1.0)
+
+    def fused() -> torch.Tensor:
+        loss = loss_fn.forward_from_hidden(hidden_states, weight, teacher)
+        loss.sum().backward()
+        return loss.detach()
+
+    def unfused() -> torch.Tensor:
+        inputs = hidden_states
+        if tp > 1:  # what ColumnParallelLinear does to its input's gradient
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            inputs = copy_to_tensor_model_parallel_region(hidden_states)
+        logits = inputs @ weight.t()
+        loss = loss_fn(logits, teacher)
+        loss.sum().backward()
+        return loss.detach()
+
+    loss_fn.forward_from_hidden(hidden_states[:8], weight, teacher[:8]).sum().backward()
+    hidden_states.grad = weight.grad = None
+    gc.collect()
+    fused_loss, fused_peak, fused_time = measure(fused, device)
+    fused_grads = (hidden_states.grad, weight.grad)
+    hidden_states.grad = weight.grad = None
+    gc.collect()
+    unfused_loss, unfused_peak, unfused_time = measure(unfused, device)
+    diff = max(
+        (fused_loss - unfused_loss).abs().max().item(),
+        _max_abs_diff(fused_grads[0], hidden_states.grad),
+        _max_abs_diff(fused_grads[1], weight.grad),
+    )
+    return {
+        "fused_hidden": hidden,
+        "fused_peak_mb": fused_peak,
+        "unfused_peak_mb": unfused_peak,
+        "fused_time_s": fused_time,
+        "unfused_time_s": unfused_time,
+        "fused_max_abs_diff": diff,
+    }
+
+
+def _case(vocab: int, tokens: int, tp: int, fused_hidden: int, rank: int = 0) -> dict[str, Any]:
+    result = run_case(vocab, tokens, tp, rank)
+    if fused_hidden:
+        result.update(run_fused_case(tokens, vocab, tp, fused_hidden, rank))
+    return result
+
+
+def tp_rank_cases(cases: list[tuple[int, int]], tp: int, fused_hidden: int) -> list[dict[str, Any]]:
     """One rank of a TP run: every (vocab, tokens) case in turn."""
     from kd_module.runtime import initialize_distributed
 
     initialize_distributed(tensor_model_parallel_size=tp)
     rank = torch.distributed.get_rank()
-    return [run_case(vocab, tokens, tp, rank) for vocab, tokens in cases]
+    return [_case(vocab, tokens, tp, fused_hidden, rank) for vocab, tokens in cases]
 
 
 def _summarize(vocab: int, tokens: int, tp: int, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,6 +211,26 @@ def _summarize(vocab: int, tokens: int, tp: int, per_rank: list[dict[str, Any]])
         "max_abs_diff": max(loss_diff, grad_diff),
         "max_abs_diff_loss": loss_diff,
         "max_abs_diff_grad": grad_diff,
+        **_summarize_fused(per_rank),
+    }
+
+
+def _summarize_fused(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    if "fused_peak_mb" not in per_rank[0]:
+        return {}
+    fused_peak = max(r["fused_peak_mb"] for r in per_rank)
+    unfused_peak = max(r["unfused_peak_mb"] for r in per_rank)
+    fused_time = max(r["fused_time_s"] for r in per_rank)
+    unfused_time = max(r["unfused_time_s"] for r in per_rank)
+    return {
+        "fused_hidden": per_rank[0]["fused_hidden"],
+        "fused_peak_mb": round(fused_peak, 1),
+        "unfused_peak_mb": round(unfused_peak, 1),
+        "fused_memory_ratio": round(fused_peak / unfused_peak, 4) if unfused_peak > 0 else None,
+        "fused_time_s": round(fused_time, 3),
+        "unfused_time_s": round(unfused_time, 3),
+        "fused_time_ratio": round(fused_time / unfused_time, 4) if unfused_time > 0 else None,
+        "fused_max_abs_diff": max(r["fused_max_abs_diff"] for r in per_rank),
     }
 
 
@@ -171,10 +255,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (s * b)")
     parser.add_argument("--tp", type=int, nargs="+", default=list(TP_SIZES), help="TP sizes")
+    parser.add_argument(
+        "--fused-hidden",
+        type=int,
+        help="hidden size of the fused-projection column (0: skip; default 256, quick 32)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per TP launch")
     options = parser.parse_args(argv)
     vocabs = options.vocab or (QUICK_VOCABS if options.quick else FULL_VOCABS)
     token_counts = options.tokens or (QUICK_TOKENS if options.quick else FULL_TOKENS)
+    if options.fused_hidden is None:
+        options.fused_hidden = 32 if options.quick else 256
     grid = [(vocab, tokens) for vocab in vocabs for tokens in token_counts]
 
     results = []
@@ -185,14 +276,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[bench.kd_loss] TP={tp}: {grid}", file=sys.stderr, flush=True)
         if tp == 1:
             for vocab, tokens in grid:
-                results.append(_summarize(vocab, tokens, 1, [run_case(vocab, tokens, 1)]))
+                results.append(
+                    _summarize(vocab, tokens, 1, [_case(vocab, tokens, 1, options.fused_hidden)])
+                )
                 print(f"[bench.kd_loss] {results[-1]}", file=sys.stderr, flush=True)
         else:
             from kd_module.testing import run_distributed
 
             # By name: under ``python -m`` this module is ``__main__``, which ranks cannot import.
             target = "bench.kd_loss:tp_rank_cases"
-            per_rank = run_distributed(target, tp, grid, tp, timeout=options.timeout)
+            per_rank = run_distributed(
+                target, tp, grid, tp, options.fused_hidden, timeout=options.timeout
+            )
             for index, (vocab, tokens) in enumerate(grid):
                 ranks = [rank_results[index] for rank_results in per_rank]
                 results.append(_summarize(vocab, tokens, tp, ranks))
@@ -207,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "temperature": 1.0,
             "dtype": "bfloat16",
             "chunk_size": 1024,
+            "fused_hidden": options.fused_hidden,
+            "fused_columns": "fused_*: LogitsKDLoss.forward_from_hidden (projection inside the "
+            "chunked loss) vs unfused_*: bf16 projection with autograd + LogitsKDLoss",
             "quick": options.quick,
             "peak_memory": "peak RSS growth over the call (CPU) / max_memory_allocated (CUDA)",
         },
