@@ -1,0 +1,278 @@
+"""``distill(...)``: the task function recipes point at.
+
+It checks every input before any model is built (files, configs, parallel layout, batch sizes,
+sequence length, tokenizer), attaches a CSV logger at ``<log_dir>/<name>``, runs ``trainer.fit``
+and writes ``summary.json`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+PACKAGES = ("torch", "lightning", "megatron-core", "nvidia-modelopt", "nemo-run", "megatron-kd")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack (for summaries and benchmark results)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) -> list[str]:
+    """The teacher's NeMo ``tokenizer:`` section against the data's tokenizer."""
+    if not teacher_tokenizer:
+        return []
+    library = str(teacher_tokenizer.get("library") or "").lower() or None
+    aliases = {"hf": "huggingface", "megatron": "huggingface", "byte-level": "byte"}
+    library = aliases.get(library, library)
+    if library and library != data_tokenizer.library:
+        return [
+            f"tokenizer: the teacher's model_config.yaml uses library={library!r} but the data "
+            f"uses library={data_tokenizer.library!r}; teacher and student must share a tokenizer"
+        ]
+    return []
+
+
+def check_inputs(
+    module: Any,
+    data: Any,
+    trainer: Any,
+    teacher_tokenizer: dict[str, Any] | None = None,
+) -> None:
+    """Every problem with the run's inputs, raised as one ValueError before any model is built."""
+    from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
+    from kd_module.distillation import check_virtual_pipeline
+    from kd_module.strategy import MegatronStrategy
+
+    problems: list[str] = []
+    strategy = trainer.strategy
+    if not isinstance(strategy, MegatronStrategy):
+        raise ValueError(
+            f"trainer.strategy is {type(strategy).__name__}; distillation needs "
+            "kd_module.MegatronStrategy"
+        )
+    world_size = trainer.num_nodes * trainer.num_devices
+    problems += strategy.layout_problems(world_size)
+    layout = strategy.layout
+    try:
+        check_virtual_pipeline(layout)
+    except ValueError as error:
+        problems.append(str(error))
+    for who, config in (("student", module.student_config), ("teacher", module.teacher_config)):
+        problems += config.layout_problems(
+            layout.tensor_model_parallel_size,
+            layout.pipeline_model_parallel_size,
+            layout.context_parallel_size,
+            who=who,
+        )
+        try:
+            check_seq_length(data.seq_length, config.padded_max_position_embeddings)
+        except ValueError as error:
+            problems.append(f"{who}: {error}")
+    model_parallel = (
+        layout.tensor_model_parallel_size
+        * layout.pipeline_model_parallel_size
+        * layout.context_parallel_size
+    )
+    if not problems:
+        data_parallel = world_size // model_parallel
+        if data.global_batch_size % (data.micro_batch_size * data_parallel):
+            problems.append(
+                f"global_batch_size={data.global_batch_size} is not divisible by "
+                f"micro_batch_size={data.micro_batch_size} x data_parallel_size={data_parallel}"
+            )
+    if not data.mock:
+        try:
+            check_prefixes_exist(data.prefixes())
+        except ValueError as error:
+            problems.append(str(error))
+    for label, path in (
+        ("teacher_checkpoint", module.teacher_checkpoint),
+        ("student_checkpoint", module.student_checkpoint),
+    ):
+        if path is not None:
+            from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
+
+            try:
+                detect_checkpoint_format(resolve_checkpoint_dir(path))
+            except (ValueError, FileNotFoundError) as error:
+                problems.append(f"{label}: {error}")
+    problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
+    if trainer.max_steps is None or trainer.max_steps <= 0:
+        problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive integer")
+    if problems:
+        raise ValueError("distill: " + "; ".join(problems))
+
+
+def _attach_logger(trainer: Any, run_dir: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not trainer.loggers:
+        trainer.loggers = [CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
+
+
+def distill(
+    student: Any,
+    data: Any,
+    trainer: Any,
+    teacher_checkpoint: str | None = None,
+    teacher: Any = None,
+    teacher_model_config: str | None = None,
+    teacher_ckpt_format: str = "auto",
+    student_checkpoint: str | None = None,
+    student_ckpt_format: str = "auto",
+    distill_config: str | dict | Any = None,
+    optimizer: Any = None,
+    log_dir: str = "runs",
+    name: str = "default",
+    loss_chunk_size: int = 1024,
+) -> dict[str, Any]:
+    """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
+
+    Args:
+        student: the student's :class:`~kd_module.models.GPTModelConfig`.
+        data: a :class:`~kd_module.data.GPTDataModule`.
+        trainer: a Lightning ``Trainer`` with a :class:`~kd_module.MegatronStrategy`.
+        teacher_checkpoint: the teacher's weights (Megatron-LM's ``--export-kd-teacher-load``).
+        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
+            checkpoint's ``model_config.yaml`` over the student's arguments.
+        teacher_model_config: NeMo-style ``model_config.yaml``
+            (``--export-kd-teacher-model-config``).
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``
+            (``--export-kd-teacher-ckpt-format``).
+        student_checkpoint: initialize the student from these weights (``None``: from scratch).
+        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
+        optimizer: :class:`~kd_module.optim.OptimizerConfig`.
+        log_dir: root of run directories.
+        name: run name; logs and ``summary.json`` go to ``<log_dir>/<name>``.
+        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+
+    Returns:
+        The summary written to ``<log_dir>/<name>/summary.json``.
+
+    Raises:
+        ValueError: naming every problem with the inputs, before any model is built.
+
+    Examples:
+        From a shell::
+
+            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50
+
+        From Python::
+
+            import nemo_run as run
+            from recipes.tiny_cpu import tiny_cpu
+            run.run(tiny_cpu(), executor=run.LocalExecutor())
+    """
+    from kd_module.module import DistillationModule
+    from kd_module.teacher_config import load_teacher_model_config
+
+    start = time.perf_counter()
+    teacher_tokenizer: dict[str, Any] = {}
+    if teacher is None:
+        resolved = load_teacher_model_config(teacher_model_config, student, teacher_checkpoint)
+        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        teacher_checkpoint=teacher_checkpoint,
+        teacher_ckpt_format=teacher_ckpt_format,
+        teacher_model_config=teacher_model_config,
+        student_checkpoint=student_checkpoint,
+        student_ckpt_format=student_ckpt_format,
+        distill_config=distill_config,
+        optimizer=optimizer,
+        loss_chunk_size=loss_chunk_size,
+    )
+    check_inputs(module, data, trainer, teacher_tokenizer)
+    run_dir = Path(log_dir) / name
+    _attach_logger(trainer, run_dir)
+    trainer.fit(module, datamodule=data)
+    summary = build_summary(module, data, trainer, time.perf_counter() - start)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        os.replace(tmp, run_dir / SUMMARY_FILE)
+        logger.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
+    return summary
+
+
+def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[str, Any]:
+    """What ``summary.json`` holds: metrics, throughput, wall time, configs and versions."""
+    strategy = trainer.strategy
+    train = dict(getattr(module, "last_train_metrics", {}) or {})
+    val = dict(getattr(module, "last_val_metrics", {}) or {})
+    steps = list(module.step_times)
+    # The first steps pay for lazy initialization; report the steady state when there is one.
+    steady = steps[1:] if len(steps) > 1 else steps
+    tokens_per_step = data.global_batch_size * data.seq_length
+    summary: dict[str, Any] = {
+        "train": train,
+        "val_loss": val.get("val_loss"),
+        "val_kd_loss": val.get("val_kd_loss"),
+        "teacher_val_loss": module.teacher_val_loss,
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * tokens_per_step,
+        "tokens_per_s": tokens_per_step * len(steady) / sum(steady) if steady else None,
+        "step_time_s": sum(steady) / len(steady) if steady else None,
+        "wall_s": wall_s,
+        "step_time_breakdown": None,
+        "world_size": trainer.world_size,
+        "configs": {
+            "student": _jsonable(module.student_config),
+            "teacher": _jsonable(module.teacher_config),
+            "distill": _jsonable(module.distill_config),
+            "optimizer": _jsonable(module.optimizer_config),
+            "layout": _jsonable(strategy.layout),
+            "precision": strategy.precision_name,
+            "data": {
+                "paths": _jsonable(data.paths),
+                "mock": data.mock,
+                "seq_length": data.seq_length,
+                "micro_batch_size": data.micro_batch_size,
+                "global_batch_size": data.global_batch_size,
+                "tokenizer": _jsonable(data.tokenizer),
+            },
+            "teacher_checkpoint": module.teacher_checkpoint,
+            "student_checkpoint": module.student_checkpoint,
+            "max_steps": trainer.max_steps,
+        },
+        "versions": package_versions(),
+    }
+    for callback in trainer.callbacks:
+        breakdown = getattr(callback, "summary", None)
+        if callable(breakdown):
+            summary["step_time_breakdown"] = breakdown()
+    return summary

@@ -1,0 +1,304 @@
+"""Lightning integration: MegatronStrategy + DistillationModule fits, layouts, summary.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kd_module.models import GPTModelConfig
+from kd_module.testing import run_distributed
+
+SEQ = 32
+STUDENT = GPTModelConfig(
+    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=512
+)
+TEACHER = STUDENT.replace(num_layers=4, hidden_size=64, ffn_hidden_size=128)
+
+
+class _Recorder:
+    """Collects logged metrics after every training step (a plain Lightning callback)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class Recorder(L.Callback):
+            def __init__(self):
+                self.steps = []
+
+            def on_train_batch_end(self, trainer, *args):
+                self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+        return Recorder()
+
+
+def _fit(
+    devices=1,
+    tp=1,
+    pp=1,
+    micro_batch_size=2,
+    global_batch_size=4,
+    max_steps=6,
+    val_check_interval=None,
+    sequence_parallel=False,
+    use_distributed_optimizer=False,
+    root_dir=None,
+):
+    """One fit of a tiny pair on mock data; returns per-step metrics and final metrics."""
+    import lightning as L
+
+    from kd_module.data import GPTDataModule
+    from kd_module.module import DistillationModule
+    from kd_module.optim import OptimizerConfig
+    from kd_module.strategy import MegatronStrategy
+    from kd_module.testing import init_weights_by_global_key
+
+    module = DistillationModule(
+        STUDENT,
+        TEACHER,
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+        student_init_fn=lambda m: init_weights_by_global_key(m, seed=1),
+        teacher_init_fn=lambda m: init_weights_by_global_key(m, seed=2, std=0.3),
+    )
+    data = GPTDataModule(
+        mock=True,
+        seq_length=SEQ,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        num_train_samples=max_steps * global_batch_size,
+        num_val_samples=2 * global_batch_size,
+    )
+    recorder = _Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=MegatronStrategy(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sequence_parallel,
+            use_distributed_optimizer=use_distributed_optimizer,
+        ),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2 if val_check_interval else 0,
+        val_check_interval=val_check_interval,
+        callbacks=[recorder],
+        default_root_dir=root_dir,
+    )
+    trainer.fit(module, datamodule=data)
+    return {
+        "steps": recorder.steps,
+        "train": module.last_train_metrics,
+        "val": getattr(module, "last_val_metrics", None),
+    }
+
+
+def _curve(result, key="kd_loss"):
+    return torch.tensor([step[key] for step in result["steps"]], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process curve every layout is compared with."""
+    return _fit()
+
+
+def test_single_process_fit_lowers_kd_loss_and_logs_everything():
+    """30 steps in one process: kd_loss falls, every documented metric is logged."""
+    from kd_module.module import TRAIN_METRICS, VAL_METRICS
+
+    result = _fit(max_steps=30, val_check_interval=15)
+    curve = _curve(result)
+    assert len(curve) == 30
+    assert curve[-5:].mean() < 0.7 * curve[:5].mean(), curve
+    assert set(TRAIN_METRICS) <= set(result["steps"][-1]), result["steps"][-1].keys()
+    assert set(VAL_METRICS) <= set(result["val"])
+    assert result["train"]["consumed_samples"] == 30 * 4
+    assert result["val"]["teacher_val_loss"] > 0
+    assert result["train"]["lr"] == pytest.approx(3e-4)  # cosine decayed to min_lr
+
+
+def test_fit_twice_in_one_process_is_reproducible(reference):
+    """A second Trainer.fit in the same process works and repeats the first exactly."""
+    again = _fit()
+    torch.testing.assert_close(_curve(again), _curve(reference), rtol=0, atol=0)
+
+
+def _layout_fit(tp, pp, micro_batch_size=2, sequence_parallel=False, distributed_optimizer=False):
+    import os
+
+    devices = int(os.environ["WORLD_SIZE"])
+    return _fit(
+        devices=devices,
+        tp=tp,
+        pp=pp,
+        micro_batch_size=micro_batch_size,
+        sequence_parallel=sequence_parallel,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+
+
+def _assert_same_curve(results, reference, rtol=1e-4):
+    for result in results:
+        for key in ("kd_loss", "logits_loss", "lm_loss", "grad_norm"):
+            torch.testing.assert_close(
+                _curve(result, key), _curve(reference, key), rtol=rtol, atol=1e-6, msg=key
+            )
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    ("tp", "pp", "micro_batch_size", "sequence_parallel"),
+    [(1, 1, 1, False), (2, 1, 2, True), (1, 2, 2, False)],
+    ids=["dp2-micro1", "tp2-sp", "pp2"],
+)
+def test_two_rank_fits_match_single_process(reference, tp, pp, micro_batch_size, sequence_parallel):
+    """DP=2 (micro-batch 1), TP=2 (+SP) and PP=2 fits give the single-process loss curve.
+
+    The single-process reference uses micro-batch 2 with 2 micro-batches per step: DP=2 with
+    micro-batch 1 covers the same global batch of 4 samples.
+    """
+    results = run_distributed(
+        _layout_fit, 2, tp, pp, micro_batch_size, sequence_parallel, timeout=400
+    )
+    _assert_same_curve(results, reference)
+
+
+@pytest.mark.multirank
+def test_tp2_pp2_fit_on_four_ranks_matches_single_process(reference):
+    """A 4-rank TP=2 x PP=2 fit gives the single-process loss curve."""
+    results = run_distributed(_layout_fit, 4, 2, 2, timeout=500)
+    _assert_same_curve(results, reference)
+
+
+def test_distill_writes_summary_with_documented_fields(tmp_path):
+    """distill() validates, fits, and writes summary.json with the documented fields."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.data import GPTDataModule
+    from kd_module.strategy import MegatronStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=2,
+    )
+    data = GPTDataModule(
+        mock=True,
+        seq_length=SEQ,
+        micro_batch_size=2,
+        global_batch_size=2,
+        num_train_samples=8,
+        num_val_samples=2,
+    )
+    with pytest.warns(UserWarning, match="teacher has random weights"):
+        summary = distill(
+            STUDENT, data, trainer, teacher=TEACHER, log_dir=str(tmp_path), name="run1"
+        )
+    written = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    for key in (
+        "train",
+        "val_loss",
+        "val_kd_loss",
+        "teacher_val_loss",
+        "tokens_per_s",
+        "wall_s",
+        "steps",
+        "tokens",
+        "step_time_breakdown",
+        "configs",
+        "versions",
+    ):
+        assert key in written, key
+    assert written["steps"] == 4 and written["tokens"] == 4 * 2 * SEQ
+    assert written["configs"]["student"]["hidden_size"] == 32
+    assert written["configs"]["teacher"]["hidden_size"] == 64
+    assert written["versions"]["megatron-core"] == "0.16.1"
+    assert (tmp_path / "run1" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tp": 3}, r"world size 1 \(num_nodes x devices\) is not divisible by"),
+        ({"global_batch_size": 3}, r"global_batch_size=3 must be a multiple of micro_batch_size=2"),
+        ({"seq_length": 64}, r"seq_length 64 .*max_position_embeddings 32|64.*32"),
+    ],
+    ids=["layout", "batch", "seq-length"],
+)
+def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
+    """Bad layout, batch sizes or sequence length are refused with one message, nothing built."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.data import GPTDataModule
+    from kd_module.strategy import MegatronStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        strategy=MegatronStrategy(tensor_model_parallel_size=kwargs.get("tp", 1)),
+    )
+    with pytest.raises(ValueError, match=message):
+        data = GPTDataModule(
+            mock=True,
+            seq_length=kwargs.get("seq_length", SEQ),
+            micro_batch_size=2,
+            global_batch_size=kwargs.get("global_batch_size", 2),
+        )
+        distill(STUDENT, data, trainer, teacher=TEACHER, log_dir=str(tmp_path))
+    assert not (tmp_path / "default").exists()
+
+
+def test_strategy_refuses_bad_arguments():
+    """MegatronStrategy names each bad argument."""
+    from kd_module.strategy import MegatronStrategy
+
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=0 must be a positive"):
+        MegatronStrategy(tensor_model_parallel_size=0)
+    with pytest.raises(ValueError, match=r"precision='fp8' is not one of fp32, bf16"):
+        MegatronStrategy(precision="fp8")
+
+
+@pytest.mark.gpu
+def test_bf16_fit_on_gpu():
+    """bf16 (megatron Float16Module, fp32 main weights) fits on one GPU and lowers kd_loss."""
+    import lightning as L
+
+    from kd_module.data import GPTDataModule
+    from kd_module.module import DistillationModule
+    from kd_module.strategy import MegatronStrategy
+
+    module = DistillationModule(STUDENT, TEACHER)
+    data = GPTDataModule(
+        mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, num_train_samples=80
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy=MegatronStrategy(precision="bf16"),
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert module.last_train_metrics["kd_loss"] < 10
+    assert next(module.distillation_model.parameters()).dtype == torch.bfloat16
