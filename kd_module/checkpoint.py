@@ -222,7 +222,7 @@ def _raise_if_any(problems: list[str]) -> None:
 
 def _raise_on_shape_mismatch(where: Any, mismatches: list[str]) -> None:
     """One error on every rank listing a few ``key: checkpoint (..), model (..)`` entries."""
-    merged = _gather_unique(mismatches)
+    merged = sorted(_gather_unique(mismatches))
     if merged:
         more = f" and {len(merged) - _SHOWN_KEYS} more" if len(merged) > _SHOWN_KEYS else ""
         raise ValueError(
@@ -521,6 +521,7 @@ def _key_problems(missing: set[str], unexpected: set[str], directory: Path, stri
 def _load_torch_dist(model: torch.nn.Module, directory: Path, strict: bool) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint import CheckpointException
 
     _bridge_dist_checkpointing()
     sharded = model.sharded_state_dict()
@@ -559,7 +560,8 @@ def _load_torch_dist(model: torch.nn.Module, directory: Path, strict: bool) -> N
         loaded, _, _ = dist_checkpointing.load(
             {"model": sharded}, str(directory), strict=StrictHandling.RETURN_ALL
         )
-    except Exception as exc:
+    # torch DCP's CheckpointException derives from BaseException.
+    except (Exception, CheckpointException) as exc:
         problems.append(
             f"checkpoint {directory}: loading failed (truncated or corrupt file?): "
             f"{type(exc).__name__}: {exc}"
