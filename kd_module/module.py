@@ -1,4 +1,7 @@
-"""``DistillationModule``: the LightningModule holding student, frozen teacher and the KD loss.
+"""LightningModules: ``DistillationModule`` (student, frozen teacher, KD loss) and ``GPTModule``.
+
+``GPTModule`` trains a megatron GPT with its LM loss alone: it trains teachers and the LM-only
+baselines that distillation is compared with. ``DistillationModule`` extends it with the teacher.
 
 Each ``training_step`` is one optimizer step over a global batch: it pulls
 ``global_batch_size / (micro_batch_size x data_parallel_size)`` micro-batches from the data
@@ -35,82 +38,80 @@ from kd_module.optim import (
 
 logger = logging.getLogger(__name__)
 
-TRAIN_METRICS = REPORT_KEYS + ("lr", "grad_norm", "tokens_per_s", "consumed_samples")
+STEP_METRICS = ("lr", "grad_norm", "tokens_per_s", "consumed_samples")
+TRAIN_METRICS = REPORT_KEYS + STEP_METRICS
 PROGRESS_BAR = ("kd_loss", "lm_loss", "lr", "tokens_per_s")
 VAL_METRICS = ("val_loss", "val_kd_loss", "teacher_val_loss")
 
 
-class DistillationModule(L.LightningModule):
-    """Student + frozen teacher in a ModelOpt DistillationModel, trained with megatron-core.
+class GPTModule(L.LightningModule):
+    """A megatron-core GPT trained with its LM loss alone (teachers, and LM-only baselines).
 
     Args:
-        student: the student's architecture.
-        teacher: the teacher's architecture; ``None`` means resolved from
-            ``teacher_model_config`` / the checkpoint's ``model_config.yaml`` (NeMo style) over the
-            student's arguments, or the student's architecture when neither exists.
-        teacher_checkpoint: teacher weights (megatron ``torch_dist`` or legacy ``torch``); ``None``
-            leaves the teacher randomly initialized (tests only: a warning says so).
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
-        teacher_model_config: path of a NeMo-style ``model_config.yaml`` for the teacher.
-        student_checkpoint: initialize the student from these weights (``None``: from scratch).
+        student: the model's architecture.
+        student_checkpoint: initialize from these weights (``None``: from scratch).
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
-        distill_config: distillation YAML path, dict or :class:`DistillConfig` (``None``:
-            logits-only defaults).
         optimizer: :class:`OptimizerConfig`.
-        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
-        student_init_fn: ``fn(student_stage)`` initializing student weights (tests, notebooks).
-        teacher_init_fn: ``fn(teacher_stage)`` initializing teacher weights (tests, notebooks).
+        student_init_fn: ``fn(model_stage)`` initializing weights (tests, notebooks).
 
-    Examples:
-        >>> module = DistillationModule(student=GPTModelConfig(num_layers=2),
-        ...                             teacher_checkpoint="runs/teacher/checkpoints/last")
-        >>> trainer = L.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(),
-        ...                     max_steps=30)
-        >>> trainer.fit(module, datamodule=GPTDataModule(...))
+    Logged: ``lm_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``consumed_samples`` per step;
+    ``val_loss`` per validation.
     """
+
+    loss_kind = "lm"
+    report_keys: tuple[str, ...] = ("lm_loss",)
 
     def __init__(
         self,
         student: GPTModelConfig,
-        teacher: GPTModelConfig | None = None,
-        teacher_checkpoint: str | None = None,
-        teacher_ckpt_format: str = "auto",
-        teacher_model_config: str | None = None,
         student_checkpoint: str | None = None,
         student_ckpt_format: str = "auto",
-        distill_config: str | dict | DistillConfig | None = None,
         optimizer: OptimizerConfig | None = None,
-        loss_chunk_size: int = 1024,
         student_init_fn: Callable[[Any], None] | None = None,
-        teacher_init_fn: Callable[[Any], None] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.student_config = student
-        self.teacher_checkpoint = teacher_checkpoint
-        self.teacher_ckpt_format = teacher_ckpt_format
         self.student_checkpoint = student_checkpoint
         self.student_ckpt_format = student_ckpt_format
-        self.distill_config = load_distill_config(distill_config)
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.loss_chunk_size = loss_chunk_size
         self.student_init_fn = student_init_fn
-        self.teacher_init_fn = teacher_init_fn
-        self.teacher_model_config_path = teacher_model_config
-        if teacher is None:
-            from kd_module.teacher_config import load_teacher_model_config
-
-            teacher = load_teacher_model_config(
-                teacher_model_config, student, teacher_checkpoint
-            ).model
-        self.teacher_config = teacher
         self.module: Any = None
         self.lr_scheduler: Any = None
         self.teacher_val_loss: float | None = None
         self._val_sums: dict[str, torch.Tensor] = {}
-        self._teacher_val_sums: torch.Tensor | None = None
-        self._measure_teacher = False
         self.step_times: list[float] = []
+        self.last_train_metrics: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}
+
+    def _student_init(self) -> Callable[[Any], None] | None:
+        if self.student_checkpoint is not None:
+            from kd_module.checkpoint import make_student_init
+
+            return make_student_init(self.student_checkpoint, self.student_ckpt_format)
+        return self.student_init_fn
+
+    def configure_model(self) -> None:
+        if self.module is not None:
+            return
+        from kd_module.models import build_model
+
+        strategy = self.trainer.strategy
+        model = build_model(
+            self.student_config,
+            strategy.layout,
+            self.padded_vocab_size(),
+            strategy.params_dtype,
+        )
+        init = self._student_init()
+        if init is not None:
+            init(model)
+        self.module = model
+
+    @property
+    def core_model(self) -> Any:
+        """The megatron model without megatron's DDP / Float16Module wrappers."""
+        return unwrap(self.module)
 
     # ------------------------------------------------------------------ building
     @property
@@ -136,48 +137,9 @@ class DistillationModule(L.LightningModule):
             self.trainer.strategy.layout.tensor_model_parallel_size,
         )
 
-    def configure_model(self) -> None:
-        if self.module is not None:
-            return
-        strategy = self.trainer.strategy
-        teacher_loader = self.teacher_init_fn
-        if self.teacher_checkpoint is not None:
-            from kd_module.checkpoint import make_teacher_loader
-
-            teacher_loader = make_teacher_loader(self.teacher_checkpoint, self.teacher_ckpt_format)
-        elif teacher_loader is None:
-            warnings.warn(
-                "DistillationModule: no teacher_checkpoint, the teacher has random weights "
-                "(only useful for tests)",
-                stacklevel=2,
-            )
-        student_init = self.student_init_fn
-        if self.student_checkpoint is not None:
-            from kd_module.checkpoint import make_student_init
-
-            student_init = make_student_init(self.student_checkpoint, self.student_ckpt_format)
-        vocab = self.padded_vocab_size()
-        parts = build_distillation_model(
-            self.student_config,
-            self.teacher_config,
-            self.distill_config,
-            strategy.layout,
-            vocab_size=vocab,
-            params_dtype=strategy.params_dtype,
-            teacher_loader=teacher_loader,
-            student_init=student_init,
-            loss_chunk_size=self.loss_chunk_size,
-        )
-        self.module = parts.model
-
     def wrap_for_training(self, strategy: Any) -> None:
         """Called by MegatronStrategy.setup: megatron DDP (and Float16Module) around the model."""
         self.module = strategy.wrap_model(self.module)
-
-    @property
-    def distillation_model(self) -> Any:
-        """The ModelOpt DistillationModel without megatron's wrappers."""
-        return unwrap(self.module)
 
     def configure_optimizers(self) -> Any:
         strategy = self.trainer.strategy
@@ -254,11 +216,16 @@ class DistillationModule(L.LightningModule):
         self.module.zero_grad_buffer()
         optimizer.zero_grad()
         report = forward_backward(
-            self.module, iter(batches), len(batches), data.seq_length, data.micro_batch_size
+            self.module,
+            iter(batches),
+            len(batches),
+            data.seq_length,
+            data.micro_batch_size,
+            loss=self.loss_kind,
         )
         optimizer.step()
         self.lr_scheduler.step(increment=1)
-        values = self._reduce_report(report, REPORT_KEYS)
+        values = self._reduce_report(report, self.report_keys)
         elapsed = time.perf_counter() - start
         self.step_times.append(elapsed)
         adapter = optimizer.optimizer
@@ -266,7 +233,7 @@ class DistillationModule(L.LightningModule):
         tokens = len(batches) * data.micro_batch_size * self.trainer.strategy.data_parallel_size
         tokens *= data.seq_length
         metrics = {
-            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(REPORT_KEYS)
+            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(self.report_keys)
         }
         metrics["lr"] = adapter.param_groups[0]["lr"]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
@@ -281,14 +248,13 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
-        self._measure_teacher = self.teacher_val_loss is None and not self.trainer.sanity_checking
-        self._teacher_val_sums = None
 
-    def validation_step(self, dataloader_iter: Iterator) -> None:
+    def _validation_report(self, dataloader_iter: Iterator) -> list[dict[str, Any]]:
+        """Forward-only pass over one global batch; accumulates its report, returns the batches."""
         data = self.data
         batches = self._micro_batches(dataloader_iter, self.num_microbatches)
         if not batches:
-            return None
+            return batches
         report = forward_backward(
             self.module,
             iter(batches),
@@ -296,16 +262,148 @@ class DistillationModule(L.LightningModule):
             data.seq_length,
             data.micro_batch_size,
             forward_only=True,
+            loss=self.loss_kind,
         )
         for key, value in report.items():
             self._val_sums[key] = self._val_sums.get(key, 0) + value
-        if self._measure_teacher:
+        return batches
+
+    def validation_step(self, dataloader_iter: Iterator) -> None:
+        self._validation_report(dataloader_iter)
+
+    def _validation_means(self) -> dict[str, torch.Tensor]:
+        values = self._reduce_report(self._val_sums, self.report_keys)
+        return {
+            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(self.report_keys)
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums:
+            return
+        metrics = {"val_loss": float(self._validation_means()["lm_loss"])}
+        self.log_dict(metrics, prog_bar=True, batch_size=1)
+        self.last_val_metrics = metrics
+
+
+class DistillationModule(GPTModule):
+    """Student + frozen teacher in a ModelOpt DistillationModel, trained with megatron-core.
+
+    Args:
+        student: the student's architecture.
+        teacher: the teacher's architecture; ``None`` means resolved from
+            ``teacher_model_config`` / the checkpoint's ``model_config.yaml`` (NeMo style) over the
+            student's arguments, or the student's architecture when neither exists.
+        teacher_checkpoint: teacher weights (megatron ``torch_dist`` or legacy ``torch``); ``None``
+            leaves the teacher randomly initialized (tests only: a warning says so).
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        teacher_model_config: path of a NeMo-style ``model_config.yaml`` for the teacher.
+        student_checkpoint: initialize the student from these weights (``None``: from scratch).
+        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        distill_config: distillation YAML path, dict or :class:`DistillConfig` (``None``:
+            logits-only defaults).
+        optimizer: :class:`OptimizerConfig`.
+        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+        student_init_fn: ``fn(student_stage)`` initializing student weights (tests, notebooks).
+        teacher_init_fn: ``fn(teacher_stage)`` initializing teacher weights (tests, notebooks).
+
+    Examples:
+        >>> module = DistillationModule(student=GPTModelConfig(num_layers=2),
+        ...                             teacher_checkpoint="runs/teacher/checkpoints/last")
+        >>> trainer = L.Trainer(accelerator="cpu", devices=1, strategy=MegatronStrategy(),
+        ...                     max_steps=30)
+        >>> trainer.fit(module, datamodule=GPTDataModule(...))
+    """
+
+    loss_kind = "kd"
+    report_keys = REPORT_KEYS
+
+    def __init__(
+        self,
+        student: GPTModelConfig,
+        teacher: GPTModelConfig | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_ckpt_format: str = "auto",
+        teacher_model_config: str | None = None,
+        student_checkpoint: str | None = None,
+        student_ckpt_format: str = "auto",
+        distill_config: str | dict | DistillConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        loss_chunk_size: int = 1024,
+        student_init_fn: Callable[[Any], None] | None = None,
+        teacher_init_fn: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__(
+            student,
+            student_checkpoint=student_checkpoint,
+            student_ckpt_format=student_ckpt_format,
+            optimizer=optimizer,
+            student_init_fn=student_init_fn,
+        )
+        self.teacher_checkpoint = teacher_checkpoint
+        self.teacher_ckpt_format = teacher_ckpt_format
+        self.distill_config = load_distill_config(distill_config)
+        self.loss_chunk_size = loss_chunk_size
+        self.teacher_init_fn = teacher_init_fn
+        self.teacher_model_config_path = teacher_model_config
+        if teacher is None:
+            from kd_module.teacher_config import load_teacher_model_config
+
+            teacher = load_teacher_model_config(
+                teacher_model_config, student, teacher_checkpoint
+            ).model
+        self.teacher_config = teacher
+        self._teacher_val_sums: torch.Tensor | None = None
+        self._measure_teacher = False
+
+    def configure_model(self) -> None:
+        if self.module is not None:
+            return
+        strategy = self.trainer.strategy
+        teacher_loader = self.teacher_init_fn
+        if self.teacher_checkpoint is not None:
+            from kd_module.checkpoint import make_teacher_loader
+
+            teacher_loader = make_teacher_loader(self.teacher_checkpoint, self.teacher_ckpt_format)
+        elif teacher_loader is None:
+            warnings.warn(
+                "DistillationModule: no teacher_checkpoint, the teacher has random weights "
+                "(only useful for tests)",
+                stacklevel=2,
+            )
+        student_init = self._student_init()
+        vocab = self.padded_vocab_size()
+        parts = build_distillation_model(
+            self.student_config,
+            self.teacher_config,
+            self.distill_config,
+            strategy.layout,
+            vocab_size=vocab,
+            params_dtype=strategy.params_dtype,
+            teacher_loader=teacher_loader,
+            student_init=student_init,
+            loss_chunk_size=self.loss_chunk_size,
+        )
+        self.module = parts.model
+
+    @property
+    def distillation_model(self) -> Any:
+        """The ModelOpt DistillationModel without megatron's wrappers."""
+        return unwrap(self.module)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._measure_teacher = self.teacher_val_loss is None and not self.trainer.sanity_checking
+        self._teacher_val_sums = None
+
+    def validation_step(self, dataloader_iter: Iterator) -> None:
+        batches = self._validation_report(dataloader_iter)
+        if batches and self._measure_teacher:
             teacher_report = self._teacher_forward(batches)
             if "lm_loss" in teacher_report:
                 previous = self._teacher_val_sums
                 value = teacher_report["lm_loss"]
                 self._teacher_val_sums = value if previous is None else previous + value
-        return None
 
     def _teacher_forward(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The teacher's own LM loss (ModelOpt replaces it by zeros while distilling)."""
@@ -329,10 +427,9 @@ class DistillationModule(L.LightningModule):
                 teacher_layer._intermediate_output = None
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_sums and self._teacher_val_sums is None:
+        if not self._val_sums:
             return
-        values = self._reduce_report(self._val_sums, REPORT_KEYS)
-        means = {key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(REPORT_KEYS)}
+        means = self._validation_means()
         metrics = {
             "val_loss": float(means["lm_loss"]),
             "val_kd_loss": float(means["logits_loss"] + means["intermediate_loss"]),

@@ -266,6 +266,45 @@ def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
     assert not (tmp_path / "default").exists()
 
 
+def test_lm_only_module_trains_a_plain_gpt():
+    """GPTModule (teachers and LM-only baselines) lowers lm_loss and logs val_loss."""
+    import lightning as L
+
+    from kd_module.data import GPTDataModule
+    from kd_module.module import GPTModule
+    from kd_module.optim import OptimizerConfig
+    from kd_module.strategy import MegatronStrategy
+
+    module = GPTModule(STUDENT, optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-3))
+    data = GPTDataModule(
+        mock=True,
+        seq_length=SEQ,
+        micro_batch_size=2,
+        global_batch_size=4,
+        num_train_samples=80,
+        num_val_samples=4,
+    )
+    recorder = _Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=10,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=data)
+    curve = _curve({"steps": recorder.steps}, "lm_loss")
+    assert curve[-3:].mean() < curve[:3].mean() - 0.5, curve
+    assert "kd_loss" not in recorder.steps[-1]
+    assert module.last_val_metrics["val_loss"] > 0
+
+
 def test_strategy_refuses_bad_arguments():
     """MegatronStrategy names each bad argument."""
     from kd_module.strategy import MegatronStrategy
