@@ -233,6 +233,13 @@ def _raise_on_shape_mismatch(where: Any, mismatches: list[str]) -> None:
         )
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under megatron's DDP / Float16Module wrappers (they expose ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _layout() -> tuple[int, int, int, int, bool]:
     """(tp size, tp rank, pp size, pp rank, writes legacy files) of this rank."""
     from megatron.core import parallel_state
@@ -262,7 +269,7 @@ def save_model_checkpoint(
     """Save this rank's megatron GPTModel stage; all ranks call it together.
 
     Args:
-        model: the local pipeline stage (a megatron ``GPTModel``).
+        model: the local pipeline stage (a megatron ``GPTModel``, possibly DDP-wrapped).
         path: checkpoint directory (or, with ``iteration``, Megatron-LM's checkpoint root).
         ckpt_format: ``torch_dist`` (resharding on load) or ``torch`` (legacy per-rank files).
         model_config: the architecture; written as NeMo-style ``model_config.yaml`` at the root
@@ -280,6 +287,7 @@ def save_model_checkpoint(
     Examples:
         ``save_model_checkpoint(model, "/ckpt/student", model_config=student_config)``
     """
+    model = _unwrap(model)
     return _save(
         model.sharded_state_dict if ckpt_format == "torch_dist" else model.state_dict,
         model,
@@ -666,9 +674,7 @@ def export_student(
     Examples:
         ``export_student(parts.model, "/ckpt/llama32_1b_distilled", student_config)``
     """
-    from kd_module.distillation import unwrap
-
-    core = unwrap(model)
+    core = _unwrap(model)
 
     def student_state() -> dict[str, Any]:
         if not hasattr(core, "hide_teacher_model"):
