@@ -102,6 +102,38 @@ def check_prefixes_exist(prefixes: list[str]) -> None:
         )
 
 
+def check_splits_have_documents(prefixes: list[str], split: str) -> None:
+    """Raise ``ValueError`` when ``split`` leaves a split of some prefix without any document.
+
+    megatron-core 0.16.1 loops forever building a split with no tokens
+    (``GPTDataset._get_num_epochs``), so an empty split is refused up front. The document ranges
+    are megatron's own: ``round(bound * documents)`` for each bound of the split matrix.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    problems = []
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix).sequence_lengths)
+        for name, bounds in zip(SPLITS, matrix, strict=True):
+            if bounds is None:
+                continue
+            begin, end = (int(round(bound * documents)) for bound in bounds)
+            if end <= begin:
+                problems.append(f"{name} split of {prefix!r} ({documents} documents)")
+    if problems:
+        raise ValueError(
+            f"data config: split={split!r} leaves no document in the "
+            + ", ".join(problems)
+            + "; give that split weight 0 (e.g. '90,10,0'), use more documents, or pass "
+            "paths={'train': ..., 'validation': ...}"
+        )
+
+
 def data_parallel_rank_and_size() -> tuple[int, int]:
     """This rank's data-parallel rank and group size from megatron's parallel state, else (0, 1)."""
     from megatron.core import parallel_state
@@ -314,8 +346,9 @@ class GPTDataModule(L.LightningDataModule):
         """Build the train, validation and test datasets (idempotent).
 
         Raises:
-            ValueError: naming a prefix without ``.bin``/``.idx`` (before any index is built), or
-                when the number of training samples cannot be derived.
+            ValueError: naming a prefix without ``.bin``/``.idx`` or a split without documents
+                (before any index is built), or when the number of training samples cannot be
+                derived.
         """
         if self.train_dataset is not None:
             return
@@ -325,6 +358,8 @@ class GPTDataModule(L.LightningDataModule):
         from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
         check_prefixes_exist(self.prefixes())
+        if self._blend is not None:
+            check_splits_have_documents(self._blend[0], self.split)
         train, validation = self._sample_counts()
         self._planned_samples = {"train": train, "validation": validation, "test": validation}
         builder = BlendedMegatronDatasetBuilder(

@@ -234,6 +234,13 @@ def test_missing_prefix_is_named_before_any_index_is_built(data, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_split_without_documents_is_refused_before_megatron_loops(data, tmp_path):
+    """'969,30,1' over 300 documents leaves the test split empty; that is named, not hung on."""
+    module = _module(data["a"], tmp_path, split="969,30,1")
+    with pytest.raises(ValueError, match=r"leaves no document in the test split of '.*/a' \(300"):
+        module.setup()
+
+
 def test_seq_length_longer_than_position_embeddings_is_refused():
     """seq_length above max_position_embeddings names both numbers; equal is accepted."""
     check_seq_length(2048, 2048)
