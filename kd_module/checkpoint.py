@@ -279,10 +279,13 @@ def save_model_checkpoint(
             ``<path>/latest_checkpointed_iteration.txt`` at it (Megatron-LM's layout).
 
     Returns:
-        The directory holding the checkpoint files.
+        The directory holding the checkpoint files. A checkpoint already at that directory is
+        replaced only once the new one is complete.
 
     Raises:
         ValueError: for an unknown format or a negative iteration.
+        RuntimeError: on the other ranks when saving failed on one (that rank raises its own
+            error); the previous checkpoint is then left as it was.
 
     Examples:
         ``save_model_checkpoint(model, "/ckpt/student", model_config=student_config)``
@@ -320,42 +323,60 @@ def _save(
     final = root / f"iter_{iteration:07d}" if iteration is not None else root
     staging = final.parent / f".{final.name}.incomplete"
     rank, _ = _world()
-    if rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    _barrier()
 
-    error: str | None = None
-    try:
+    def prepare() -> None:
+        if rank == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+
+    def write() -> None:
         if ckpt_format == "torch_dist":
             _save_torch_dist(state_fn(), staging, iteration)
         else:
             _save_legacy(state_fn(), staging, iteration)
         if rank == 0 and model_config is not None and iteration is None:
             _write_model_config(staging, model_config, model, tokenizer)
-    except Exception as exc:  # every rank must learn about it before anyone renames
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
-        failure: Exception | None = exc
-    else:
-        failure = None
-    errors = [e for e in _all_gather(error) if e is not None]
-    if errors:
+
+    def publish() -> None:
+        if rank == 0:
+            _replace_directory(staging, final)
+            if iteration is not None:
+                if model_config is not None:
+                    _write_model_config(root, model_config, model, tokenizer)
+                _write_atomically(root / TRACKER_FILE, f"{iteration}\n")
+
+    def discard() -> None:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        _barrier()
-        if failure is not None:
-            raise failure
-        raise RuntimeError(f"save checkpoint {final}: failed on other ranks: {'; '.join(errors)}")
 
-    if rank == 0:
-        _replace_directory(staging, final)
-        if iteration is not None:
-            if model_config is not None:
-                _write_model_config(root, model_config, model, tokenizer)
-            _write_atomically(root / TRACKER_FILE, f"{iteration}\n")
-    _barrier()
+    for step in (prepare, write, publish):
+        _on_every_rank(step, final, discard)
     return final
+
+
+def _on_every_rank(step: Callable[[], None], final: Path, cleanup: Callable[[], None]) -> None:
+    """Run ``step`` on every rank; if it fails anywhere, clean up and raise on every rank.
+
+    Ranks exchange their outcome instead of meeting at a barrier, so a failure on one rank
+    cannot leave the others waiting; the failing rank re-raises its own exception.
+    """
+    failure: Exception | None = None
+    try:
+        step()
+    except Exception as exc:
+        failure = exc
+    outcome = (
+        None if failure is None else f"rank {_world()[0]}: {type(failure).__name__}: {failure}"
+    )
+    errors = [error for error in _all_gather(outcome) if error is not None]
+    if not errors:
+        return
+    cleanup()
+    _barrier()
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"save checkpoint {final}: failed on another rank: {'; '.join(errors)}")
 
 
 def _save_torch_dist(sharded: dict[str, Any], directory: Path, iteration: int | None) -> None:

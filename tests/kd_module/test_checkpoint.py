@@ -23,7 +23,7 @@ TEACHER = GPTModelConfig(
     share_embeddings_and_output_weights=False,
 )
 STUDENT = TEACHER.replace(hidden_size=32, ffn_hidden_size=64)
-TEACHER_SEED = 7
+TEACHER_SEED, STUDENT_SEED = 7, 1
 
 
 def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def _pipeline_logits(model) -> torch.Tensor | None:
 def _error(fn) -> str:
     try:
         fn()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
         return f"{type(error).__name__}: {error}"
     return "no error"
 
@@ -88,7 +88,9 @@ def _error(fn) -> str:
 def _save_teacher_tp2(root: str) -> dict:
     """At TP=2: save the teacher as torch_dist (iteration layout) and as legacy torch."""
     from kd_module import runtime
-    from kd_module.checkpoint import save_model_checkpoint
+    from kd_module.checkpoint import export_student, save_model_checkpoint
+    from kd_module.distillation import build_distillation_model
+    from kd_module.testing import init_weights_by_global_key
 
     runtime.initialize_distributed(2, 1, seed=3)
     model = _build(TEACHER, TEACHER_SEED, ParallelLayout(2, 1))
@@ -99,8 +101,31 @@ def _save_teacher_tp2(root: str) -> dict:
         tokenizer={"library": "byte"},
         iteration=3,
     )
-    save_model_checkpoint(model, Path(root) / "legacy_tp2", ckpt_format="torch")
-    return {"logits": _logits(model)}
+    legacy = Path(root) / "legacy_tp2"
+    save_model_checkpoint(model, legacy, ckpt_format="torch")
+
+    # A save failing on rank 1 only: both ranks raise, the previous checkpoint stays.
+    before = {p.relative_to(legacy): p.read_bytes() for p in legacy.rglob("*") if p.is_file()}
+    real_save = torch.save
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full on rank 1")
+
+    torch.save = failing_save if torch.distributed.get_rank() == 1 else real_save
+    try:
+        failed_save = _error(lambda: save_model_checkpoint(model, legacy, ckpt_format="torch"))
+    finally:
+        torch.save = real_save
+    after = {p.relative_to(legacy): p.read_bytes() for p in legacy.rglob("*") if p.is_file()}
+
+    distill_model = build_distillation_model(
+        STUDENT,
+        TEACHER,
+        layout=ParallelLayout(2, 1),
+        student_init=lambda m: init_weights_by_global_key(m, seed=STUDENT_SEED),
+    ).model
+    export_student(distill_model, Path(root) / "student_tp2", STUDENT)
+    return {"logits": _logits(model), "failed_save": failed_save, "intact": after == before}
 
 
 def _load_teacher_pp2(root: str) -> dict:
@@ -132,13 +157,13 @@ def saved(tmp_path_factory):
     from kd_module import runtime
 
     root = tmp_path_factory.mktemp("teacher")
-    (tp2,) = run_distributed(_save_teacher_tp2, 2, str(root), timeout=240)[:1]
+    ranks = run_distributed(_save_teacher_tp2, 2, str(root), timeout=300)
     runtime.initialize_distributed(seed=3)
     try:
         reference = _logits(_build(TEACHER, TEACHER_SEED))
     finally:
         runtime.destroy_distributed()
-    return {"root": root, "tp2_logits": tp2["logits"], "reference": reference}
+    return {"root": root, "ranks": ranks, "tp2_logits": ranks[0]["logits"], "reference": reference}
 
 
 @pytest.fixture
@@ -436,7 +461,33 @@ def test_failed_save_keeps_the_previous_checkpoint(dist_teacher, monkeypatch):
     torch.testing.assert_close(_logits(model), _logits(other), rtol=0, atol=0)
 
 
+@pytest.mark.multirank
+def test_save_failing_on_one_rank_raises_everywhere_and_keeps_the_checkpoint(saved):
+    """Rank 1's write fails: rank 1 re-raises it, rank 0 names it, the old files are intact."""
+    rank0, rank1 = saved["ranks"]
+    assert rank1["failed_save"] == "OSError: disk full on rank 1"
+    assert rank0["failed_save"].startswith("RuntimeError: save checkpoint ")
+    assert "failed on another rank: rank 1: OSError: disk full on rank 1" in rank0["failed_save"]
+    assert rank0["intact"] and rank1["intact"]
+    assert sorted(p.name for p in saved["root"].iterdir()) == [
+        "dist_tp2",
+        "legacy_tp2",
+        "student_tp2",
+    ]
+
+
 # ---------------------------------------------------------------- export and next round
+
+
+@pytest.mark.multirank
+def test_student_exported_at_tp2_loads_at_tp1(saved, single_rank):
+    """A student exported from a TP=2 DistillationModel loads at TP=1 with the same weights."""
+    from kd_module.checkpoint import load_model_checkpoint
+
+    reference = _build(STUDENT, STUDENT_SEED)
+    model = _build(STUDENT, seed=1234)
+    load_model_checkpoint(model, saved["root"] / "student_tp2")
+    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=0)
 
 
 def test_exported_student_is_a_plain_model_and_the_next_teacher(single_rank, tmp_path):
