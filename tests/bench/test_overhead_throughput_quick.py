@@ -1,0 +1,60 @@
+"""Smoke tests of the KD-overhead and throughput benchmarks (no thresholds: timings vary)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_quick(name: str, timeout: float) -> dict:
+    """``python -m bench.<name> --quick`` in a subprocess; its last stdout line as JSON."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(200)
+def test_kd_overhead_quick_reports_consistent_ratios() -> None:
+    """`bench.kd_overhead --quick` prints times whose ratios are the documented quotients."""
+    summary = _run_quick("kd_overhead", timeout=180)
+    assert summary["machine"]["cpu_count"] >= 1
+    assert summary["versions"]["megatron-core"] == "0.16.1"
+    assert summary["settings"]["quick"] is True
+    times = ("kd_step_s", "student_step_s", "teacher_forward_s")
+    assert all(_positive(summary[key]) for key in times), summary
+    expected = summary["kd_step_s"] / (summary["student_step_s"] + summary["teacher_forward_s"])
+    assert summary["overhead_ratio"] == pytest.approx(expected, rel=1e-4)
+    slowdown = summary["student_forward_in_kd_s"] / summary["student_forward_alone_s"]
+    assert summary["student_forward_slowdown"] == pytest.approx(slowdown, rel=1e-4)
+    # Interleaved repetitions: every measurement has the quick case's 3 samples.
+    assert {k: len(v) for k, v in summary["samples_s"].items()} == {
+        "kd": 3,
+        "student": 3,
+        "teacher": 3,
+    }
+    kd = summary["breakdown"]["kd_step"]
+    assert {"student_forward", "teacher_forward", "kd_loss", "lm_loss", "optimizer_step"} <= set(kd)
+    assert kd["kd_loss"] > 0 and kd["teacher_forward"] > 0
+    targets = summary["targets"]
+    assert targets["overhead_ratio_met"] == (summary["overhead_ratio"] <= 1.05)
+    assert targets["student_forward_slowdown_met"] == (summary["student_forward_slowdown"] <= 1.05)
