@@ -1,0 +1,558 @@
+"""The default demo: distillation against an LM-only baseline, offline, on a laptop's CPU.
+
+``make demo`` (``python -m kd_module.demo``) runs three trainings on the embedded corpus (the
+Python standard library's source, byte-tokenized, with held-out files for validation):
+
+1. a small **teacher** trained with the LM loss (once; cached and reused by later runs),
+2. a smaller **KD student** distilled from it (logit KL, mixed with the LM loss),
+3. the same student architecture trained with the **LM loss alone** on the same tokens, from the
+   same initial weights and in the same data order.
+
+It prints the held-out loss of all three with tokens/s and wall time, writes
+``demo_summary.json`` and ``demo_curves.png`` under ``--out`` and exits non-zero when the KD
+student does not beat the LM-only student on held-out data.
+
+The tiny architectures and data settings are module constants (``TINY_TEACHER``,
+``TINY_STUDENT``, ``TINY_DISTILL``, ``SEQ_LENGTH``, ...) so that recipes can reuse them; importing
+this module imports neither torch nor megatron-core.
+
+Examples:
+    From a shell::
+
+        make demo
+        python -m kd_module.demo --out runs/demo
+        python -m kd_module.demo --quick --out /tmp/demo
+
+    From Python::
+
+        from kd_module.demo import main
+        exit_code = main(["--quick", "--out", "/tmp/demo"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd_module.data.corpus import CACHE_ENV
+from kd_module.distill_config import DistillConfig
+from kd_module.models import GPTModelConfig
+
+SEQ_LENGTH = 128
+"""Tokens (bytes) per training sample."""
+MICRO_BATCH_SIZE = 16
+"""Samples per forward-backward pass."""
+GLOBAL_BATCH_SIZE = 16
+"""Samples per optimizer step."""
+CORPUS_MAX_BYTES = 4_000_000
+"""Bytes of standard-library source taken into the embedded corpus."""
+CORPUS_VALIDATION_EVERY = 20
+"""Every this-many-th source file is held out for validation."""
+SEED = 1234
+"""Seed of weight initialization (megatron's RNG) and of the data order."""
+
+TINY_TEACHER = GPTModelConfig(
+    num_layers=4,
+    hidden_size=128,
+    num_attention_heads=4,
+    seq_length=SEQ_LENGTH,
+    make_vocab_size_divisible_by=64,
+)
+"""The demo's teacher: 4 layers, width 128 (about 0.8 M parameters)."""
+TINY_STUDENT = GPTModelConfig(
+    num_layers=1,
+    hidden_size=64,
+    num_attention_heads=4,
+    seq_length=SEQ_LENGTH,
+    make_vocab_size_divisible_by=64,
+)
+"""The demo's student: 1 layer, width 64 (about 0.07 M parameters)."""
+TINY_DISTILL = DistillConfig(logit_kl_temperature=1.0, skip_lm_loss=False, kd_loss_scale=1.0)
+"""Logit KD (forward KL) added to the student's LM loss."""
+TEACHER_OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.01}
+"""Keyword arguments of :class:`~kd_module.optim.OptimizerConfig` for the teacher."""
+STUDENT_OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "weight_decay": 0.01}
+"""Keyword arguments of :class:`~kd_module.optim.OptimizerConfig` for both students."""
+
+SUMMARY_FILE = "demo_summary.json"
+PLOT_FILE = "demo_curves.png"
+TEACHER_CACHE_PREFIX = "teacher-"
+_TEACHER_FORMAT_VERSION = 1
+
+
+@dataclass
+class DemoSettings:
+    """How long each part of the demo trains and how often it validates."""
+
+    teacher_steps: int = 600
+    """Optimizer steps of the teacher (first run only; the teacher is cached)."""
+    student_steps: int = 200
+    """Optimizer steps of each student (the same for the KD and the LM-only student)."""
+    val_check_interval: int = 50
+    """Validate every this many steps; must divide both step counts."""
+    validation_batches: int = 8
+    """Global batches of held-out data per validation (the same samples every time)."""
+    teacher: GPTModelConfig = dataclasses.field(default_factory=lambda: TINY_TEACHER)
+    """The teacher's architecture."""
+    student: GPTModelConfig = dataclasses.field(default_factory=lambda: TINY_STUDENT)
+    """The students' architecture."""
+    corpus_max_bytes: int = CORPUS_MAX_BYTES
+    """Bytes of source in the embedded corpus."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("teacher_steps", "student_steps", "val_check_interval", "validation_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not problems:
+            for name in ("teacher_steps", "student_steps"):
+                if getattr(self, name) % self.val_check_interval:
+                    problems.append(
+                        f"{name}={getattr(self, name)} is not a multiple of "
+                        f"val_check_interval={self.val_check_interval}"
+                    )
+        if problems:
+            raise ValueError("demo settings: " + "; ".join(problems))
+
+
+FULL = DemoSettings()
+"""``make demo``: a few minutes on two CPU cores, the KD student wins with a margin."""
+QUICK = DemoSettings(
+    teacher_steps=4,
+    student_steps=4,
+    val_check_interval=2,
+    validation_batches=1,
+    teacher=TINY_TEACHER.replace(num_layers=2, hidden_size=64),
+    corpus_max_bytes=300_000,
+)
+"""``--quick``: a few steps each, to check that everything runs (no claim about who wins)."""
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def cache_root() -> Path:
+    """``$KD_CACHE_DIR``, else ``~/.cache/megatron-kd``."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "megatron-kd"))
+
+
+def teacher_cache_key(settings: DemoSettings, corpus: dict[str, Any]) -> str:
+    """A digest of everything the cached teacher's weights depend on."""
+    key = {
+        "version": _TEACHER_FORMAT_VERSION,
+        "teacher": dataclasses.asdict(settings.teacher),
+        "optimizer": TEACHER_OPTIMIZER,
+        "steps": settings.teacher_steps,
+        "val_check_interval": settings.val_check_interval,
+        "validation_batches": settings.validation_batches,
+        "seq_length": SEQ_LENGTH,
+        "micro_batch_size": MICRO_BATCH_SIZE,
+        "global_batch_size": GLOBAL_BATCH_SIZE,
+        "seed": SEED,
+        "corpus": os.path.basename(corpus["directory"]),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _data_module(corpus: dict[str, Any], steps: int, validation_batches: int) -> Any:
+    from kd_module.data import GPTDataModule
+
+    return GPTDataModule(
+        paths={"train": corpus["train_prefix"], "validation": corpus["validation_prefix"]},
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=MICRO_BATCH_SIZE,
+        global_batch_size=GLOBAL_BATCH_SIZE,
+        seed=SEED,
+        num_train_samples=steps * GLOBAL_BATCH_SIZE,
+        num_val_samples=validation_batches * GLOBAL_BATCH_SIZE,
+    )
+
+
+def _trainable_parameters(module: Any) -> list[Any]:
+    """The parameters being trained (for the KD student: the student's, not the teacher's)."""
+    return [p for p in module.core_model.parameters() if p.requires_grad]
+
+
+def _recorder() -> Any:
+    """A callback keeping the validation curve and a fingerprint of the initial weights."""
+    import lightning as L
+
+    class Recorder(L.Callback):
+        def __init__(self) -> None:
+            self.curve: list[list[float]] = []
+            self.initial_weights_sum: float | None = None
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            total = sum(float(p.double().sum()) for p in _trainable_parameters(module))
+            self.initial_weights_sum = total
+
+        def on_validation_end(self, trainer: Any, module: Any) -> None:
+            if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+                loss = float(trainer.callback_metrics["val_loss"])
+                self.curve.append([trainer.global_step, loss])
+
+    return Recorder()
+
+
+def _checkpoint_saver(path: Path, config: GPTModelConfig) -> Any:
+    """A callback saving the trained model while megatron's process group still exists."""
+    import lightning as L
+
+    from kd_module.checkpoint import save_model_checkpoint
+
+    class SaveAtTrainEnd(L.Callback):
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            save_model_checkpoint(module.core_model, path, model_config=config)
+
+    return SaveAtTrainEnd()
+
+
+def _fit(
+    module: Any,
+    steps: int,
+    settings: DemoSettings,
+    corpus: dict[str, Any],
+    run_dir: Path,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Fit ``module`` for ``steps`` on the corpus; returns what the summary reports of it."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from kd_module.strategy import MegatronStrategy
+
+    recorder = _recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(seed=SEED),
+        max_steps=steps,
+        logger=CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version=""),
+        log_every_n_steps=max(1, settings.val_check_interval // 5),
+        enable_checkpointing=False,
+        enable_progress_bar=sys.stdout.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=settings.validation_batches,
+        val_check_interval=settings.val_check_interval,
+        callbacks=[recorder, *(callbacks or [])],
+        default_root_dir=str(run_dir),
+    )
+    data = _data_module(corpus, steps, settings.validation_batches)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    wall_s = time.perf_counter() - start
+    # The first step pays for lazy initialization; report the steady state.
+    times = module.step_times[1:] if len(module.step_times) > 1 else module.step_times
+    tokens_per_step = GLOBAL_BATCH_SIZE * SEQ_LENGTH
+    return {
+        "val_loss": module.last_val_metrics.get("val_loss"),
+        "parameters": sum(p.numel() for p in _trainable_parameters(module)),
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * tokens_per_step,
+        "tokens_per_s": tokens_per_step * len(times) / sum(times) if times else None,
+        "wall_s": wall_s,
+        "curve": recorder.curve,
+        "initial_weights_sum": recorder.initial_weights_sum,
+        "log_dir": str(run_dir),
+    }
+
+
+def teacher_cache_dir(settings: DemoSettings, corpus: dict[str, Any]) -> Path:
+    """``<cache root>/teacher-<digest of the teacher's config, training and corpus>``."""
+    name = TEACHER_CACHE_PREFIX + teacher_cache_key(settings, corpus)
+    return cache_root().expanduser().absolute() / name
+
+
+def obtain_teacher(
+    settings: DemoSettings, corpus: dict[str, Any], work_dir: Path
+) -> dict[str, Any]:
+    """The cached teacher for these settings, trained (and cached) first when there is none.
+
+    Args:
+        settings: the demo's settings.
+        corpus: :func:`~kd_module.data.corpus.embedded_corpus`'s result.
+        work_dir: where the teacher's training logs go when it is trained.
+
+    Returns:
+        ``{"checkpoint", "cached", "val_loss", "parameters", "steps", "tokens", "tokens_per_s",
+        "wall_s", "curve", ...}``; the numbers are those of the teacher's (first) training.
+    """
+    from kd_module.module import GPTModule
+    from kd_module.optim import OptimizerConfig
+
+    directory = teacher_cache_dir(settings, corpus)
+    record_path = directory / "teacher.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        return {**record, "checkpoint": str(directory / "checkpoint"), "cached": True}
+
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    module = GPTModule(settings.teacher, optimizer=OptimizerConfig(**TEACHER_OPTIMIZER))
+    saver = _checkpoint_saver(staging / "checkpoint", settings.teacher)
+    record = _fit(module, settings.teacher_steps, settings, corpus, work_dir / "teacher", [saver])
+    record["config"] = dataclasses.asdict(settings.teacher)
+    (staging / "teacher.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    # Publish the whole directory at once: a teacher.json means a complete checkpoint.
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return {**record, "checkpoint": str(directory / "checkpoint"), "cached": False}
+
+
+def train_student(
+    settings: DemoSettings,
+    corpus: dict[str, Any],
+    run_dir: Path,
+    teacher_checkpoint: str | None,
+) -> dict[str, Any]:
+    """Train the student, distilled from ``teacher_checkpoint`` or LM-only when it is ``None``.
+
+    Both variants start from the same weights (megatron's seeded initialization builds the
+    student first) and read the same samples in the same order.
+
+    Returns:
+        ``{"val_loss", "parameters", "steps", "tokens", "tokens_per_s", "wall_s", "curve",
+        "initial_weights_sum", "log_dir"}`` and, for the KD student, ``teacher_val_loss`` (the
+        teacher on the same held-out batches).
+    """
+    from kd_module.module import DistillationModule, GPTModule
+    from kd_module.optim import OptimizerConfig
+
+    optimizer = OptimizerConfig(**STUDENT_OPTIMIZER)
+    if teacher_checkpoint is None:
+        module = GPTModule(settings.student, optimizer=optimizer)
+    else:
+        module = DistillationModule(
+            settings.student,
+            settings.teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            distill_config=TINY_DISTILL,
+            optimizer=optimizer,
+        )
+    record = _fit(module, settings.student_steps, settings, corpus, run_dir)
+    if teacher_checkpoint is not None:
+        record["teacher_val_loss"] = module.teacher_val_loss
+    return record
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The held-out losses, tokens/s and wall time of the three runs as a text table."""
+    rows = [("model", "params", "val loss", "tokens", "tokens/s", "wall s")]
+    for label, name in (
+        ("teacher", "teacher"),
+        ("KD student", "kd_student"),
+        ("LM-only student", "lm_only_student"),
+    ):
+        run = summary["runs"][name]
+        tokens_per_s = run.get("tokens_per_s")
+        rows.append(
+            (
+                label + (" (cached)" if run.get("cached") else ""),
+                f"{run['parameters']:,}",
+                f"{summary[f'{name}_val_loss']:.4f}",
+                f"{run['tokens']:,}",
+                f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+                f"{run['wall_s']:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(summary: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the KD student beats the LM-only student on held-out data, and a sentence."""
+    kd, lm_only = summary["kd_student_val_loss"], summary["lm_only_student_val_loss"]
+    if kd < lm_only:
+        return True, (
+            f"verdict: the KD student beats the LM-only student by {lm_only - kd:.4f} "
+            "nats/byte on held-out data"
+        )
+    return False, (
+        f"verdict: FAIL, the KD student ({kd:.4f}) does not beat the LM-only student "
+        f"({lm_only:.4f}) on held-out data"
+    )
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> bool:
+    """Validation loss against training tokens for the three runs; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens_per_step = GLOBAL_BATCH_SIZE * SEQ_LENGTH
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, label in (
+        ("teacher", "teacher (LM loss)"),
+        ("kd_student", "KD student"),
+        ("lm_only_student", "LM-only student"),
+    ):
+        curve = summary["runs"][name]["curve"]
+        if curve:
+            axes.plot(
+                [step * tokens_per_step for step, _ in curve],
+                [loss for _, loss in curve],
+                marker="o",
+                label=label,
+            )
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel("held-out loss (nats/byte)")
+    axes.set_title("Embedded corpus: validation loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kd_module.demo",
+        description=(
+            "Train a small teacher on the embedded corpus (once, cached), distill a smaller "
+            "student from it, train the same student with the LM loss alone on the same tokens, "
+            "and compare their held-out loss."
+        ),
+    )
+    parser.add_argument(
+        "--out", default="runs/demo", help="output directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps each: check that everything runs"
+    )
+    parser.add_argument("--steps", type=int, help="optimizer steps of each student")
+    parser.add_argument("--teacher-steps", type=int, help="optimizer steps of the teacher")
+    parser.add_argument("--val-check-interval", type=int, help="validate every this many steps")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show library warnings and Lightning's messages"
+    )
+    return parser.parse_args(argv)
+
+
+def _quiet() -> None:
+    """Hide the libraries' warnings about CPU fallbacks and experimental Lightning features."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 when the KD student beats the LM-only student (1 otherwise).
+
+    Args:
+        argv: command-line arguments (``sys.argv[1:]`` when ``None``).
+    """
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if not args.verbose:
+        _quiet()
+    base = QUICK if args.quick else FULL
+    changes = {
+        name: value
+        for name, value in (
+            ("student_steps", args.steps),
+            ("teacher_steps", args.teacher_steps),
+            ("val_check_interval", args.val_check_interval),
+        )
+        if value is not None
+    }
+    settings = dataclasses.replace(base, **changes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from kd_module.data.corpus import embedded_corpus
+
+    corpus = embedded_corpus(
+        max_bytes=settings.corpus_max_bytes, validation_every=CORPUS_VALIDATION_EVERY
+    )
+    print(
+        f"demo: corpus {corpus['files']} files, {corpus['train_tokens']:,} training and "
+        f"{corpus['validation_tokens']:,} held-out tokens ({corpus['directory']})",
+        flush=True,
+    )
+    teacher = obtain_teacher(settings, corpus, out)
+    print(
+        f"demo: teacher {'reused from' if teacher['cached'] else 'trained and cached in'} "
+        f"{teacher['checkpoint']}",
+        flush=True,
+    )
+    print("demo: distilling the student", flush=True)
+    kd = train_student(settings, corpus, out / "kd_student", teacher["checkpoint"])
+    print("demo: training the same student with the LM loss alone", flush=True)
+    lm_only = train_student(settings, corpus, out / "lm_only_student", None)
+
+    summary: dict[str, Any] = {
+        "teacher_val_loss": kd.get("teacher_val_loss") or teacher["val_loss"],
+        "kd_student_val_loss": kd["val_loss"],
+        "lm_only_student_val_loss": lm_only["val_loss"],
+        "tokens": kd["tokens"],
+        "wall_s": None,
+        "kd_wins": kd["val_loss"] < lm_only["val_loss"],
+        "margin": lm_only["val_loss"] - kd["val_loss"],
+        "quick": args.quick,
+        "runs": {"teacher": teacher, "kd_student": kd, "lm_only_student": lm_only},
+        "configs": {
+            "settings": dataclasses.asdict(settings),
+            "distill": TINY_DISTILL.to_dict(),
+            "teacher_optimizer": TEACHER_OPTIMIZER,
+            "student_optimizer": STUDENT_OPTIMIZER,
+            "data": {
+                "seq_length": SEQ_LENGTH,
+                "micro_batch_size": MICRO_BATCH_SIZE,
+                "global_batch_size": GLOBAL_BATCH_SIZE,
+                "corpus_validation_every": CORPUS_VALIDATION_EVERY,
+                "corpus": {k: v for k, v in corpus.items() if k != "cached"},
+                "seed": SEED,
+            },
+        },
+    }
+    plotted = plot_curves(summary, out / PLOT_FILE)
+    summary["wall_s"] = time.perf_counter() - start
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+    ok, message = verdict(summary)
+    print()
+    print(format_table(summary))
+    print()
+    print(f"total wall time {summary['wall_s']:.1f} s; summary: {out / SUMMARY_FILE}")
+    print(f"plot: {out / PLOT_FILE}" if plotted else "plot skipped: matplotlib is not installed")
+    if args.quick:
+        print(f"{message} (--quick: a smoke test, not a claim)")
+        return 0
+    print(message)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The embedded demo (`python -m kd_module.demo`): quick run, teacher cache, settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_module import demo
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = (
+    "teacher_val_loss",
+    "kd_student_val_loss",
+    "lm_only_student_val_loss",
+    "tokens",
+    "wall_s",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python -m kd_module.demo --quick`` in a subprocess with a fresh cache."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "KD_CACHE_DIR": str(root / "cache")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "kd_module.demo", "--quick", "--out", str(root / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads((root / "out" / demo.SUMMARY_FILE).read_text())
+    return {"root": root, "out": root / "out", "stdout": completed.stdout, "summary": summary}
+
+
+def test_quick_run_writes_summary_with_documented_keys(quick_run):
+    """--quick writes demo_summary.json with finite losses and tokens = steps x batch x seq."""
+    summary = quick_run["summary"]
+    assert set(SUMMARY_KEYS) <= set(summary)
+    for key in ("teacher_val_loss", "kd_student_val_loss", "lm_only_student_val_loss"):
+        # Byte vocabulary padded to 320: a model at initialization sits near ln(320) = 5.77.
+        assert 0 < summary[key] < 7, (key, summary[key])
+    steps = demo.QUICK.student_steps
+    assert summary["tokens"] == steps * demo.GLOBAL_BATCH_SIZE * demo.SEQ_LENGTH == 4 * 2048
+    assert summary["wall_s"] > 0
+    assert summary["kd_wins"] == (
+        summary["kd_student_val_loss"] < summary["lm_only_student_val_loss"]
+    )
+    for name in ("teacher", "kd_student", "lm_only_student"):
+        run = summary["runs"][name]
+        assert run["steps"] == 4 and run["tokens_per_s"] > 0, (name, run)
+        # val_check_interval=2 over 4 steps: validations after steps 2 and 4.
+        assert [step for step, _ in run["curve"]] == [2, 4], (name, run["curve"])
+        assert run["curve"][-1][1] == pytest.approx(run["val_loss"], rel=1e-6)
+
+
+def test_quick_run_compares_students_fairly(quick_run):
+    """Both students have the same size, the same initial weights and the same tokens."""
+    runs = quick_run["summary"]["runs"]
+    kd, lm_only = runs["kd_student"], runs["lm_only_student"]
+    assert kd["parameters"] == lm_only["parameters"] < runs["teacher"]["parameters"]
+    assert kd["initial_weights_sum"] == lm_only["initial_weights_sum"]
+    assert kd["tokens"] == lm_only["tokens"]
+    # The teacher is scored on the KD run's held-out batches, the ones its own curve used.
+    assert quick_run["summary"]["teacher_val_loss"] == pytest.approx(
+        runs["teacher"]["val_loss"], rel=1e-5
+    )
+
+
+def test_quick_run_prints_table_verdict_and_plot(quick_run):
+    """stdout has the table's three rows and the verdict; the PNG file is a PNG."""
+    stdout = quick_run["stdout"]
+    for label in ("teacher", "KD student", "LM-only student", "verdict:"):
+        assert label in stdout, stdout
+    pytest.importorskip("matplotlib")
+    png = (quick_run["out"] / demo.PLOT_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_teacher_is_cached_and_reused(quick_run, monkeypatch):
+    """A second call finds the cached teacher (same record and checkpoint) and trains nothing."""
+    from kd_module.data.corpus import embedded_corpus
+
+    monkeypatch.setenv("KD_CACHE_DIR", str(quick_run["root"] / "cache"))
+    corpus = embedded_corpus(
+        max_bytes=demo.QUICK.corpus_max_bytes, validation_every=demo.CORPUS_VALIDATION_EVERY
+    )
+    assert corpus["cached"]
+    teacher = demo.obtain_teacher(demo.QUICK, corpus, quick_run["root"] / "unused")
+    assert teacher["cached"] is True
+    assert not (quick_run["root"] / "unused").exists()
+    first = quick_run["summary"]["runs"]["teacher"]
+    assert teacher["val_loss"] == first["val_loss"] and teacher["curve"] == first["curve"]
+    assert Path(teacher["checkpoint"]).parent == demo.teacher_cache_dir(demo.QUICK, corpus)
+    assert (Path(teacher["checkpoint"]) / "model_config.yaml").is_file()
+
+
+def test_teacher_cache_key_follows_what_the_teacher_depends_on():
+    """The key changes with the teacher's config, steps and corpus, and only with them."""
+    corpus = {"directory": "/cache/stdlib-0123"}
+    key = demo.teacher_cache_key(demo.FULL, corpus)
+    assert key == demo.teacher_cache_key(dataclasses.replace(demo.FULL), corpus)
+    assert key == demo.teacher_cache_key(dataclasses.replace(demo.FULL, student_steps=100), corpus)
+    wider = demo.FULL.teacher.replace(hidden_size=256)
+    others = {
+        demo.teacher_cache_key(dataclasses.replace(demo.FULL, teacher=wider), corpus),
+        demo.teacher_cache_key(dataclasses.replace(demo.FULL, teacher_steps=100), corpus),
+        demo.teacher_cache_key(demo.FULL, {"directory": "/cache/stdlib-4567"}),
+    }
+    assert key not in others and len(others) == 3
+
+
+def test_cache_root_follows_environment(monkeypatch, tmp_path):
+    """$KD_CACHE_DIR sets the cache root; without it, ~/.cache/megatron-kd."""
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path))
+    assert demo.cache_root() == tmp_path
+    monkeypatch.delenv("KD_CACHE_DIR")
+    assert demo.cache_root() == Path("~/.cache/megatron-kd")
+
+
+def test_settings_reject_bad_values_all_at_once():
+    """Bad step counts are named together, and steps must be multiples of the interval."""
+    with pytest.raises(ValueError, match=r"teacher_steps=0 must be .*validation_batches=-1"):
+        demo.DemoSettings(teacher_steps=0, validation_batches=-1)
+    with pytest.raises(ValueError, match=r"student_steps=30 is not a multiple of .*=20"):
+        demo.DemoSettings(teacher_steps=40, student_steps=30, val_check_interval=20)
+
+
+def test_verdict_and_table_from_a_summary():
+    """The verdict fails when KD does not win; the table shows each run's numbers."""
+    run = {"parameters": 1000, "tokens": 2048, "tokens_per_s": 512.0, "wall_s": 4.0}
+    summary = {
+        "teacher_val_loss": 1.5,
+        "kd_student_val_loss": 2.25,
+        "lm_only_student_val_loss": 2.5,
+        "runs": {"teacher": run, "kd_student": run, "lm_only_student": run},
+    }
+    ok, message = demo.verdict(summary)
+    assert ok and "by 0.2500" in message
+    ok, message = demo.verdict({**summary, "kd_student_val_loss": 2.5})
+    assert not ok and "FAIL" in message
+    table = demo.format_table(summary).splitlines()
+    assert len(table) == 5
+    assert table[2].split()[:4] == ["teacher", "1,000", "1.5000", "2,048"]
+    assert table[3].split()[-2:] == ["512", "4.0"]
+    assert math.isclose(float(table[4].split()[-4]), 2.5)
