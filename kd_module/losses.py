@@ -22,6 +22,9 @@ With ``top_k``, both distributions are restricted to the teacher's global top-k 
 entries and renormalized over them before the divergence (``forward_kl`` then matches
 ModelOpt's ``TopKLogitsKLLoss``).
 
+:meth:`LogitsKDLoss.forward_from_hidden` also fuses the student's output projection into the
+chunked loss (``hidden_states @ weight.T`` per chunk), so full student logits never exist.
+
 Non-finite inputs: each token is computed on its own, so a NaN or ``+inf`` logit makes that
 token's loss and gradient row NaN and leaves every other token untouched. A ``-inf`` logit is a
 zero-probability entry: it contributes nothing where it sits in the distribution the expectation
