@@ -1,0 +1,171 @@
+"""Executors for recipes: where and how many ranks run a task, chosen at launch time.
+
+Recipes describe the run (:mod:`recipes`); these helpers describe the machines. Keeping the two
+apart lets one recipe run on a laptop, on an 8-GPU box and on a Slurm cluster unchanged::
+
+    recipe = tiny_cpu(num_gpus_per_node=2)
+    run.run(recipe, executor=local_executor(devices=recipe_devices(recipe)))
+
+The ranks are started by ``torchrun``; Lightning's ``TorchElasticEnvironment`` then reads the
+rank and world size it sets. nemo-run is imported here, so ``import kd_module`` (which does not
+import this module) stays free of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nemo_run as run
+
+LAUNCHER = "torchrun"
+"""Launcher of every executor made here: one process per device, with torch.distributed's env."""
+
+
+def _positive_int_problems(**values: Any) -> list[str]:
+    return [
+        f"{name}={value!r} must be a positive integer"
+        for name, value in values.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+
+
+def recipe_devices(recipe: run.Partial) -> int:
+    """Ranks per node of a recipe: its trainer's ``devices``.
+
+    Args:
+        recipe: a ``run.Partial`` whose ``trainer`` is a ``run.Config(lightning.Trainer, ...)``.
+
+    Returns:
+        ``recipe.trainer.devices``.
+
+    Raises:
+        ValueError: when the recipe has no trainer config or its ``devices`` is not a positive
+            integer (``"auto"`` cannot size an executor).
+    """
+    trainer = getattr(recipe, "trainer", None)
+    if not isinstance(trainer, run.Config):
+        raise ValueError(f"recipe_devices: recipe.trainer={trainer!r} is not a run.Config")
+    devices = getattr(trainer, "devices", None)
+    problems = _positive_int_problems(devices=devices)
+    if problems:
+        raise ValueError(f"recipe_devices: trainer.{problems[0]} to size an executor")
+    return devices
+
+
+def recipe_num_nodes(recipe: run.Partial) -> int:
+    """Machines of a recipe: its trainer's ``num_nodes`` (1 when unset)."""
+    trainer = getattr(recipe, "trainer", None)
+    if not isinstance(trainer, run.Config):
+        raise ValueError(f"recipe_num_nodes: recipe.trainer={trainer!r} is not a run.Config")
+    num_nodes = getattr(trainer, "num_nodes", 1)
+    problems = _positive_int_problems(num_nodes=num_nodes)
+    if problems:
+        raise ValueError(f"recipe_num_nodes: trainer.{problems[0]}")
+    return num_nodes
+
+
+def local_executor(
+    devices: int = 1,
+    env_vars: dict[str, str] | None = None,
+) -> run.LocalExecutor:
+    """Run a task on this machine with ``devices`` ranks started by ``torchrun``.
+
+    Args:
+        devices: ranks (GPUs, or CPU processes with ``accelerator="cpu"``); must equal the
+            trainer's ``devices`` (:func:`recipe_devices`).
+        env_vars: extra environment of every rank.
+
+    Returns:
+        ``run.LocalExecutor(ntasks_per_node=devices, launcher="torchrun")``.
+
+    Raises:
+        ValueError: when ``devices`` is not a positive integer.
+
+    Examples:
+        >>> executor = local_executor(devices=recipe_devices(recipe))
+        >>> run.run(recipe, executor=executor)
+    """
+    problems = _positive_int_problems(devices=devices)
+    if problems:
+        raise ValueError("local_executor: " + "; ".join(problems))
+    return run.LocalExecutor(
+        ntasks_per_node=devices, launcher=LAUNCHER, env_vars=dict(env_vars or {})
+    )
+
+
+def slurm_executor(
+    account: str,
+    partition: str,
+    nodes: int,
+    gpus_per_node: int,
+    container_image: str | None = None,
+    mounts: list[str] | None = None,
+    time: str = "04:00:00",
+    job_dir: str = "slurm_jobs",
+    env_vars: dict[str, str] | None = None,
+    job_name_prefix: str | None = None,
+    exclusive: bool = True,
+    packager: run.Packager | None = None,
+) -> run.SlurmExecutor:
+    """Run a task as one Slurm job: ``nodes`` x ``gpus_per_node`` ranks under ``torchrun``.
+
+    Submission goes through a local tunnel (run from a login node); use nemo-run's
+    ``run.SSHTunnel`` on the returned executor's ``tunnel`` to submit from elsewhere.
+
+    Args:
+        account: Slurm account (``--account``).
+        partition: Slurm partition (``--partition``).
+        nodes: machines; must equal the trainer's ``num_nodes``.
+        gpus_per_node: GPUs (ranks) per machine; must equal the trainer's ``devices``.
+        container_image: pyxis/enroot image holding this package and its dependencies;
+            ``None`` runs on the nodes' own environment.
+        mounts: container mounts, ``"/host/path:/container/path"``.
+        time: wall-clock limit, ``HH:MM:SS`` (``--time``).
+        job_dir: where nemo-run writes sbatch scripts and logs (on the cluster's file system).
+        env_vars: extra environment of every rank.
+        job_name_prefix: prefix of the Slurm job name.
+        exclusive: ask for whole nodes (``--exclusive``).
+        packager: how the code reaches the nodes; nemo-run's ``GitArchivePackager`` (the
+            committed tree) when ``None``.
+
+    Returns:
+        A ``run.SlurmExecutor``.
+
+    Raises:
+        ValueError: naming every bad argument.
+
+    Examples:
+        >>> recipe = llama31_8b_to_llama32_1b(num_nodes=2, num_gpus_per_node=8)
+        >>> executor = slurm_executor("my_account", "batch", nodes=2, gpus_per_node=8,
+        ...                           container_image="nvcr.io/nvidia/nemo:25.09",
+        ...                           mounts=["/lustre:/lustre"])
+        >>> run.run(recipe, executor=executor)
+    """
+    problems = _positive_int_problems(nodes=nodes, gpus_per_node=gpus_per_node)
+    for name, value in (("account", account), ("partition", partition), ("time", time)):
+        if not isinstance(value, str) or not value:
+            problems.append(f"{name}={value!r} must be a non-empty string")
+    for mount in mounts or []:
+        if not isinstance(mount, str) or mount.count(":") not in (1, 2):
+            problems.append(f"mount {mount!r} must look like '/host/path:/container/path'")
+    if problems:
+        raise ValueError("slurm_executor: " + "; ".join(problems))
+    kwargs: dict[str, Any] = {}
+    if packager is not None:
+        kwargs["packager"] = packager
+    return run.SlurmExecutor(
+        account=account,
+        partition=partition,
+        nodes=nodes,
+        ntasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node,
+        container_image=container_image,
+        container_mounts=list(mounts or []),
+        time=time,
+        exclusive=exclusive or None,
+        job_name_prefix=job_name_prefix,
+        env_vars=dict(env_vars or {}),
+        tunnel=run.LocalTunnel(job_dir=job_dir),
+        launcher=LAUNCHER,
+        **kwargs,
+    )

@@ -1,0 +1,106 @@
+"""The ``kd`` namespace of nemo-run's ``nemo`` command.
+
+``pyproject.toml`` names this module in the ``nemo_run.cli`` entry-point group, so ``nemo`` loads
+it and offers::
+
+    nemo kd distill --factory tiny_cpu -y trainer.max_steps=50
+    nemo kd distill --factory llama31_8b_to_llama32_1b --dryrun
+    nemo kd distill --factory tiny_cpu --to-yaml tiny_cpu.yaml
+    nemo kd prepare-data inputs='["data/train.jsonl"]' output_prefix=data/train
+
+``distill`` takes the recipes (factories) registered by the modules in :data:`RECIPE_MODULES`
+and dotted overrides of their fields. Importing this module imports torch, Lightning and
+nemo-run but neither megatron-core nor ModelOpt: ``--help``, ``--dryrun`` and ``--to-yaml``
+stay cheap, and the heavy imports happen when the task runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from typing import Any
+
+import nemo_run as run
+from nemo_run.cli.cli_parser import type_parser
+
+from kd_module.api import distill
+from kd_module.data.datamodule import GPTDataModule
+from kd_module.data.prepare import prepare_data_cli
+from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.distill_config import DistillConfig
+from kd_module.models import GPTModelConfig
+from kd_module.optim import OptimizerConfig
+from kd_module.strategy import MegatronStrategy
+
+NAMESPACE = "kd"
+"""The ``nemo`` sub-command this module provides."""
+RECIPE_MODULES = (
+    "recipes.tiny_cpu",
+    "recipes.llama31_8b_to_llama32_1b",
+    "recipes.qwen3_8b_to_qwen3_1p7b",
+)
+"""Modules whose ``@run.cli.factory(target=distill, name=NAME)`` recipes the CLI offers."""
+OVERRIDABLE = (
+    distill,
+    prepare_data_cli,
+    GPTModelConfig,
+    GPTDataModule,
+    TokenizerConfig,
+    OptimizerConfig,
+    MegatronStrategy,
+    DistillConfig,
+)
+"""Callables whose arguments the command line sets (``student.num_layers=4``, ...)."""
+
+
+@type_parser.register_parser(types.UnionType)
+def _parse_pep604_union(value: str, annotation: Any) -> Any:
+    """Parse ``X | None`` like ``Optional[X]``.
+
+    nemo-run 0.11.1 parses ``typing.Union`` but not PEP 604 unions (``types.UnionType``).
+    """
+    return type_parser.parse_union(value, annotation)
+
+
+def evaluate_annotations(obj: Any) -> None:
+    """Give ``obj`` a signature with evaluated annotations, for nemo-run's argument parser.
+
+    Modules with ``from __future__ import annotations`` (all of this package) keep annotations
+    as strings; nemo-run 0.11.1 does not evaluate them and refuses every override with
+    "Unsupported type: str | None". ``__signature__`` is what ``inspect.signature`` returns, so
+    setting it changes nothing else. An object whose annotations cannot be evaluated (a name
+    imported only under ``TYPE_CHECKING``) is left as it is.
+    """
+    try:
+        signature = inspect.signature(obj, eval_str=True)
+    except (NameError, TypeError, ValueError):
+        return
+    obj.__signature__ = signature
+
+
+def _factories(module: Any) -> list[Any]:
+    return [value for value in vars(module).values() if getattr(value, "__factory__", False)]
+
+
+for _name in RECIPE_MODULES:
+    _module = importlib.import_module(_name)
+    for _factory in _factories(_module):
+        evaluate_annotations(_factory)
+    for _value in vars(_module).values():
+        if inspect.isfunction(_value) and _value.__module__ == _name:
+            evaluate_annotations(_value)
+for _callable in OVERRIDABLE:
+    evaluate_annotations(_callable)
+
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="distill",
+    help="Distill a teacher into a student (pick a recipe with --factory NAME).",
+)(distill)
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="prepare-data",
+    help="Tokenize .jsonl/.txt files into a megatron .bin/.idx dataset.",
+    enable_executor=False,
+)(prepare_data_cli)

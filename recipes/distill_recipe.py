@@ -1,0 +1,313 @@
+"""The generic distillation recipe: a ``run.Partial(distill, ...)`` made of ``run.Config`` pieces.
+
+Pair recipes (``recipes/llama31_8b_to_llama32_1b.py``, ...) call :func:`distill_recipe` with
+their architectures. A recipe only describes the run: it opens no file, touches no device and
+builds nothing, so ``nemo kd distill --factory NAME --dryrun`` and ``--to-yaml`` work anywhere.
+Every object is built by nemo-run (``fdl.build``) when the task starts on its ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+import nemo_run as run
+
+from kd_module.api import distill
+from kd_module.data.datamodule import GPTDataModule
+from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.models import GPTModelConfig
+from kd_module.optim import OptimizerConfig
+from kd_module.strategy import PRECISIONS, MegatronStrategy
+
+ACCELERATORS = ("gpu", "cpu")
+"""Values of ``accelerator``."""
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _as_config(value: Any, cls: type, label: str, problems: list[str]) -> Any:
+    """``value`` as a ``run.Config`` of ``cls`` (a built dataclass is turned back into one)."""
+    if isinstance(value, run.Config):
+        if value.__fn_or_cls__ is not cls:
+            problems.append(
+                f"{label} is a run.Config of {value.__fn_or_cls__.__name__}; "
+                f"expected a run.Config of {cls.__name__}"
+            )
+        return value
+    if isinstance(value, cls):
+        fields = {name: getattr(value, name) for name in value.__dataclass_fields__}
+        return run.Config(cls, **fields)
+    problems.append(f"{label}={value!r} must be a {cls.__name__} or a run.Config of one")
+    return value
+
+
+def trainer_config(
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
+    accelerator: str = "gpu",
+    max_steps: int = 1000,
+    val_check_interval: int | None = 100,
+    limit_val_batches: int = 32,
+    log_every_n_steps: int = 10,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+    seed: int = 1234,
+    callbacks: list[run.Config] | None = None,
+    default_root_dir: str | None = None,
+) -> run.Config[lightning.Trainer]:
+    """A Lightning ``Trainer`` with :class:`~kd_module.strategy.MegatronStrategy`, as config.
+
+    ``logger=False`` because :func:`~kd_module.api.distill` attaches a CSV logger at
+    ``<log_dir>/<name>``; Lightning's checkpointing is off because the strategy's megatron
+    model is saved with :func:`kd_module.checkpoint.export_student`, not Lightning's
+    ``ModelCheckpoint``.
+
+    Args:
+        num_nodes: machines.
+        num_gpus_per_node: ranks per machine (the trainer's ``devices``).
+        accelerator: ``gpu`` or ``cpu``.
+        max_steps: optimizer steps.
+        val_check_interval: steps between validations; ``None`` validates once per "epoch".
+        limit_val_batches: validation batches per validation (0 turns validation off).
+        log_every_n_steps: steps between logged rows.
+        tensor_model_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
+        pipeline_model_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
+        context_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
+        sequence_parallel: see :class:`~kd_module.strategy.MegatronStrategy`.
+        precision: ``fp32`` or ``bf16`` (the strategy's; bf16 needs CUDA).
+        seed: the strategy's seed of torch and megatron's RNG states.
+        callbacks: ``run.Config`` of Lightning callbacks.
+        default_root_dir: Lightning's root directory.
+
+    Returns:
+        ``run.Config(lightning.Trainer, ...)``.
+    """
+    strategy = run.Config(
+        MegatronStrategy,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        precision=precision,
+        seed=seed,
+    )
+    return run.Config(
+        lightning.Trainer,
+        accelerator=accelerator,
+        devices=num_gpus_per_node,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        val_check_interval=val_check_interval,
+        limit_val_batches=limit_val_batches,
+        log_every_n_steps=log_every_n_steps,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=list(callbacks or []),
+        default_root_dir=default_root_dir,
+    )
+
+
+def distill_recipe(
+    teacher_path: str | None,
+    student_path: str | None = None,
+    distill_config: str | dict | None = None,
+    teacher_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
+    dir: str | None = None,
+    name: str = "default",
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
+    *,
+    student_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
+    teacher_model_config: str | None = None,
+    teacher_ckpt_format: str = "auto",
+    student_ckpt_format: str = "auto",
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    tokenizer: run.Config[TokenizerConfig] | TokenizerConfig | None = None,
+    seq_length: int | None = None,
+    micro_batch_size: int = 1,
+    global_batch_size: int = 8,
+    split: str = "969,30,1",
+    accelerator: str = "gpu",
+    max_steps: int = 1000,
+    val_check_interval: int | None = 100,
+    limit_val_batches: int = 32,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+    lr: float = 1e-4,
+    min_lr: float = 1e-5,
+    warmup_steps: int = 50,
+    callbacks: list[run.Config] | None = None,
+    loss_chunk_size: int = 1024,
+    seed: int = 1234,
+) -> run.Partial:
+    """Distill the teacher at ``teacher_path`` into ``student_config``: the whole run as config.
+
+    Args:
+        teacher_path: the teacher's checkpoint (Megatron-LM's ``--export-kd-teacher-load``);
+            ``None`` distills from a randomly initialized teacher (tests only).
+        student_path: initialize the student from this checkpoint; ``None`` starts from scratch.
+        distill_config: distillation YAML path or dict (``--export-kd-distill-cfg``); ``None``
+            distills the logits only.
+        teacher_config: the teacher's architecture; ``None`` reads ``teacher_model_config`` or
+            the checkpoint's ``model_config.yaml`` (``--export-kd-teacher-model-config``).
+        dir: root of run directories (``log_dir`` of :func:`~kd_module.api.distill`);
+            ``runs`` when ``None``.
+        name: run name; logs and ``summary.json`` go to ``<dir>/<name>``.
+        num_nodes: machines.
+        num_gpus_per_node: ranks per machine (the trainer's ``devices``; CPU processes with
+            ``accelerator="cpu"``).
+        student_config: the student's architecture (required).
+        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``
+            (``--export-kd-teacher-ckpt-format``).
+        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        data_paths: dataset prefixes, a weighted blend or a per-split dict (see
+            :class:`~kd_module.data.GPTDataModule`); ``None`` uses synthetic (mock) tokens.
+        tokenizer: the tokenizer the data was prepared with; the byte tokenizer when ``None``.
+        seq_length: tokens per sample; the student's ``seq_length`` when ``None``.
+        micro_batch_size: samples per micro-batch on one data-parallel rank.
+        global_batch_size: samples per optimizer step over all data-parallel ranks.
+        split: train/validation/test document weights of each prefix.
+        accelerator: ``gpu`` or ``cpu``.
+        max_steps: optimizer steps.
+        val_check_interval: steps between validations.
+        limit_val_batches: validation batches per validation.
+        tensor_model_parallel_size: ranks each layer is split across.
+        pipeline_model_parallel_size: ranks the layers are split across.
+        context_parallel_size: ranks the sequence is split across.
+        sequence_parallel: split activations along the sequence outside TP regions.
+        precision: ``fp32`` or ``bf16`` (bf16 needs ``accelerator="gpu"``).
+        lr: peak learning rate.
+        min_lr: final learning rate of the cosine decay.
+        warmup_steps: linear warmup steps.
+        callbacks: ``run.Config`` of Lightning callbacks.
+        loss_chunk_size: tokens per chunk of the logits KD loss.
+        seed: seed of the strategy (weights) and of the data shuffling.
+
+    Returns:
+        ``run.Partial(kd_module.api.distill, ...)``.
+
+    Raises:
+        ValueError: naming every bad argument, before anything is built.
+
+    Examples:
+        CLI (through a pair recipe built on this one)::
+
+            nemo kd distill --factory llama31_8b_to_llama32_1b trainer.max_steps=2000
+
+        Python::
+
+            recipe = distill_recipe("/ckpt/teacher", student_config=run.Config(GPTModelConfig))
+            run.run(recipe, executor=local_executor(devices=8))
+    """
+    problems: list[str] = []
+    if student_config is None:
+        problems.append("student_config is required (a GPTModelConfig or a run.Config of one)")
+    else:
+        student_config = _as_config(student_config, GPTModelConfig, "student_config", problems)
+    if teacher_config is not None:
+        teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
+    if tokenizer is not None:
+        tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
+    for label, value in (
+        ("num_nodes", num_nodes),
+        ("num_gpus_per_node", num_gpus_per_node),
+        ("micro_batch_size", micro_batch_size),
+        ("global_batch_size", global_batch_size),
+        ("max_steps", max_steps),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+        ("context_parallel_size", context_parallel_size),
+        ("loss_chunk_size", loss_chunk_size),
+    ):
+        if not _is_positive_int(value):
+            problems.append(f"{label}={value!r} must be a positive integer")
+    if seq_length is not None and not _is_positive_int(seq_length):
+        problems.append(f"seq_length={seq_length!r} must be a positive integer or None")
+    if accelerator not in ACCELERATORS:
+        problems.append(f"accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    if precision not in PRECISIONS:
+        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    elif precision == "bf16" and accelerator == "cpu":
+        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
+    if not isinstance(name, str) or not name or "/" in name:
+        problems.append(f"name={name!r} must be a non-empty string without '/'")
+    if not problems:
+        world_size = num_nodes * num_gpus_per_node
+        model_parallel = (
+            tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+        )
+        if world_size % model_parallel:
+            problems.append(
+                f"num_nodes x num_gpus_per_node = {world_size} is not divisible by "
+                f"tensor_model_parallel_size x pipeline_model_parallel_size x "
+                f"context_parallel_size = {model_parallel}"
+            )
+        elif global_batch_size % (micro_batch_size * (world_size // model_parallel)):
+            problems.append(
+                f"global_batch_size={global_batch_size} is not divisible by "
+                f"micro_batch_size={micro_batch_size} x data_parallel_size="
+                f"{world_size // model_parallel}"
+            )
+    if problems:
+        raise ValueError("distill recipe: " + "; ".join(problems))
+
+    log_dir = "runs" if dir is None else dir
+    data = run.Config(
+        GPTDataModule,
+        paths=data_paths,
+        mock=data_paths is None,
+        seq_length=seq_length if seq_length is not None else student_config.seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        tokenizer=tokenizer,
+        split=split,
+        seed=seed,
+    )
+    trainer = trainer_config(
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
+        accelerator=accelerator,
+        max_steps=max_steps,
+        val_check_interval=val_check_interval,
+        limit_val_batches=limit_val_batches,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        precision=precision,
+        seed=seed,
+        callbacks=callbacks,
+        default_root_dir=log_dir,
+    )
+    optimizer = run.Config(
+        OptimizerConfig, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_decay_style="cosine"
+    )
+    return run.Partial(
+        distill,
+        student=student_config,
+        data=data,
+        trainer=trainer,
+        teacher_checkpoint=teacher_path,
+        teacher=teacher_config,
+        teacher_model_config=teacher_model_config,
+        teacher_ckpt_format=teacher_ckpt_format,
+        student_checkpoint=student_path,
+        student_ckpt_format=student_ckpt_format,
+        distill_config=distill_config,
+        optimizer=optimizer,
+        log_dir=log_dir,
+        name=name,
+        loss_chunk_size=loss_chunk_size,
+    )

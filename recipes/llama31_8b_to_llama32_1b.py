@@ -1,0 +1,153 @@
+"""Llama 3.1 8B -> Llama 3.2 1B: logits distillation on 8 GPUs per node, bf16, sequence 8192.
+
+The architectures follow the published model cards and their ``config.json``:
+https://huggingface.co/meta-llama/Llama-3.1-8B and https://huggingface.co/meta-llama/Llama-3.2-1B.
+Both share the 128256-token tokenizer; give its local directory as ``tokenizer_path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nemo_run as run
+
+from kd_module.api import distill
+from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.models import GPTModelConfig
+from recipes.distill_recipe import distill_recipe
+
+NAME = "llama31_8b_to_llama32_1b"
+
+_LLAMA3_COMMON: dict[str, Any] = dict(
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-5,
+    activation="swiglu",
+    add_bias_linear=False,
+    position_embedding_type="rope",
+    rotary_base=500_000,
+    rope_scaling=True,
+    vocab_size=128_256,
+    max_position_embeddings=131_072,
+    init_method_std=0.02,
+)
+
+
+def llama31_8b(seq_length: int = 8192) -> run.Config[GPTModelConfig]:
+    """Llama 3.1 8B (config.json of meta-llama/Llama-3.1-8B).
+
+    32 layers, hidden 4096, FFN 14336, 32 heads in 8 KV groups (head dim 128), RMSNorm eps 1e-5,
+    SwiGLU, RoPE base 500000 with Llama 3.1 scaling (factor 8), vocabulary 128256, untied
+    input and output embeddings, 131072 positions.
+    """
+    return run.Config(
+        GPTModelConfig,
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14_336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=128,
+        seq_length=seq_length,
+        share_embeddings_and_output_weights=False,
+        rope_scaling_factor=8.0,
+        **_LLAMA3_COMMON,
+    )
+
+
+def llama32_1b(seq_length: int = 8192) -> run.Config[GPTModelConfig]:
+    """Llama 3.2 1B (config.json of meta-llama/Llama-3.2-1B).
+
+    16 layers, hidden 2048, FFN 8192, 32 heads in 8 KV groups (head dim 64), RMSNorm eps 1e-5,
+    SwiGLU, RoPE base 500000 with Llama 3 scaling, vocabulary 128256, tied embeddings. The
+    model card's ``rope_scaling.factor`` is 32 for the 3.2 models (8 for 3.1).
+    """
+    return run.Config(
+        GPTModelConfig,
+        num_layers=16,
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        num_attention_heads=32,
+        num_query_groups=8,
+        kv_channels=64,
+        seq_length=seq_length,
+        share_embeddings_and_output_weights=True,
+        rope_scaling_factor=32.0,
+        **_LLAMA3_COMMON,
+    )
+
+
+@run.cli.factory(target=distill, name=NAME)
+def llama31_8b_to_llama32_1b(
+    teacher_path: str = "checkpoints/llama31_8b",
+    tokenizer_path: str = "checkpoints/llama31_8b/tokenizer",
+    student_path: str | None = None,
+    distill_config: str | dict | None = None,
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    dir: str | None = None,
+    name: str = "default",
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
+    seq_length: int = 8192,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    global_batch_size: int = 128,
+    micro_batch_size: int = 1,
+    max_steps: int = 10_000,
+) -> run.Partial:
+    """Distill Llama 3.1 8B into Llama 3.2 1B.
+
+    Args:
+        teacher_path: the Llama 3.1 8B megatron checkpoint (torch_dist or torch).
+        tokenizer_path: local directory of the Llama 3 HuggingFace tokenizer.
+        student_path: start the student from this checkpoint (e.g. pruned Llama 3.2 1B).
+        distill_config: distillation YAML or dict; logits only when ``None``.
+        data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
+        dir: root of run directories.
+        name: run name.
+        num_nodes: machines.
+        num_gpus_per_node: GPUs per machine.
+        seq_length: tokens per sample (at most 131072).
+        tensor_model_parallel_size: ranks each layer is split across (divides 8 KV groups).
+        pipeline_model_parallel_size: ranks the layers are split across (divides 16).
+        global_batch_size: samples per optimizer step.
+        micro_batch_size: samples per micro-batch per data-parallel rank.
+        max_steps: optimizer steps.
+
+    Returns:
+        ``run.Partial(kd_module.api.distill, ...)``.
+
+    Examples:
+        CLI::
+
+            nemo kd distill --factory llama31_8b_to_llama32_1b \\
+                teacher_checkpoint=/ckpt/llama31_8b data.paths='[/data/web_text_document]' \\
+                data.tokenizer.path=/ckpt/llama31_8b/tokenizer --dryrun
+
+        Python::
+
+            recipe = llama31_8b_to_llama32_1b("/ckpt/llama31_8b", "/ckpt/llama31_8b/tokenizer")
+    """
+    return distill_recipe(
+        teacher_path,
+        student_path=student_path,
+        distill_config=distill_config,
+        teacher_config=llama31_8b(seq_length),
+        dir=dir,
+        name=name,
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
+        student_config=llama32_1b(seq_length),
+        data_paths=data_paths,
+        tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        accelerator="gpu",
+        precision="bf16",
+        max_steps=max_steps,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=100,
+    )

@@ -1,0 +1,149 @@
+"""Qwen3-8B -> Qwen3-1.7B: logits distillation on 8 GPUs per node, bf16, sequence 4096.
+
+The architectures follow the published model cards and their ``config.json``:
+https://huggingface.co/Qwen/Qwen3-8B and https://huggingface.co/Qwen/Qwen3-1.7B.
+Both share the 151936-token tokenizer; give its local directory as ``tokenizer_path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nemo_run as run
+
+from kd_module.api import distill
+from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.models import GPTModelConfig
+from recipes.distill_recipe import distill_recipe
+
+NAME = "qwen3_8b_to_qwen3_1p7b"
+
+_QWEN3_COMMON: dict[str, Any] = dict(
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    activation="swiglu",
+    add_bias_linear=False,
+    add_qkv_bias=False,
+    qk_layernorm=True,
+    position_embedding_type="rope",
+    rotary_base=1_000_000,
+    vocab_size=151_936,
+    max_position_embeddings=40_960,
+    kv_channels=128,
+    num_query_groups=8,
+    init_method_std=0.02,
+)
+
+
+def qwen3_8b(seq_length: int = 4096) -> run.Config[GPTModelConfig]:
+    """Qwen3-8B (config.json of Qwen/Qwen3-8B).
+
+    36 layers, hidden 4096, FFN 12288, 32 heads in 8 KV groups, head dim 128, QK layernorm,
+    RMSNorm eps 1e-6, SwiGLU, RoPE base 1e6, vocabulary 151936, untied embeddings,
+    40960 positions.
+    """
+    return run.Config(
+        GPTModelConfig,
+        num_layers=36,
+        hidden_size=4096,
+        ffn_hidden_size=12_288,
+        num_attention_heads=32,
+        seq_length=seq_length,
+        share_embeddings_and_output_weights=False,
+        **_QWEN3_COMMON,
+    )
+
+
+def qwen3_1p7b(seq_length: int = 4096) -> run.Config[GPTModelConfig]:
+    """Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B).
+
+    28 layers, hidden 2048, FFN 6144, 16 heads in 8 KV groups, head dim 128 (so the attention
+    width 16 x 128 = 2048 is set by ``kv_channels``), QK layernorm, RMSNorm eps 1e-6, SwiGLU,
+    RoPE base 1e6, vocabulary 151936, tied embeddings.
+    """
+    return run.Config(
+        GPTModelConfig,
+        num_layers=28,
+        hidden_size=2048,
+        ffn_hidden_size=6144,
+        num_attention_heads=16,
+        seq_length=seq_length,
+        share_embeddings_and_output_weights=True,
+        **_QWEN3_COMMON,
+    )
+
+
+@run.cli.factory(target=distill, name=NAME)
+def qwen3_8b_to_qwen3_1p7b(
+    teacher_path: str = "checkpoints/qwen3_8b",
+    tokenizer_path: str = "checkpoints/qwen3_8b/tokenizer",
+    student_path: str | None = None,
+    distill_config: str | dict | None = None,
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    dir: str | None = None,
+    name: str = "default",
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
+    seq_length: int = 4096,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    global_batch_size: int = 128,
+    micro_batch_size: int = 1,
+    max_steps: int = 10_000,
+) -> run.Partial:
+    """Distill Qwen3-8B into Qwen3-1.7B.
+
+    Args:
+        teacher_path: the Qwen3-8B megatron checkpoint (torch_dist or torch).
+        tokenizer_path: local directory of the Qwen3 HuggingFace tokenizer.
+        student_path: start the student from this checkpoint.
+        distill_config: distillation YAML or dict; logits only when ``None``.
+        data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
+        dir: root of run directories.
+        name: run name.
+        num_nodes: machines.
+        num_gpus_per_node: GPUs per machine.
+        seq_length: tokens per sample (at most 40960).
+        tensor_model_parallel_size: ranks each layer is split across (divides 8 KV groups).
+        pipeline_model_parallel_size: ranks the layers are split across (divides 28 and 36).
+        global_batch_size: samples per optimizer step.
+        micro_batch_size: samples per micro-batch per data-parallel rank.
+        max_steps: optimizer steps.
+
+    Returns:
+        ``run.Partial(kd_module.api.distill, ...)``.
+
+    Examples:
+        CLI::
+
+            nemo kd distill --factory qwen3_8b_to_qwen3_1p7b \\
+                teacher_checkpoint=/ckpt/qwen3_8b data.tokenizer.path=/ckpt/qwen3_8b/tokenizer
+
+        Python::
+
+            recipe = qwen3_8b_to_qwen3_1p7b("/ckpt/qwen3_8b", "/ckpt/qwen3_8b/tokenizer")
+    """
+    return distill_recipe(
+        teacher_path,
+        student_path=student_path,
+        distill_config=distill_config,
+        teacher_config=qwen3_8b(seq_length),
+        dir=dir,
+        name=name,
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
+        student_config=qwen3_1p7b(seq_length),
+        data_paths=data_paths,
+        tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        accelerator="gpu",
+        precision="bf16",
+        max_steps=max_steps,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=100,
+    )

@@ -1,0 +1,174 @@
+"""A tiny teacher -> student pair on the embedded corpus, on CPU: the recipe that runs anywhere.
+
+The data is the standard library's own source (:func:`kd_module.data.corpus.embedded_corpus`),
+tokenized with the byte tokenizer; the teacher is the one ``python -m kd_module.demo`` trains and
+caches. A recipe does no I/O, so both are referenced lazily: :func:`embedded_corpus_paths` and
+:func:`demo_teacher_checkpoint` are ``run.Config`` values that nemo-run calls when it builds the
+task on its rank, not when the recipe is made, dry-run or exported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import nemo_run as run
+
+from kd_module.api import distill
+from kd_module.data.corpus import CACHE_ENV
+from kd_module.distill_config import DistillConfig
+from kd_module.models import GPTModelConfig
+from recipes.distill_recipe import distill_recipe
+
+NAME = "tiny_cpu"
+
+SEQ_LENGTH = 128
+"""Tokens (bytes) per sample; the demo's."""
+DEFAULT_CACHE_ROOT = os.path.join("~", ".cache", "megatron-kd")
+"""Where the demo caches its teacher when ``$KD_CACHE_DIR`` is not set."""
+TEACHER_DIR_PATTERN = "teacher-*"
+"""Directories of cached demo teachers under the cache root (one per demo setting)."""
+
+
+def embedded_corpus_paths(cache_dir: str | None = None, max_bytes: int = 4_000_000) -> dict:
+    """Per-split dataset prefixes of the embedded corpus, tokenized on the first call.
+
+    Args:
+        cache_dir: the corpus cache (``$KD_CACHE_DIR`` or ``~/.cache/megatron-kd/corpus``).
+        max_bytes: bytes of standard-library source to take.
+
+    Returns:
+        ``{"train": prefix, "validation": prefix}`` for :class:`~kd_module.data.GPTDataModule`.
+    """
+    from kd_module.data.corpus import embedded_corpus
+
+    corpus = embedded_corpus(cache_dir=cache_dir, max_bytes=max_bytes)
+    return {"train": corpus["train_prefix"], "validation": corpus["validation_prefix"]}
+
+
+def demo_teacher_checkpoint(cache_root: str | None = None) -> str:
+    """The newest teacher checkpoint cached by ``python -m kd_module.demo``.
+
+    Args:
+        cache_root: ``$KD_CACHE_DIR`` or ``~/.cache/megatron-kd`` when ``None``.
+
+    Returns:
+        The checkpoint directory (``<cache_root>/teacher-<key>/checkpoint``).
+
+    Raises:
+        FileNotFoundError: when the demo has not cached a teacher there yet.
+    """
+    root = Path(cache_root or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
+    records = sorted(
+        root.glob(os.path.join(TEACHER_DIR_PATTERN, "teacher.json")),
+        key=lambda path: path.stat().st_mtime,
+    )
+    if not records:
+        raise FileNotFoundError(
+            f"tiny_cpu: no cached demo teacher under {root} ({TEACHER_DIR_PATTERN}/teacher.json); "
+            "run `python -m kd_module.demo` once, or give teacher_path=<checkpoint>"
+        )
+    return str(records[-1].parent / "checkpoint")
+
+
+def tiny_student(seq_length: int = SEQ_LENGTH) -> run.Config[GPTModelConfig]:
+    """The demo's student: 1 layer, width 64, 4 heads, byte vocabulary padded to 64."""
+    return run.Config(
+        GPTModelConfig,
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=seq_length,
+        make_vocab_size_divisible_by=64,
+    )
+
+
+@run.cli.factory(target=distill, name=NAME)
+def tiny_cpu(
+    teacher_path: str | None = None,
+    teacher_config: run.Config[GPTModelConfig] | None = None,
+    data_paths: Any = None,
+    mock_data: bool = False,
+    dir: str | None = None,
+    name: str = "tiny_cpu",
+    num_gpus_per_node: int = 1,
+    max_steps: int = 100,
+    val_check_interval: int | None = None,
+    limit_val_batches: int = 4,
+    micro_batch_size: int = 8,
+    global_batch_size: int = 16,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+) -> run.Partial:
+    """Distill the demo's tiny teacher into a 1-layer student on CPU.
+
+    Args:
+        teacher_path: the teacher checkpoint; the demo's cached teacher when ``None`` (found
+            when the task is built).
+        teacher_config: the teacher's architecture; read from the checkpoint's
+            ``model_config.yaml`` when ``None``.
+        data_paths: dataset prefixes; the embedded corpus when ``None`` (tokenized when the task
+            is built).
+        mock_data: synthetic tokens instead of any corpus.
+        dir: root of run directories.
+        name: run name.
+        num_gpus_per_node: CPU processes (ranks).
+        max_steps: optimizer steps.
+        val_check_interval: steps between validations; once, after the last step, when ``None``.
+        limit_val_batches: validation batches per validation.
+        micro_batch_size: samples per micro-batch per data-parallel rank.
+        global_batch_size: samples per optimizer step.
+        tensor_model_parallel_size: ranks each layer is split across.
+        pipeline_model_parallel_size: ranks the layers are split across.
+
+    Returns:
+        ``run.Partial(kd_module.api.distill, ...)``.
+
+    Raises:
+        ValueError: for ``mock_data=True`` with ``data_paths``, and any bad argument of
+            :func:`~recipes.distill_recipe.distill_recipe`.
+
+    Examples:
+        CLI::
+
+            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50
+
+        Python::
+
+            import nemo_run as run
+            run.run(tiny_cpu(max_steps=50), direct=True)
+    """
+    if mock_data and data_paths is not None:
+        raise ValueError(
+            f"tiny_cpu: data_paths={data_paths!r} is not used with mock_data=True; leave it None"
+        )
+    if data_paths is None and not mock_data:
+        data_paths = run.Config(embedded_corpus_paths)
+    return distill_recipe(
+        teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint),
+        distill_config=run.Config(
+            DistillConfig, skip_lm_loss=False, kd_loss_scale=1.0, logit_kl_temperature=1.0
+        ),
+        teacher_config=teacher_config,
+        dir=dir,
+        name=name,
+        num_nodes=1,
+        num_gpus_per_node=num_gpus_per_node,
+        student_config=tiny_student(),
+        data_paths=data_paths,
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        accelerator="cpu",
+        precision="fp32",
+        max_steps=max_steps,
+        val_check_interval=val_check_interval,
+        limit_val_batches=limit_val_batches,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=10,
+        loss_chunk_size=1024,
+    )
