@@ -18,7 +18,10 @@ The bridge has three parts, each applied only to the megatron modules listed nex
    - ``transformer/utils.get_default_causal_mask`` (``torch.ones(sq, sq, device="cuda")`` when
      no attention mask is given);
    - ``distributed/param_and_grad_buffer.py`` and ``distributed_data_parallel.py`` (grad buffers,
-     communication streams).
+     communication streams);
+   - ``dist_checkpointing/strategies/filesystem_async.py``, ``state_dict_saver.py`` and
+     ``async_utils.py`` (``torch.cuda.synchronize()`` and result tensors on the current device
+     while saving distributed checkpoints).
 
 2. Factory calls with a literal ``device="cuda"`` in those modules go to the CPU. This covers
    the token counters of all three schedules
@@ -78,6 +81,10 @@ _BRIDGED_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer_param_scheduler",
     "megatron.core.parallel_state",
+    # dist_checkpointing save: torch.cuda.synchronize() and result tensors on the current device.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 # Modules whose functions compare tensor type strings with CUDA names (part 3 above).

@@ -227,6 +227,44 @@ class MegatronStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         return optimizer.step(closure=closure)
 
+    # ------------------------------------------------------------------ checkpoints
+    # Run checkpoints are megatron distributed checkpoints of the student, its optimizer, the LR
+    # schedule and RNG (kd_module.run_checkpoint), written by every rank together. Lightning's own
+    # state (loops, callbacks, data position) travels inside them.
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the optimizer's sharded state needs the optimizer built
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # restored in load_checkpoint
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return {}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
+    ) -> None:
+        from kd_module.run_checkpoint import save_run_checkpoint
+
+        save_run_checkpoint(self.lightning_module, checkpoint, filepath)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        from kd_module.run_checkpoint import load_run_checkpoint
+
+        return load_run_checkpoint(self.lightning_module, checkpoint_path)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        pass  # loaded with the optimizer in load_checkpoint
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        from kd_module.run_checkpoint import remove_run_checkpoint
+
+        remove_run_checkpoint(filepath)
+
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         return tensor  # metrics are reduced by the module across megatron's groups
 

@@ -16,6 +16,7 @@ consecutive micro-batches make one optimizer step.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -377,7 +378,13 @@ class GPTDataModule(L.LightningDataModule):
         step = trainer.global_step if trainer is not None else 0
         return self.consumed_samples + step * self.global_batch_size
 
-    def _loader(self, dataset: Any, split: str, consumed_samples: int) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Any,
+        split: str,
+        consumed_samples: int,
+        position_fn: Callable[[], int] | None = None,
+    ) -> DataLoader:
         # megatron builds whole epochs; draw only the samples planned (max_steps x batch).
         planned = self._planned_samples[split]
         total = len(dataset) if planned is None else min(planned, len(dataset))
@@ -389,6 +396,7 @@ class GPTDataModule(L.LightningDataModule):
             global_batch_size=self.global_batch_size,
             data_parallel_rank=rank,
             data_parallel_size=size,
+            position_fn=position_fn,
         )
         return DataLoader(
             dataset,
@@ -401,7 +409,12 @@ class GPTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Micro-batches of this data-parallel rank, from :meth:`current_consumed_samples`."""
         self.setup("fit")
-        return self._loader(self.train_dataset, "train", self.current_consumed_samples())
+        return self._loader(
+            self.train_dataset,
+            "train",
+            self.current_consumed_samples(),
+            position_fn=self.current_consumed_samples,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation micro-batches of this data-parallel rank, from sample 0 every time."""

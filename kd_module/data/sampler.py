@@ -8,7 +8,7 @@ Samples are read in order: global batch ``g`` is samples ``[g * G, (g + 1) * G)`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch.utils.data import Sampler
 
@@ -28,6 +28,9 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
             ``micro_batch_size * data_parallel_size``.
         data_parallel_rank: This rank's index in the data-parallel group.
         data_parallel_size: Number of data-parallel ranks.
+        position_fn: Called at the start of every pass over the sampler to read the current
+            ``consumed_samples`` (the trainer's step), so a pass that Lightning starts as a new
+            epoch continues where training is instead of where the loader was created.
 
     Raises:
         ValueError: naming every inconsistent argument.
@@ -41,6 +44,7 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
         global_batch_size: int,
         data_parallel_rank: int = 0,
         data_parallel_size: int = 1,
+        position_fn: Callable[[], int] | None = None,
     ) -> None:
         problems = []
         for name, value, minimum in (
@@ -77,6 +81,7 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
         self.global_batch_size = global_batch_size
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
+        self.position_fn = position_fn
 
     @property
     def num_microbatches(self) -> int:
@@ -89,6 +94,8 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
         return global_batches * self.num_microbatches
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.position_fn is not None:
+            self.consumed_samples = min(self.position_fn(), self.total_samples)
         share = self.global_batch_size // self.data_parallel_size
         last_start = self.total_samples - self.global_batch_size
         for start in range(self.consumed_samples, last_start + 1, self.global_batch_size):

@@ -1,0 +1,209 @@
+"""Checkpoints of a training run: student-only megatron distributed checkpoints, exact resume.
+
+A run checkpoint is a directory written collectively with ``megatron.core.dist_checkpointing``:
+
+- ``model``: the student's sharded state (ModelOpt's megatron adjustments hide the teacher; the
+  trainable projection of intermediate losses, if any, is kept so a resume is exact);
+- ``optimizer``: megatron's optimizer state, sharded like the model;
+- ``rng``: every rank's torch and megatron RNG states;
+- common state (rank 0): Lightning's loop, callback and data-module state (step, consumed
+  samples), the learning-rate schedule, the layout and world size.
+
+It is written under a hidden temporary name and renamed when every rank has finished, so a crash
+during a save never leaves a partial checkpoint under a checkpoint's name: the previous one stays
+the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TMP_PREFIX = ".tmp-"
+_LIGHTNING_KEYS_OUTSIDE_COMMON = ("state_dict", "optimizer_states")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_object(data: Any) -> Any:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return ShardedObject("rng_state", data, (world,), (_rank(),), replica_id=0)
+
+
+def _sharded_state(module: Any, is_loading: bool) -> dict[str, Any]:
+    core = module.core_model
+    model_state = core.sharded_state_dict()
+    optimizer = module.optimizers(use_pl_optimizer=False).megatron_optimizer
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+    }
+
+
+def save_run_checkpoint(module: Any, checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a run checkpoint of ``module`` (a GPTModule/DistillationModule) collectively.
+
+    Args:
+        module: the LightningModule (its optimizer and LR scheduler are saved too).
+        checkpoint: Lightning's checkpoint dict (loops, callbacks, data module state...).
+        path: the checkpoint directory to create (replaced if it exists).
+
+    Returns:
+        The final directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    final = Path(path)
+    staging = final.parent / f"{_TMP_PREFIX}{final.name}"
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
+    state = _sharded_state(module, is_loading=False)
+    state["rng"] = _rng_object(_rng_state())
+    common = {k: v for k, v in checkpoint.items() if k not in _LIGHTNING_KEYS_OUTSIDE_COMMON}
+    common["lr_scheduler"] = module.lr_scheduler.state_dict()
+    common["world_size"] = (
+        torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    )
+    state["lightning"] = common
+    dist_checkpointing.save(state, str(staging))
+    _barrier()
+    if _rank() == 0:
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        elif final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    _barrier()
+    return final
+
+
+def load_run_checkpoint(module: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Load model, optimizer, LR schedule and RNG into ``module``; return Lightning's state.
+
+    The model and optimizer must already be built (megatron's optimizer state is sharded like the
+    model), which is why ``MegatronStrategy`` restores after setup.
+
+    Raises:
+        ValueError: when ``path`` is not a complete run checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(path).resolve()
+    if not is_complete(directory):
+        raise ValueError(
+            f"resume: {path} is not a complete run checkpoint (expected a directory written by "
+            "MegatronStrategy.save_checkpoint, with metadata.json and common.pt)"
+        )
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    lightning_state = dict(common["lightning"])
+    state = _sharded_state(module, is_loading=True)
+    same_world = lightning_state.get("world_size") == (
+        torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    )
+    if same_world:
+        state["rng"] = _rng_object(None)
+    loaded = dist_checkpointing.load(state, str(directory))
+    module.core_model.load_state_dict(loaded["model"])
+    module.optimizers(use_pl_optimizer=False).megatron_optimizer.load_state_dict(
+        loaded["optimizer"]
+    )
+    module.lr_scheduler.load_state_dict(lightning_state.pop("lr_scheduler"))
+    if same_world:
+        _set_rng_state(loaded["rng"].data if hasattr(loaded["rng"], "data") else loaded["rng"])
+    else:
+        logger.warning("resume: world size changed; RNG states restart from the seed")
+    lightning_state["state_dict"] = {}
+    lightning_state.setdefault("lr_schedulers", [])
+    return lightning_state
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished run checkpoint (never a temporary one)."""
+    directory = Path(path)
+    return (
+        directory.is_dir()
+        and not directory.name.startswith(_TMP_PREFIX)
+        and (directory / "metadata.json").exists()
+        and (directory / "common.pt").exists()
+    )
+
+
+_STEP = re.compile(r"step=(\d+)")
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete run checkpoint with the highest step under ``directory`` (or ``None``)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    best: tuple[int, float, Path] | None = None
+    for candidate in root.iterdir():
+        if candidate.is_symlink() or not is_complete(candidate):
+            continue
+        match = _STEP.search(candidate.name)
+        step = int(match.group(1)) if match else -1
+        key = (step, candidate.stat().st_mtime, candidate)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def remove_run_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a run checkpoint (rank 0; Lightning's ModelCheckpoint rotation)."""
+    target = Path(path)
+    if _rank() != 0:
+        return
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
