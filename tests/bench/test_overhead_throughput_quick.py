@@ -58,3 +58,42 @@ def test_kd_overhead_quick_reports_consistent_ratios() -> None:
     targets = summary["targets"]
     assert targets["overhead_ratio_met"] == (summary["overhead_ratio"] <= 1.05)
     assert targets["student_forward_slowdown_met"] == (summary["student_forward_slowdown"] <= 1.05)
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(420)
+def test_throughput_quick_reports_every_layout_against_dp1() -> None:
+    """`bench.throughput --quick` reports tokens/s for DP=1, DP=2, TP=2, PP=2 and ratios to DP=1."""
+    summary = _run_quick("throughput", timeout=400)
+    assert summary["versions"]["lightning"].startswith("2.")
+    assert "cores" in summary["note"]
+    settings = summary["settings"]
+    assert settings["quick"] is True
+    rows = {row["layout"]: row for row in summary["layouts"]}
+    assert set(rows) == {"dp1", "dp2", "tp2", "pp2"}
+    sizes = {
+        name: (
+            row["ranks"],
+            row["data_parallel_size"],
+            row["tensor_model_parallel_size"],
+            row["pipeline_model_parallel_size"],
+        )
+        for name, row in rows.items()
+    }
+    assert sizes == {
+        "dp1": (1, 1, 1, 1),
+        "dp2": (2, 2, 1, 1),
+        "tp2": (2, 1, 2, 1),
+        "pp2": (2, 1, 1, 2),
+    }
+    for row in rows.values():
+        assert _positive(row["tokens_per_s"]), row
+        assert row["ratio_to_dp1"] == pytest.approx(
+            row["tokens_per_s"] / rows["dp1"]["tokens_per_s"], rel=1e-3
+        )
+        # Warmup steps excluded: one step-time sample per measured step after the first.
+        assert len(row["step_s_samples"]) == settings["measured_steps"]
+    assert rows["dp1"]["ratio_to_dp1"] == 1.0
+    # Same global batch and weights: DP=2 and PP=2 train the same model as DP=1.
+    assert rows["dp2"]["final_kd_loss"] == pytest.approx(rows["dp1"]["final_kd_loss"], rel=1e-4)
+    assert rows["pp2"]["final_kd_loss"] == pytest.approx(rows["dp1"]["final_kd_loss"], rel=1e-4)
