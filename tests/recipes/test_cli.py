@@ -1,0 +1,138 @@
+"""The real ``nemo kd`` command in subprocesses: distill runs, dry-runs, exports; prepare-data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+NEMO = str(Path(sys.executable).with_name("nemo"))
+"""The ``nemo`` console script of this environment."""
+
+
+def _nemo(*args: str, cwd: Path, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, *python_flags, NEMO, *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def test_cli_distill_tiny_cpu_runs_for_real_with_overrides(tiny_teacher, tmp_path):
+    """`nemo kd distill --factory tiny_cpu -y trainer.max_steps=3 ...` trains 3 steps, writes a
+    summary whose numbers reflect the overrides."""
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu",
+        "-y",
+        "trainer.max_steps=3",
+        "trainer.enable_progress_bar=false",
+        f"teacher_checkpoint={tiny_teacher}",
+        "data.paths=None",
+        "data.mock=true",
+        "data.global_batch_size=8",
+        f"log_dir={tmp_path / 'runs'}",
+        "name=cli",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["tokens"] == 3 * 8 * 128
+    assert summary["configs"]["data"]["mock"] is True
+    assert summary["configs"]["teacher"]["num_layers"] == 2  # from the checkpoint's yaml
+    assert summary["configs"]["student"]["num_layers"] == 1
+    assert summary["val_loss"] > 0 and summary["teacher_val_loss"] > 0
+    rows = (tmp_path / "runs" / "cli" / "metrics.csv").read_text().splitlines()
+    assert "kd_loss" in rows[0]
+
+
+def test_cli_dryrun_prints_the_recipe_without_megatron_or_modelopt(tmp_path):
+    """--dryrun of the Llama pair resolves overrides and imports neither megatron nor ModelOpt."""
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "llama31_8b_to_llama32_1b",
+        "--dryrun",
+        "trainer.max_steps=77",
+        "student.num_layers=12",
+        cwd=tmp_path,
+        python_flags=("-X", "importtime"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Dry run for task kd_module.api:distill" in result.stdout
+    assert "max_steps=77" in result.stdout and "num_layers=12" in result.stdout
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert "kd_module.api" in imported  # importtime did report this process's imports
+    heavy = [name for name in imported if name.split(".")[0] in ("megatron", "modelopt")]
+    assert heavy == []
+
+
+def test_cli_to_yaml_writes_the_overridden_recipe(tmp_path):
+    """--to-yaml exports the recipe with the command line's overrides and runs nothing."""
+    out = tmp_path / "recipe.yaml"
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "qwen3_8b_to_qwen3_1p7b",
+        "--to-yaml",
+        str(out),
+        "trainer.max_steps=123",
+        "trainer.strategy.tensor_model_parallel_size=2",
+        "name=qwen_exp",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exported = yaml.safe_load(out.read_text())
+    assert exported["_target_"] == "kd_module.api.distill"
+    assert exported["trainer"]["max_steps"] == 123
+    assert exported["trainer"]["strategy"]["tensor_model_parallel_size"] == 2
+    assert exported["name"] == "qwen_exp"
+    assert exported["student"]["num_layers"] == 28 and exported["teacher"]["num_layers"] == 36
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path):
+    documents = ["hello world", "knowledge distillation", "ünïcödé"]
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    return path, documents
+
+
+def test_cli_prepare_data_writes_a_megatron_dataset(tiny_jsonl, tmp_path):
+    """`nemo kd prepare-data` tokenizes a jsonl into .bin/.idx holding every byte plus EODs."""
+    path, documents = tiny_jsonl
+    prefix = tmp_path / "out" / "tiny"
+    result = _nemo(
+        "kd",
+        "prepare-data",
+        f"inputs=['{path}']",
+        f"output_prefix={prefix}",
+        "workers=1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from kd_module.data.tokenizers import TokenizerConfig
+
+    tokenizer = TokenizerConfig().build()
+    dataset = IndexedDataset(str(prefix))
+    assert len(dataset) == len(documents)
+    for index, document in enumerate(documents):
+        tokens = dataset[index].tolist()
+        assert tokens == tokenizer.tokenize(document) + [tokenizer.eod]

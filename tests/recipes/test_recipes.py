@@ -1,0 +1,261 @@
+"""Recipes are configuration: inspected without building, defaults, overrides, bad arguments."""
+
+from __future__ import annotations
+
+import fiddle as fdl
+import lightning
+import nemo_run as run
+import pytest
+
+from kd_module.api import distill
+from kd_module.data.datamodule import GPTDataModule
+from kd_module.models import GPTModelConfig
+from kd_module.strategy import MegatronStrategy
+from recipes import llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b, tiny_cpu
+from recipes.distill_recipe import distill_recipe
+
+PAIR_MODULES = (llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b)
+ALL_MODULES = (tiny_cpu, *PAIR_MODULES)
+
+
+def _factory(module):
+    return getattr(module, module.NAME)
+
+
+def _student():
+    return run.Config(GPTModelConfig, num_layers=2, hidden_size=64, num_attention_heads=4)
+
+
+def _parameters(config: GPTModelConfig) -> dict[str, int]:
+    """Parameters of a pre-norm GPT with RMSNorm, SwiGLU, GQA and no biases (a reference count).
+
+    Returns ``{"total", "non_embedding"}`` as the model cards count them (the output layer
+    counts as embedding when untied).
+    """
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = config.kv_channels or hidden // heads
+    groups = config.num_query_groups or heads
+    attention = hidden * head_dim * (2 * heads + 2 * groups)  # q, o and k, v projections
+    qk_norm = 2 * head_dim if config.qk_layernorm else 0
+    mlp = 3 * hidden * config.ffn_hidden_size  # gate, up, down
+    layer = attention + qk_norm + mlp + 2 * hidden  # two norms
+    non_embedding = config.num_layers * layer + hidden  # final norm
+    embedding = config.vocab_size * hidden
+    if not config.share_embeddings_and_output_weights:
+        embedding *= 2
+    return {"total": non_embedding + embedding, "non_embedding": non_embedding}
+
+
+def test_every_recipe_is_a_partial_of_distill_made_of_configs():
+    """Each pair recipe returns run.Partial(distill) whose pieces are unbuilt run.Config."""
+    for module in ALL_MODULES:
+        recipe = _factory(module)()
+        assert isinstance(recipe, run.Partial), module.NAME
+        assert recipe.__fn_or_cls__ is distill
+        assert isinstance(recipe.student, run.Config)
+        assert recipe.student.__fn_or_cls__ is GPTModelConfig
+        assert recipe.trainer.__fn_or_cls__ is lightning.Trainer
+        assert recipe.trainer.strategy.__fn_or_cls__ is MegatronStrategy
+        assert recipe.data.__fn_or_cls__ is GPTDataModule
+        assert recipe.trainer.logger is False and recipe.trainer.num_sanity_val_steps == 0
+
+
+def test_recipes_are_registered_as_distill_factories_under_their_name():
+    """`--factory NAME` finds each module's recipe through nemo-run's registry."""
+    for module in ALL_MODULES:
+        factory = run.cli.resolve_factory(distill, module.NAME)
+        assert factory.wrapped is _factory(module).wrapped
+
+
+def test_generic_recipe_defaults():
+    """distill_recipe's defaults: 1 node x 8 GPUs, bf16, mock data, runs/<name>, 1000 steps."""
+    recipe = distill_recipe("/ckpt/teacher", student_config=_student())
+    trainer = recipe.trainer
+    assert (trainer.num_nodes, trainer.devices, trainer.accelerator) == (1, 8, "gpu")
+    assert (trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches) == (
+        1000,
+        100,
+        32,
+    )
+    assert trainer.enable_checkpointing is False and trainer.callbacks == []
+    assert trainer.strategy.precision == "bf16"
+    assert trainer.strategy.tensor_model_parallel_size == 1
+    assert recipe.data.mock is True and recipe.data.paths is None
+    assert recipe.data.seq_length == 128  # the student's seq_length (GPTModelConfig default)
+    assert (recipe.log_dir, recipe.name) == ("runs", "default")
+    assert recipe.teacher_checkpoint == "/ckpt/teacher" and recipe.teacher is None
+    assert recipe.optimizer.lr == 1e-4 and recipe.optimizer.warmup_steps == 50
+
+
+def test_generic_recipe_arguments_and_attribute_overrides():
+    """Arguments reach the right pieces; attribute overrides change the config in place."""
+    recipe = distill_recipe(
+        "/ckpt/teacher",
+        student_path="/ckpt/student",
+        distill_config="distill.yaml",
+        teacher_config=GPTModelConfig(num_layers=4),
+        dir="/results",
+        name="exp1",
+        num_nodes=2,
+        num_gpus_per_node=4,
+        student_config=_student(),
+        data_paths=["/data/a", "/data/b"],
+        tensor_model_parallel_size=2,
+        global_batch_size=16,
+        seq_length=64,
+    )
+    assert (recipe.trainer.num_nodes, recipe.trainer.devices) == (2, 4)
+    assert recipe.trainer.strategy.tensor_model_parallel_size == 2
+    assert recipe.teacher.__fn_or_cls__ is GPTModelConfig and recipe.teacher.num_layers == 4
+    assert recipe.student_checkpoint == "/ckpt/student"
+    assert recipe.distill_config == "distill.yaml"
+    assert (recipe.log_dir, recipe.name, recipe.trainer.default_root_dir) == (
+        "/results",
+        "exp1",
+        "/results",
+    )
+    assert recipe.data.paths == ["/data/a", "/data/b"] and recipe.data.mock is False
+    assert recipe.data.seq_length == 64 and recipe.data.global_batch_size == 16
+    recipe.trainer.max_steps = 7
+    recipe.student.num_layers = 3
+    built_student = fdl.build(recipe.student)
+    assert isinstance(built_student, GPTModelConfig) and built_student.num_layers == 3
+    assert recipe.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_nodes": 0}, r"num_nodes=0 must be a positive integer"),
+        ({"num_gpus_per_node": 2.5}, r"num_gpus_per_node=2.5 must be a positive integer"),
+        ({"student_config": None}, r"student_config is required"),
+        ({"accelerator": "tpu"}, r"accelerator='tpu' is not one of gpu, cpu"),
+        ({"precision": "fp8"}, r"precision='fp8' is not one of fp32, bf16"),
+        ({"accelerator": "cpu"}, r"precision='bf16' needs accelerator='gpu'"),
+        ({"name": "a/b"}, r"name='a/b' must be a non-empty string without '/'"),
+        (
+            {"num_gpus_per_node": 6, "tensor_model_parallel_size": 4},
+            r"num_nodes x num_gpus_per_node = 6 is not divisible by .* = 4",
+        ),
+        (
+            {"global_batch_size": 12},
+            r"global_batch_size=12 is not divisible by micro_batch_size=1 x data_parallel_size=8",
+        ),
+        (
+            {"student_config": run.Config(MegatronStrategy)},
+            r"student_config is a run.Config of MegatronStrategy; expected a run.Config of "
+            r"GPTModelConfig",
+        ),
+    ],
+)
+def test_generic_recipe_rejects_bad_arguments(kwargs, message):
+    """Bad arguments raise one ValueError at recipe time naming the key and what is allowed."""
+    arguments = {"student_config": _student(), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        distill_recipe("/ckpt/teacher", **arguments)
+
+
+def test_generic_recipe_names_every_problem_at_once():
+    """Several bad arguments are reported together in one message."""
+    with pytest.raises(ValueError, match=r"num_nodes=0 .*; max_steps=-1 .*; accelerator='x'"):
+        distill_recipe(None, student_config=_student(), num_nodes=0, max_steps=-1, accelerator="x")
+
+
+@pytest.mark.parametrize(
+    ("make", "total", "non_embedding"),
+    [
+        # meta-llama/Llama-3.1-8B: 8,030,261,248 parameters (8.03B on the model card).
+        (llama31_8b_to_llama32_1b.llama31_8b, 8_030_261_248, None),
+        # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters (1.24B on the model card).
+        (llama31_8b_to_llama32_1b.llama32_1b, 1_235_814_400, None),
+        # Qwen/Qwen3-8B model card: 8.2B parameters, 6.95B non-embedding.
+        (qwen3_8b_to_qwen3_1p7b.qwen3_8b, 8_190_735_360, 6_946_075_648),
+        # Qwen/Qwen3-1.7B model card: 1.7B parameters, 1.4B non-embedding.
+        (qwen3_8b_to_qwen3_1p7b.qwen3_1p7b, 1_720_574_976, 1_409_410_048),
+    ],
+)
+def test_pair_architectures_have_the_model_cards_parameter_counts(make, total, non_embedding):
+    """Each architecture's parameter count equals the published one, to the parameter."""
+    config = fdl.build(make())
+    counts = _parameters(config)
+    assert counts["total"] == total
+    if non_embedding is not None:
+        assert counts["non_embedding"] == non_embedding
+
+
+def test_pair_recipes_pin_the_published_architecture_details():
+    """RoPE base/scaling, norms, tying and vocabularies match the model cards' config.json."""
+    llama = llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b("/t", "/tok")
+    teacher, student = fdl.build(llama.teacher), fdl.build(llama.student)
+    for config in (teacher, student):
+        assert (config.normalization, config.layernorm_epsilon) == ("RMSNorm", 1e-5)
+        assert (config.activation, config.add_bias_linear) == ("swiglu", False)
+        assert (config.rotary_base, config.rope_scaling) == (500_000, True)
+        assert (config.vocab_size, config.max_position_embeddings) == (128_256, 131_072)
+    assert (teacher.rope_scaling_factor, student.rope_scaling_factor) == (8.0, 32.0)
+    assert teacher.share_embeddings_and_output_weights is False
+    assert student.share_embeddings_and_output_weights is True
+    assert llama.data.tokenizer.library == "huggingface" and llama.data.tokenizer.path == "/tok"
+    assert llama.data.seq_length == 8192 and llama.trainer.strategy.precision == "bf16"
+
+    qwen = qwen3_8b_to_qwen3_1p7b.qwen3_8b_to_qwen3_1p7b("/t", "/tok")
+    teacher, student = fdl.build(qwen.teacher), fdl.build(qwen.student)
+    for config in (teacher, student):
+        assert (config.normalization, config.layernorm_epsilon) == ("RMSNorm", 1e-6)
+        assert config.qk_layernorm is True and config.kv_channels == 128
+        assert (config.rotary_base, config.rope_scaling) == (1_000_000, False)
+        assert config.vocab_size == 151_936 and config.num_query_groups == 8
+    assert teacher.share_embeddings_and_output_weights is False
+    assert student.share_embeddings_and_output_weights is True
+
+
+def test_pair_recipe_layout_arguments_are_checked_against_the_world_size():
+    """A tensor-parallel size that does not divide the ranks fails at recipe time."""
+    with pytest.raises(ValueError, match=r"num_nodes x num_gpus_per_node = 8 is not divisible"):
+        llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b(tensor_model_parallel_size=3)
+
+
+def test_tiny_cpu_defaults_reference_corpus_and_teacher_lazily():
+    """tiny_cpu: CPU, 1 device, fp32; corpus and teacher are run.Config calls, not paths."""
+    recipe = tiny_cpu.tiny_cpu()
+    assert (recipe.trainer.accelerator, recipe.trainer.devices) == ("cpu", 1)
+    assert recipe.trainer.strategy.precision == "fp32"
+    assert recipe.trainer.max_steps == 100
+    assert recipe.data.paths.__fn_or_cls__ is tiny_cpu.embedded_corpus_paths
+    assert recipe.teacher_checkpoint.__fn_or_cls__ is tiny_cpu.demo_teacher_checkpoint
+    assert recipe.distill_config.skip_lm_loss is False
+    mock = tiny_cpu.tiny_cpu(teacher_path="/t", mock_data=True, num_gpus_per_node=2)
+    assert mock.data.mock is True and mock.data.paths is None
+    assert mock.teacher_checkpoint == "/t" and mock.trainer.devices == 2
+    with pytest.raises(ValueError, match=r"data_paths='/d' is not used with mock_data=True"):
+        tiny_cpu.tiny_cpu(data_paths="/d", mock_data=True)
+
+
+def test_demo_teacher_checkpoint_finds_the_newest_cached_teacher(tmp_path):
+    """The lazy teacher reference picks the newest teacher-*/teacher.json, or says what to run."""
+    import os
+
+    with pytest.raises(FileNotFoundError, match=r"run `python -m kd_module.demo` once"):
+        tiny_cpu.demo_teacher_checkpoint(str(tmp_path))
+    for index, key in enumerate(("teacher-aaa", "teacher-bbb")):
+        (tmp_path / key).mkdir()
+        record = tmp_path / key / "teacher.json"
+        record.write_text("{}")
+        os.utime(record, (1000 + index, 1000 + index))
+    assert tiny_cpu.demo_teacher_checkpoint(str(tmp_path)) == str(
+        tmp_path / "teacher-bbb" / "checkpoint"
+    )
+
+
+def test_every_recipe_dry_runs_and_serializes_without_building(capsys):
+    """run.dryrun_fn prints each recipe's arguments and its YAML names every target."""
+    from nemo_run.cli.config import ConfigSerializer
+
+    for module in ALL_MODULES:
+        recipe = _factory(module)()
+        run.dryrun_fn(recipe)
+        text = ConfigSerializer().serialize_yaml(recipe)
+        assert "_target_: kd_module.api.distill" in text
+        assert "_target_: kd_module.strategy.MegatronStrategy" in text
+    out = capsys.readouterr().out
+    assert out.count("Dry run for task kd_module.api:distill") == len(ALL_MODULES)
