@@ -141,6 +141,23 @@ def _attach_logger(trainer: Any, run_dir: Path) -> None:
         trainer.loggers = [CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
 
 
+def _drop_default_checkpointing(trainer: Any) -> None:
+    """Drop Lightning's default ModelCheckpoint (no dirpath); RunCheckpoint saves runs."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kd_module.run_checkpoint import RunCheckpoint
+
+    trainer.callbacks[:] = [
+        callback
+        for callback in trainer.callbacks
+        if not (
+            isinstance(callback, ModelCheckpoint)
+            and not isinstance(callback, RunCheckpoint)
+            and callback.dirpath is None
+        )
+    ]
+
+
 def distill(
     student: Any,
     data: Any,
@@ -156,6 +173,10 @@ def distill(
     log_dir: str = "runs",
     name: str = "default",
     loss_chunk_size: int = 1024,
+    checkpoint_every_n_steps: int | None = None,
+    keep_last: int = 2,
+    resume: bool = False,
+    export: bool = True,
 ) -> dict[str, Any]:
     """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
 
@@ -177,6 +198,13 @@ def distill(
         log_dir: root of run directories.
         name: run name; logs and ``summary.json`` go to ``<log_dir>/<name>``.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+        checkpoint_every_n_steps: save a run checkpoint (student, optimizer, schedule, data
+            position, RNG) to ``<log_dir>/<name>/checkpoints`` every N steps and at the end;
+            ``None`` saves none.
+        keep_last: how many run checkpoints to keep.
+        resume: continue from the latest complete run checkpoint of this run, if any.
+        export: write the final student to ``<log_dir>/<name>/student`` as a plain megatron GPT
+            checkpoint with its ``model_config.yaml`` (the next round's teacher).
 
     Returns:
         The summary written to ``<log_dir>/<name>/summary.json``.
@@ -216,9 +244,32 @@ def distill(
         loss_chunk_size=loss_chunk_size,
     )
     check_inputs(module, data, trainer, teacher_tokenizer)
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"distill: keep_last={keep_last!r} must be a positive integer")
     run_dir = Path(log_dir) / name
     _attach_logger(trainer, run_dir)
-    trainer.fit(module, datamodule=data)
+    checkpoint_dir = run_dir / "checkpoints"
+    _drop_default_checkpointing(trainer)
+    if checkpoint_every_n_steps is not None:
+        from kd_module.run_checkpoint import RunCheckpoint
+
+        trainer.callbacks.append(
+            RunCheckpoint(str(checkpoint_dir), checkpoint_every_n_steps, keep_last)
+        )
+    ckpt_path = None
+    if resume:
+        from kd_module.run_checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is None:
+            logger.info("distill: resume requested, no complete checkpoint in %s", checkpoint_dir)
+        else:
+            ckpt_path = str(latest)
+            logger.info("distill: resuming from %s", latest)
+    if export:
+        module.export_dir = str(run_dir / "student")
+        module.export_tokenizer = data.tokenizer.to_dict()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     summary = build_summary(module, data, trainer, time.perf_counter() - start)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

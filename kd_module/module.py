@@ -83,6 +83,8 @@ class GPTModule(L.LightningModule):
         self.step_times: list[float] = []
         self.last_train_metrics: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}
+        self.export_dir: str | None = None
+        self.export_tokenizer: dict[str, Any] | None = None
 
     def _student_init(self) -> Callable[[Any], None] | None:
         if self.student_checkpoint is not None:
@@ -244,6 +246,16 @@ class GPTModule(L.LightningModule):
             self.log(key, value, prog_bar=key in PROGRESS_BAR, batch_size=1)
         self.last_train_metrics = metrics
         return None
+
+    def on_train_end(self) -> None:
+        """Export the trained model as a plain megatron GPT checkpoint (all ranks together)."""
+        if self.export_dir is None:
+            return
+        from kd_module.checkpoint import export_student
+
+        export_student(
+            self.module, self.export_dir, self.student_config, tokenizer=self.export_tokenizer
+        )
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

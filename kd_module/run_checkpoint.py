@@ -12,6 +12,9 @@ A run checkpoint is a directory written collectively with ``megatron.core.dist_c
 It is written under a hidden temporary name and renamed when every rank has finished, so a crash
 during a save never leaves a partial checkpoint under a checkpoint's name: the previous one stays
 the latest complete checkpoint.
+
+:class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` set up for these checkpoints: every N
+steps and at the end of training, keeping the newest K, with ``last`` linking to the newest.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -207,3 +211,51 @@ def remove_run_checkpoint(path: str | os.PathLike) -> None:
         target.unlink()
     elif target.exists():
         shutil.rmtree(target)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Save every N steps and at the end, keep the last K.
+
+    Args:
+        dirpath: directory of the checkpoints (``<run_dir>/checkpoints`` from ``distill``).
+        every_n_train_steps: steps between saves.
+        keep_last: how many checkpoints to keep (the newest ones).
+
+    Raises:
+        ValueError: for a non-positive interval or count.
+
+    Examples:
+        >>> trainer = L.Trainer(..., callbacks=[RunCheckpoint("runs/a/checkpoints", 100, 3)])
+    """
+
+    FILE_EXTENSION = ""
+
+    def __init__(
+        self, dirpath: str | None = None, every_n_train_steps: int = 100, keep_last: int = 2
+    ):
+        problems = []
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("keep_last", keep_last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if problems:
+            raise ValueError("RunCheckpoint: " + "; ".join(problems))
+        super().__init__(
+            dirpath=dirpath,
+            filename="step={step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=keep_last,
+            monitor="step",
+            mode="max",
+            save_last="link",
+            save_on_train_epoch_end=False,
+        )
+        self.keep_last = keep_last
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Save the final state unless the last interval already did."""
+        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
