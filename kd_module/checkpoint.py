@@ -16,10 +16,6 @@ NeMo 2 directory (``weights/`` with the distributed checkpoint) is followed too.
 Saving is atomic: everything is written into a hidden sibling directory that is renamed to the
 final name only when every rank has finished, so an interrupted save never leaves a partial
 checkpoint under the final name and never damages the checkpoint already there.
-
-megatron's save path calls ``torch.cuda`` in three ``dist_checkpointing.strategies`` modules that
-:mod:`kd_module.runtime` does not bridge; :func:`_bridge_dist_checkpointing` gives them the
-runtime's CPU view of ``torch`` (inert with CUDA).
 """
 
 from __future__ import annotations
@@ -60,11 +56,6 @@ _NON_MODEL_PREFIXES = ("optimizer.",)
 _HIDDEN_PREFIXES = ("_teacher_model", "_loss_modules")
 _SHOWN_KEYS = 5
 
-_DIST_CHECKPOINTING_CUDA_MODULES = (
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.strategies.async_utils",
-)
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -167,22 +158,6 @@ def _few(names: Any) -> str:
 
 
 # ---------------------------------------------------------------- distributed helpers
-
-
-def _bridge_dist_checkpointing() -> None:
-    """Give megatron's checkpoint save modules the runtime's CPU ``torch`` (CPU-only runs)."""
-    import importlib
-
-    from kd_module import runtime
-
-    if not runtime.bridges_installed():
-        return
-    view = None
-    for name in _DIST_CHECKPOINTING_CUDA_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            view = view or runtime._CpuTorchView()
-            module.torch = view
 
 
 def _world() -> tuple[int, int]:
@@ -382,7 +357,6 @@ def _on_every_rank(step: Callable[[], None], final: Path, cleanup: Callable[[], 
 def _save_torch_dist(sharded: dict[str, Any], directory: Path, iteration: int | None) -> None:
     from megatron.core import dist_checkpointing
 
-    _bridge_dist_checkpointing()
     # Megatron-LM's nesting: the model under "model", the version and iteration in common.pt.
     state = {"model": sharded, "checkpoint_version": CHECKPOINT_VERSION}
     state["iteration"] = iteration if iteration is not None else 0
@@ -552,7 +526,6 @@ def _load_torch_dist(model: torch.nn.Module, directory: Path, strict: bool) -> N
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint import CheckpointException
 
-    _bridge_dist_checkpointing()
     sharded = model.sharded_state_dict()
     tensors = _sharded_tensors(sharded)
     problems: list[str] = []
