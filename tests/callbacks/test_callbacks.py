@@ -267,3 +267,18 @@ def test_least_squares_slope_matches_a_hand_computed_fit():
 
     assert least_squares_slope([0, 1, 2], [1, 2, 4]) == pytest.approx(1.5)
     assert least_squares_slope([5], [1]) == 0.0
+
+
+def test_importing_callbacks_is_cheap():
+    """`import callbacks` loads neither Lightning, megatron-core nor ModelOpt."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, callbacks; "
+        "print(sorted(m for m in ('lightning', 'megatron', 'modelopt') if m in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert completed.stdout.strip() == "[]"
