@@ -67,7 +67,7 @@ TINY_TEACHER = GPTModelConfig(
     seq_length=SEQ_LENGTH,
     make_vocab_size_divisible_by=64,
 )
-"""The demo's teacher: 4 layers, width 128 (about 0.8 M parameters)."""
+"""The demo's teacher: 4 layers, width 128 (0.85 M parameters)."""
 TINY_STUDENT = GPTModelConfig(
     num_layers=1,
     hidden_size=64,
@@ -75,7 +75,7 @@ TINY_STUDENT = GPTModelConfig(
     seq_length=SEQ_LENGTH,
     make_vocab_size_divisible_by=64,
 )
-"""The demo's student: 1 layer, width 64 (about 0.07 M parameters)."""
+"""The demo's student: 1 layer, width 64 (0.08 M parameters)."""
 TINY_DISTILL = DistillConfig(logit_kl_temperature=1.0, skip_lm_loss=False, kd_loss_scale=1.0)
 """Logit KD (forward KL) added to the student's LM loss."""
 TEACHER_OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.01}
@@ -93,9 +93,9 @@ _TEACHER_FORMAT_VERSION = 1
 class DemoSettings:
     """How long each part of the demo trains and how often it validates."""
 
-    teacher_steps: int = 600
+    teacher_steps: int = 300
     """Optimizer steps of the teacher (first run only; the teacher is cached)."""
-    student_steps: int = 200
+    student_steps: int = 150
     """Optimizer steps of each student (the same for the KD and the LM-only student)."""
     val_check_interval: int = 50
     """Validate every this many steps; must divide both step counts."""
@@ -183,8 +183,9 @@ def _trainable_parameters(module: Any) -> list[Any]:
     return [p for p in module.core_model.parameters() if p.requires_grad]
 
 
-def _recorder() -> Any:
-    """A callback keeping the validation curve and a fingerprint of the initial weights."""
+def _recorder(label: str) -> Any:
+    """A callback keeping (and printing) the validation curve, and a fingerprint of the initial
+    weights."""
     import lightning as L
 
     class Recorder(L.Callback):
@@ -200,6 +201,11 @@ def _recorder() -> Any:
             if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
                 loss = float(trainer.callback_metrics["val_loss"])
                 self.curve.append([trainer.global_step, loss])
+                print(
+                    f"  {label}: step {trainer.global_step}/{trainer.max_steps}, "
+                    f"held-out loss {loss:.4f}",
+                    flush=True,
+                )
 
     return Recorder()
 
@@ -231,7 +237,7 @@ def _fit(
 
     from kd_module.strategy import MegatronStrategy
 
-    recorder = _recorder()
+    recorder = _recorder(run_dir.name)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -249,9 +255,9 @@ def _fit(
         default_root_dir=str(run_dir),
     )
     data = _data_module(corpus, steps, settings.validation_batches)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=data)
-    wall_s = time.perf_counter() - start
+    wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     # The first step pays for lazy initialization; report the steady state.
     times = module.step_times[1:] if len(module.step_times) > 1 else module.step_times
     tokens_per_step = GLOBAL_BATCH_SIZE * SEQ_LENGTH
@@ -262,6 +268,7 @@ def _fit(
         "tokens": trainer.global_step * tokens_per_step,
         "tokens_per_s": tokens_per_step * len(times) / sum(times) if times else None,
         "wall_s": wall_s,
+        "cpu_s": cpu_s,
         "curve": recorder.curve,
         "initial_weights_sum": recorder.initial_weights_sum,
         "log_dir": str(run_dir),
@@ -462,8 +469,10 @@ def _quiet() -> None:
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; override after)
+
     warnings.simplefilter("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -493,12 +502,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from kd_module.data.corpus import embedded_corpus
 
+    corpus_start = time.perf_counter()
     corpus = embedded_corpus(
         max_bytes=settings.corpus_max_bytes, validation_every=CORPUS_VALIDATION_EVERY
     )
+    corpus_s = time.perf_counter() - corpus_start
     print(
         f"demo: corpus {corpus['files']} files, {corpus['train_tokens']:,} training and "
-        f"{corpus['validation_tokens']:,} held-out tokens ({corpus['directory']})",
+        f"{corpus['validation_tokens']:,} held-out tokens in {corpus['directory']} "
+        f"({'cached' if corpus['cached'] else f'tokenized in {corpus_s:.0f} s'})",
         flush=True,
     )
     teacher = obtain_teacher(settings, corpus, out)
@@ -518,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "lm_only_student_val_loss": lm_only["val_loss"],
         "tokens": kd["tokens"],
         "wall_s": None,
+        "corpus_wall_s": corpus_s,
         "kd_wins": kd["val_loss"] < lm_only["val_loss"],
         "margin": lm_only["val_loss"] - kd["val_loss"],
         "quick": args.quick,
