@@ -63,6 +63,35 @@ def _tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) 
     return []
 
 
+def _placement_problems(module: Any, layout: Any, earlier: list[str]) -> list[str]:
+    """Intermediate layers that do not exist or are not on the last pipeline stage."""
+    from kd_module.distill_config import check_pipeline_placement
+
+    pairs = module.distill_config.intermediate_layer_pairs
+    if earlier or not pairs:  # a layer count the layout cannot split is already reported
+        return []
+    out: list[str] = []
+    for who, config, names in (
+        ("student", module.student_config, [pair[0] for pair in pairs]),
+        ("teacher", module.teacher_config, [pair[1] for pair in pairs]),
+    ):
+        out += check_pipeline_placement(
+            names, config.num_layers, layout.pipeline_model_parallel_size, who
+        )
+    return [f"distill config: {problem}" for problem in out]
+
+
+def _vocabulary_problems(module: Any) -> list[str]:
+    """Teacher and student vocabularies, when both configs fix one, must be the same."""
+    student, teacher = module.student_config.vocab_size, module.teacher_config.vocab_size
+    if student and teacher and student != teacher:
+        return [
+            f"vocabulary: teacher vocab_size={teacher} differs from student vocab_size={student}; "
+            "teacher and student must share one (padded) vocabulary"
+        ]
+    return []
+
+
 def check_inputs(
     module: Any,
     data: Any,
@@ -116,17 +145,29 @@ def check_inputs(
             check_prefixes_exist(data.prefixes())
         except ValueError as error:
             problems.append(str(error))
-    for label, path in (
-        ("teacher_checkpoint", module.teacher_checkpoint),
-        ("student_checkpoint", module.student_checkpoint),
+    problems += _placement_problems(module, layout, problems)
+    problems += _vocabulary_problems(module)
+    for label, path, requested in (
+        ("teacher_checkpoint", module.teacher_checkpoint, module.teacher_ckpt_format),
+        ("student_checkpoint", module.student_checkpoint, module.student_ckpt_format),
     ):
         if path is not None:
             from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
 
             try:
-                detect_checkpoint_format(resolve_checkpoint_dir(path))
+                found = detect_checkpoint_format(resolve_checkpoint_dir(path))
             except (ValueError, FileNotFoundError) as error:
                 problems.append(f"{label}: {error}")
+                continue
+            if requested not in ("auto", "torch_dist", "torch"):
+                problems.append(
+                    f"{label}: ckpt_format={requested!r} is not one of auto, torch_dist, torch"
+                )
+            elif requested not in ("auto", found):
+                problems.append(
+                    f"{label}: ckpt_format={requested!r} was requested but {path} holds a "
+                    f"{found} checkpoint; use 'auto' or {found!r}"
+                )
     problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
     if trainer.max_steps is None or trainer.max_steps <= 0:
         problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive integer")
@@ -177,6 +218,8 @@ def distill(
     keep_last: int = 2,
     resume: bool = False,
     export: bool = True,
+    on_nonfinite: str = "stop",
+    check_teacher_integrity: bool = True,
 ) -> dict[str, Any]:
     """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
 
@@ -205,6 +248,11 @@ def distill(
         resume: continue from the latest complete run checkpoint of this run, if any.
         export: write the final student to ``<log_dir>/<name>/student`` as a plain megatron GPT
             checkpoint with its ``model_config.yaml`` (the next round's teacher).
+        on_nonfinite: a step whose loss terms (``kd_loss``, ``logits_loss``,
+            ``intermediate_loss``, ``lm_loss``) are NaN/Inf ``"stop"``s the run or is
+            ``"skip"``ped (no update; listed as ``skipped_steps`` in the summary).
+        check_teacher_integrity: hash the teacher's weights when built (``teacher_sha256`` in
+            the summary) and fail at the end of training if they changed.
 
     Returns:
         The summary written to ``<log_dir>/<name>/summary.json``.
@@ -242,6 +290,8 @@ def distill(
         distill_config=distill_config,
         optimizer=optimizer,
         loss_chunk_size=loss_chunk_size,
+        on_nonfinite=on_nonfinite,
+        check_teacher_integrity=check_teacher_integrity,
     )
     check_inputs(module, data, trainer, teacher_tokenizer)
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
@@ -294,6 +344,8 @@ def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[s
         "val_loss": val.get("val_loss"),
         "val_kd_loss": val.get("val_kd_loss"),
         "teacher_val_loss": module.teacher_val_loss,
+        "teacher_sha256": getattr(module, "teacher_sha256", None),
+        "skipped_steps": list(getattr(module, "skipped_steps", [])),
         "steps": trainer.global_step,
         "tokens": trainer.global_step * tokens_per_step,
         "tokens_per_s": tokens_per_step * len(steady) / sum(steady) if steady else None,

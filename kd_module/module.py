@@ -53,6 +53,9 @@ class GPTModule(L.LightningModule):
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         optimizer: :class:`OptimizerConfig`.
         student_init_fn: ``fn(model_stage)`` initializing weights (tests, notebooks).
+        on_nonfinite: when a loss term is NaN or Inf, ``"stop"`` ends the run with
+            :class:`~kd_module.reliability.NonFiniteLossError` and ``"skip"`` skips that step's
+            update (parameters and learning-rate schedule unchanged; the step still counts).
 
     Logged: ``lm_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``consumed_samples`` per step;
     ``val_loss`` per validation.
@@ -68,8 +71,16 @@ class GPTModule(L.LightningModule):
         student_ckpt_format: str = "auto",
         optimizer: OptimizerConfig | None = None,
         student_init_fn: Callable[[Any], None] | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        from kd_module.reliability import check_on_nonfinite
+
+        problems = check_on_nonfinite(on_nonfinite)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps: list[int] = []
         self.automatic_optimization = False
         self.student_config = student
         self.student_checkpoint = student_checkpoint
@@ -225,9 +236,15 @@ class GPTModule(L.LightningModule):
             data.micro_batch_size,
             loss=self.loss_kind,
         )
-        optimizer.step()
-        self.lr_scheduler.step(increment=1)
         values = self._reduce_report(report, self.report_keys)
+        if self._update_is_safe(values, optimizer.optimizer):
+            optimizer.step()
+            self.lr_scheduler.step(increment=1)
+        else:
+            from kd_module.reliability import skip_optimizer_update
+
+            with skip_optimizer_update(optimizer.optimizer):
+                optimizer.step()
         elapsed = time.perf_counter() - start
         self.step_times.append(elapsed)
         adapter = optimizer.optimizer
@@ -246,6 +263,32 @@ class GPTModule(L.LightningModule):
             self.log(key, value, prog_bar=key in PROGRESS_BAR, batch_size=1)
         self.last_train_metrics = metrics
         return None
+
+    def _update_is_safe(self, values: torch.Tensor, adapter: Any) -> bool:
+        """False when a loss term is NaN/Inf and ``on_nonfinite="skip"``; raises for ``"stop"``.
+
+        ``values`` is the reduced report, identical on every rank: all ranks decide alike.
+        """
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from kd_module.reliability import NonFiniteLossError, nonfinite_message, nonfinite_terms
+
+        terms = {key: float(values[i, 0]) for i, key in enumerate(self.report_keys)}
+        if not nonfinite_terms(terms):
+            return True
+        step = self.global_step + 1
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                nonfinite_message(step, terms, "stopping the run (on_nonfinite='stop')")
+            )
+        self.module.zero_grad_buffer()
+        adapter.zero_grad()
+        self.skipped_steps.append(step)
+        rank_zero_warn(
+            nonfinite_message(step, terms, "update skipped (on_nonfinite='skip')"),
+            category=RuntimeWarning,
+        )
+        return False
 
     def on_train_end(self) -> None:
         """Export the trained model as a plain megatron GPT checkpoint (all ranks together)."""
@@ -317,6 +360,11 @@ class DistillationModule(GPTModule):
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
         student_init_fn: ``fn(student_stage)`` initializing student weights (tests, notebooks).
         teacher_init_fn: ``fn(teacher_stage)`` initializing teacher weights (tests, notebooks).
+        on_nonfinite: ``"stop"`` or ``"skip"`` a step whose loss terms are NaN/Inf
+            (see :class:`GPTModule`).
+        check_teacher_integrity: hash the teacher's weights when built (``teacher_sha256``) and
+            raise :class:`~kd_module.reliability.TeacherIntegrityError` at the end of training
+            if they changed.
 
     Examples:
         >>> module = DistillationModule(student=GPTModelConfig(num_layers=2),
@@ -343,6 +391,8 @@ class DistillationModule(GPTModule):
         loss_chunk_size: int = 1024,
         student_init_fn: Callable[[Any], None] | None = None,
         teacher_init_fn: Callable[[Any], None] | None = None,
+        on_nonfinite: str = "stop",
+        check_teacher_integrity: bool = True,
     ) -> None:
         super().__init__(
             student,
@@ -350,7 +400,11 @@ class DistillationModule(GPTModule):
             student_ckpt_format=student_ckpt_format,
             optimizer=optimizer,
             student_init_fn=student_init_fn,
+            on_nonfinite=on_nonfinite,
         )
+        self.check_teacher_integrity = check_teacher_integrity
+        self.teacher_sha256: str | None = None
+        self._teacher_digests: dict[str, str] = {}
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_ckpt_format = teacher_ckpt_format
         self.distill_config = load_distill_config(distill_config)
@@ -396,6 +450,25 @@ class DistillationModule(GPTModule):
             loss_chunk_size=self.loss_chunk_size,
         )
         self.module = parts.model
+
+    def wrap_for_training(self, strategy: Any) -> None:
+        """Wrap (which may cast the teacher to bf16), then hash the teacher as it will run."""
+        super().wrap_for_training(strategy)
+        if self.check_teacher_integrity:
+            from kd_module.reliability import combined_sha256, teacher_digests
+
+            self._teacher_digests = teacher_digests(self.distillation_model.teacher_model)
+            self.teacher_sha256 = combined_sha256(self._teacher_digests)
+
+    def on_train_end(self) -> None:
+        """Check the teacher's weights are the ones loaded, then export the student."""
+        if self.teacher_sha256 is not None:
+            from kd_module.reliability import check_teacher_integrity
+
+            check_teacher_integrity(
+                self.distillation_model.teacher_model, self._teacher_digests, self.teacher_sha256
+            )
+        super().on_train_end()
 
     @property
     def distillation_model(self) -> Any:

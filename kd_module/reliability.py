@@ -1,0 +1,220 @@
+"""Reliability guards: non-finite losses, teacher integrity, one-line errors on the command line.
+
+* :func:`nonfinite_terms` / :func:`skip_optimizer_update` / :class:`NonFiniteLossError`: what
+  ``GPTModule.training_step`` does when a loss term is NaN or Inf (``on_nonfinite="skip"``
+  skips the update, ``"stop"`` ends the run). The terms it checks are reduced over the global
+  batch and identical on every rank, so every rank takes the same decision without a collective.
+* :func:`teacher_digests` / :func:`combined_sha256` / :class:`TeacherIntegrityError`: a SHA-256
+  of the frozen teacher's weights, taken when the model is built and compared at the end of
+  training.
+* :func:`friendly_errors`: turns a configuration error into one line on stderr and exit code 2;
+  ``KD_DEBUG=1`` (or ``--debug`` / ``-v`` / ``--verbose`` on the command line) keeps the
+  traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+ON_NONFINITE = ("skip", "stop")
+"""What a training step does when a loss term is NaN or Inf."""
+DEBUG_ENV = "KD_DEBUG"
+"""Environment variable that keeps full tracebacks (``KD_DEBUG=1``)."""
+DEBUG_FLAGS = ("--debug", "-v", "--verbose")
+"""Command-line flags that keep full tracebacks."""
+EXIT_CODE = 2
+"""Exit status of a run refused for a configuration problem."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term was NaN or Inf and ``on_nonfinite="stop"``."""
+
+
+class TeacherIntegrityError(RuntimeError):
+    """The frozen teacher's weights changed during training."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    NonFiniteLossError,
+    TeacherIntegrityError,
+)
+"""Errors that describe a problem with the run's inputs or its outcome, not a bug."""
+
+
+# ---------------------------------------------------------------------- non-finite losses
+def check_on_nonfinite(value: Any) -> list[str]:
+    """Problems with an ``on_nonfinite`` argument (empty when it is valid)."""
+    if value not in ON_NONFINITE:
+        return [f"on_nonfinite={value!r} is not one of {', '.join(map(repr, ON_NONFINITE))}"]
+    return []
+
+
+def nonfinite_terms(values: dict[str, float]) -> list[str]:
+    """Names of the loss terms whose value is NaN or +-Inf, in the order given."""
+    return [key for key, value in values.items() if not math.isfinite(float(value))]
+
+
+def nonfinite_message(step: int, values: dict[str, float], action: str) -> str:
+    """One line naming the step, the non-finite terms and what was done about it."""
+    bad = nonfinite_terms(values)
+    named = ", ".join(f"{key}={float(values[key])}" for key in bad)
+    return f"non-finite loss at step {step}: {named}; {action}"
+
+
+@contextlib.contextmanager
+def skip_optimizer_update(optimizer: Any) -> Iterator[None]:
+    """Within the block, ``optimizer.step()`` counts the step but leaves every parameter alone.
+
+    ``optimizer`` is the :class:`~kd_module.optim.MegatronOptimizerAdapter` Lightning wraps: its
+    ``step`` is shadowed on the instance so that Lightning's step counter (and with it the data
+    sampler and ``global_step``) still advances, as a step skipped by megatron's loss scaler
+    does. ``last_step`` records ``update_successful=False``.
+    """
+
+    def skipped_step(closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        optimizer.last_step = {
+            "update_successful": False,
+            "grad_norm": None,
+            "num_zeros_in_grad": None,
+        }
+        return loss
+
+    optimizer.step = skipped_step
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+# ---------------------------------------------------------------------- teacher integrity
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    if data.numel():
+        digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_digests(model: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 of every parameter and floating-point buffer of this rank's model stage, by name."""
+    digests = {name: tensor_sha256(param) for name, param in model.named_parameters()}
+    for name, buffer in model.named_buffers():
+        if buffer is not None and buffer.is_floating_point():
+            digests[name] = tensor_sha256(buffer)
+    return dict(sorted(digests.items()))
+
+
+def _gather(value: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def combined_sha256(digests: dict[str, str]) -> str:
+    """One SHA-256 over every rank's digests, in rank order; identical on every rank.
+
+    A collective when ``torch.distributed`` is initialized: every rank must call it.
+    """
+    local = hashlib.sha256("".join(f"{k}={v}\n" for k, v in digests.items()).encode()).hexdigest()
+    return hashlib.sha256("".join(_gather(local)).encode()).hexdigest()
+
+
+def changed_tensors(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Names whose digest differs (or that appeared or vanished), gathered from every rank.
+
+    A collective when ``torch.distributed`` is initialized: every rank must call it.
+    """
+    local = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    rank_lists = _gather(local)
+    return sorted({name for names in rank_lists for name in names})
+
+
+def check_teacher_integrity(
+    model: torch.nn.Module, recorded: dict[str, str], recorded_sha256: str
+) -> str:
+    """Recompute the teacher's hash; raise :class:`TeacherIntegrityError` if it changed.
+
+    A collective when ``torch.distributed`` is initialized: every rank must call it.
+
+    Returns:
+        The (unchanged) combined SHA-256.
+
+    Raises:
+        TeacherIntegrityError: naming the hashes and the changed tensors, on every rank.
+    """
+    now = teacher_digests(model)
+    sha256 = combined_sha256(now)
+    changed = changed_tensors(recorded, now)
+    if sha256 != recorded_sha256 or changed:
+        shown = ", ".join(changed[:5])
+        if len(changed) > 5:
+            shown += f" and {len(changed) - 5} more"
+        raise TeacherIntegrityError(
+            f"teacher integrity: the frozen teacher's weights changed during training "
+            f"(teacher_sha256 {recorded_sha256[:12]}... at build, {sha256[:12]}... at the end); "
+            f"changed: {shown or 'none on this rank'}"
+        )
+    return sha256
+
+
+# ---------------------------------------------------------------------- command line
+def debug_requested(argv: Sequence[str] | None = None) -> bool:
+    """Whether ``KD_DEBUG`` is set to a true value or the command line asks for tracebacks."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    argv = sys.argv[1:] if argv is None else argv
+    return any(arg in DEBUG_FLAGS for arg in argv)
+
+
+class friendly_errors(contextlib.ContextDecorator):  # noqa: N801  (used like a function)
+    """Context manager / decorator: a user error becomes one line on stderr and exit code 2.
+
+    Errors in :data:`USER_ERRORS` are printed as ``error: <message>`` (one line) and the
+    process exits with :data:`EXIT_CODE`. With ``debug`` (default: :func:`debug_requested`)
+    the traceback is printed too and the error propagates unchanged. Other exceptions (bugs)
+    always propagate with their traceback.
+
+    Args:
+        debug: keep tracebacks; ``None`` reads ``KD_DEBUG`` and the command line.
+        stream: where the line goes (default ``sys.stderr``).
+
+    Examples:
+        >>> @friendly_errors()
+        ... def main(): ...
+    """
+
+    def __init__(self, debug: bool | None = None, stream: Any = None) -> None:
+        self.debug = debug
+        self.stream = stream
+
+    def __enter__(self) -> friendly_errors:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        if error is None or not isinstance(error, USER_ERRORS):
+            return False
+        stream = self.stream or sys.stderr
+        debug = debug_requested() if self.debug is None else self.debug
+        if debug:
+            traceback.print_exception(kind, error, tb, file=stream)
+            return False
+        line = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {line}", file=stream, flush=True)
+        raise SystemExit(EXIT_CODE) from None
