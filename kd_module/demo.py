@@ -147,7 +147,7 @@ def cache_root() -> Path:
 
 
 def teacher_cache_key(settings: DemoSettings, corpus: dict[str, Any]) -> str:
-    """A digest of everything the cached teacher's weights depend on."""
+    """A digest of everything the cached teacher's weights and recorded curve depend on."""
     key = {
         "version": _TEACHER_FORMAT_VERSION,
         "teacher": dataclasses.asdict(settings.teacher),
