@@ -130,8 +130,13 @@ def _lm_loss_on_a_copy(self: Any, labels: torch.Tensor, logits: torch.Tensor) ->
     megatron's ``vocab_parallel_cross_entropy`` works in place on ``logits.float()``: for fp32
     logits that is the output layer's own tensor, which the KD hook captured, so the KD loss
     would read softmax probabilities instead of logits. A copy is made only for fp32 logits;
-    for bf16/fp16 ``.float()`` already copies.
+    for bf16/fp16 ``.float()`` already copies. With ``skip_lm_loss`` the LM loss is only logged,
+    so it is computed without an autograd graph.
     """
+    if self.training and not getattr(self, "_lm_loss_in_objective", True):
+        # Only logged: no autograd graph, no gradient work.
+        with torch.no_grad():
+            return type(self).compute_language_model_loss(self, labels, logits.detach().clone())
     if logits.dtype == torch.float32:
         logits = logits.clone()
     return type(self).compute_language_model_loss(self, labels, logits)
@@ -291,6 +296,7 @@ def build_distillation_model(
     # enters the objective is decided by KDLossBalancer.
     mtd_megatron.adjust_distillation_model_for_mcore(model, SimpleNamespace(skip_lm_loss=False))
     model.compute_language_model_loss = MethodType(_lm_loss_on_a_copy, model)
+    model._lm_loss_in_objective = not distill.skip_lm_loss
     freeze(model.teacher_model)
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 

@@ -390,13 +390,9 @@ def build_model(
 
 
 class LocalNorm:
-    """LayerNorm / RMSNorm for megatron's local (non-TE) spec.
-
-    megatron's ``WrappedTorchNorm`` refuses sequence parallelism and zero-centered gamma
-    (NeMo's ``layernorm1p``). This norm supports both: with sequence parallelism its parameters
-    carry ``sequence_parallel = True`` so megatron's ``finalize_model_grads`` all-reduces their
-    gradients across tensor-parallel ranks, as it does for TE's norms.
-    """
+    """Norm factory for the local spec: :class:`kd_module.norms.LocalLayerNorm` or
+    :class:`kd_module.norms.LocalRMSNorm`, by ``config.normalization`` (megatron's build_module
+    calls it with the norm arguments of ``WrappedTorchNorm``)."""
 
     def __new__(
         cls,
@@ -407,36 +403,10 @@ class LocalNorm:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ) -> Any:
-        return _build_local_norm(config, hidden_size, eps)
+        from kd_module.norms import LocalLayerNorm, LocalRMSNorm
 
-
-def _build_local_norm(config: Any, hidden_size: int, eps: float) -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    class _Norm(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.zero_centered = bool(config.layernorm_zero_centered_gamma)
-            self.rms = config.normalization == "RMSNorm"
-            self.eps = eps
-            init = 0.0 if self.zero_centered else 1.0
-            self.weight = torch.nn.Parameter(
-                torch.full((hidden_size,), init, dtype=config.params_dtype)
-            )
-            self.bias = None
-            if not self.rms:
-                self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
-            for param in self.parameters():
-                param.sequence_parallel = bool(config.sequence_parallel)
-
-        def forward(self, x: Any) -> Any:
-            weight = self.weight + 1 if self.zero_centered else self.weight
-            if self.rms:
-                return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-            return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
-
-    return _Norm()
+        norm = LocalRMSNorm if config.normalization == "RMSNorm" else LocalLayerNorm
+        return norm(config, hidden_size, eps)
 
 
 def local_block_spec(tconfig: Any, qk_layernorm: bool = False) -> Any:

@@ -443,7 +443,10 @@ def initialize_distributed(
         dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )
-        _owns_process_group = True
+        # Only the single in-process rank is ours to tear down: under torchrun the group
+        # outlives a fit, so a second fit in the same ranks reuses it (re-creating it against
+        # the launcher's store fails).
+        _owns_process_group = bool(_env_set_here)
 
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
@@ -482,7 +485,7 @@ def initialize_distributed(
 
 
 def destroy_distributed() -> None:
-    """Tear down megatron's parallel state and, if this module created it, the process group.
+    """Tear down megatron's parallel state and, for a single in-process rank, the process group.
 
     After this, :func:`initialize_distributed` can be called again in the same process (tests
     and notebooks run several fits one after another).

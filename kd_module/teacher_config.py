@@ -416,9 +416,9 @@ CONVERSION_TABLE: list[tuple[str, str, str]] = [
         "megatron TransformerConfig fields",
     ),
     (
-        "scale_positional_embedding (Llama 3.1 RoPE scaling)",
-        "-",
-        "warned: not applied by kd_module.models.build_model",
+        "scale_positional_embedding, scale_factor (Llama 3.1 RoPE scaling)",
+        "rope_scaling, rope_scaling_factor",
+        "megatron GPTModel's rope_scaling",
     ),
     (
         "precision",
@@ -715,6 +715,9 @@ def to_nemo_model_config(
         "hybrid_override_pattern": model.hybrid_override_pattern,
         "extra": dict(model.extra),
     }
+    if model.rope_scaling:
+        out["scale_positional_embedding"] = True
+        out["scale_factor"] = model.rope_scaling_factor
     if precision is not None:
         out["precision"] = _DTYPE_TO_NEMO_PRECISION.get(precision, precision)
     if tokenizer is not None:
