@@ -297,6 +297,13 @@ def distill(
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"distill: keep_last={keep_last!r} must be a positive integer")
     run_dir = Path(log_dir) / name
+    from kd_module.reliability import writable_dir_problems
+
+    problems = writable_dir_problems(run_dir, "run directory")
+    if checkpoint_every_n_steps is not None and not problems:
+        problems = writable_dir_problems(run_dir / "checkpoints", "checkpoint directory")
+    if problems:
+        raise ValueError("distill: " + "; ".join(problems))
     _attach_logger(trainer, run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     _drop_default_checkpointing(trainer)
