@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LatencyProfiler", "ManualGC"]
+__all__ = ["LatencyProfiler", "ManualGC", "RunCheckpoint"]
 
 _EXPORTS = {
     "ManualGC": "callbacks.manual_gc",
     "LatencyProfiler": "callbacks.latency_profiler",
+    "RunCheckpoint": "callbacks.checkpoint",
 }
 
 
