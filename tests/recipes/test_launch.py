@@ -1,0 +1,196 @@
+"""Executors of kd_module.launch: generated torchrun/sbatch commands, and a real 2-rank launch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+import pytest
+
+from kd_module.launch import (
+    local_executor,
+    recipe_devices,
+    recipe_num_nodes,
+    slurm_executor,
+)
+from recipes.tiny_cpu import tiny_cpu
+
+
+def _recipe(teacher: str = "/ckpt/teacher", **kwargs):
+    return tiny_cpu(teacher_path=teacher, mock_data=True, **kwargs)
+
+
+def test_local_executor_launches_the_recipes_devices_with_torchrun(tmp_path):
+    """The local torchrun command starts trainer.devices processes on one node."""
+    from nemo_run.run.torchx_backend.packaging import package
+
+    recipe = _recipe(num_gpus_per_node=2)
+    executor = local_executor(devices=recipe_devices(recipe), env_vars={"A": "1"})
+    assert (executor.ntasks_per_node, executor.launcher, executor.env_vars) == (
+        2,
+        "torchrun",
+        {"A": "1"},
+    )
+    executor.assign("exp", str(tmp_path), "distill", "distill")
+    app = package("distill", recipe, executor)
+    (role,) = app.roles
+    assert role.entrypoint == "torchrun"
+    args = role.args
+    assert args[args.index("--nnodes") + 1] == "1"
+    assert args[args.index("--nproc-per-node") + 1] == "2"
+    assert "nemo_run.core.runners.fdl_runner" in args
+
+
+def test_slurm_executor_sbatch_script_from_a_dry_run(tmp_path):
+    """A dry run writes the sbatch script: account, nodes, GPUs, container, torchrun per node."""
+    recipe = _recipe(num_gpus_per_node=8, micro_batch_size=1, global_batch_size=16)
+    recipe.trainer.num_nodes = 2
+    executor = slurm_executor(
+        account="kd_account",
+        partition="batch",
+        nodes=recipe_num_nodes(recipe),
+        gpus_per_node=recipe_devices(recipe),
+        container_image="nvcr.io/nvidia/nemo:25.09",
+        mounts=["/lustre/data:/data"],
+        time="01:30:00",
+        job_dir=str(tmp_path / "jobs"),
+        env_vars={"HF_HOME": "/data/hf"},
+        packager=run.Packager(symlink_from_remote_dir="/lustre/code/megatron-kd"),
+    )
+    experiment = run.Experiment("kd", executor=executor, base_dir=str(tmp_path), log_level="WARN")
+    with experiment:
+        experiment.add(recipe, name="distill", tail_logs=False)
+        experiment.dryrun(log=False, delete_exp_dir=False)
+    (script_path,) = list(tmp_path.rglob("*_sbatch.sh"))
+    script = script_path.read_text()
+    for line in (
+        "#SBATCH --account=kd_account",
+        "#SBATCH --partition=batch",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",  # one torchrun per node, which starts 8 ranks
+        "#SBATCH --time=01:30:00",
+        "#SBATCH --exclusive",
+        "export HF_HOME=/data/hf",
+    ):
+        assert line in script, line
+    assert "--container-image nvcr.io/nvidia/nemo:25.09" in script
+    assert "/lustre/data:/data" in script
+    assert "torchrun" in script and "--nnodes 2" in script and "--nproc-per-node 8" in script
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: local_executor(devices=0), r"local_executor: devices=0 must be a positive"),
+        (
+            lambda: slurm_executor("", "batch", nodes=0, gpus_per_node=8, mounts=["/no-colon"]),
+            r"nodes=0 must be a positive integer; account='' must be a non-empty string; "
+            r"mount '/no-colon' must look like",
+        ),
+        (
+            lambda: recipe_devices(run.Partial(dict, trainer=run.Config(dict, devices="auto"))),
+            r"trainer.devices='auto' must be a positive integer to size an executor",
+        ),
+        (lambda: recipe_devices(run.Partial(dict)), r"recipe.trainer=.* is not a run.Config"),
+    ],
+)
+def test_executor_helpers_reject_bad_arguments(make, message):
+    """Executor helpers name the bad argument."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def _summary(log_dir: Path, name: str) -> dict:
+    return json.loads((log_dir / name / "summary.json").read_text())
+
+
+def _train_rows(log_dir: Path, name: str) -> list[dict[str, float]]:
+    """The per-step training rows of a run's metrics.csv, in step order."""
+    with open(log_dir / name / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("lm_loss")]
+    return [{key: float(row[key]) for key in TRAIN_KEYS} for row in rows]
+
+
+TRAIN_KEYS = ("lm_loss", "kd_loss", "logits_loss", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def dp2_and_dp1_runs(tiny_teacher, tmp_path_factory):
+    """The tiny_cpu recipe for 3 steps on 2 ranks through local_executor (torchrun, DP=2) and
+    on 1 in-process rank; returns the log directory holding runs ``dp2`` and ``dp1``."""
+    from nemo_run.config import get_nemorun_home, set_nemorun_home
+
+    root = tmp_path_factory.mktemp("launch")
+    log_dir = root / "runs"
+
+    def recipe(devices: int, name: str):
+        config = _recipe(
+            teacher=tiny_teacher,
+            num_gpus_per_node=devices,
+            max_steps=3,
+            micro_batch_size=4,
+            global_batch_size=8,
+            dir=str(log_dir),
+            name=name,
+        )
+        config.trainer.log_every_n_steps = 1
+        config.trainer.enable_progress_bar = False
+        config.trainer.enable_model_summary = False
+        return config
+
+    previous_home = get_nemorun_home()
+    set_nemorun_home(str(root / "nemo_run"))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # torchx starts `torchrun` from PATH: this environment's, activated or not.
+            patch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+            two = recipe(2, "dp2")
+            executor = local_executor(
+                devices=recipe_devices(two), env_vars={"OMP_NUM_THREADS": "1"}
+            )
+            run.run(two, executor=executor, name="kd-dp2", tail_logs=False, log_level="WARN")
+    finally:
+        set_nemorun_home(previous_home)
+    fdl.build(recipe(1, "dp1"))()
+    return log_dir
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(900)
+def test_two_ranks_through_the_local_torchrun_executor_train_like_one_process(dp2_and_dp1_runs):
+    """2 torchrun ranks (DP=2) run the recipe to the end and track the 1-rank run within 1%.
+
+    Later steps can differ by more than reduction order: Adam's first updates divide each
+    gradient element by its own magnitude, so tiny differences of near-zero elements become
+    visible weight differences.
+    """
+    log_dir = dp2_and_dp1_runs
+    dp2, dp1 = _summary(log_dir, "dp2"), _summary(log_dir, "dp1")
+    assert (dp2["world_size"], dp1["world_size"]) == (2, 1)
+    assert dp2["steps"] == dp1["steps"] == 3
+    assert dp2["train"]["consumed_samples"] == dp1["train"]["consumed_samples"] == 24
+    rows2, rows1 = _train_rows(log_dir, "dp2"), _train_rows(log_dir, "dp1")
+    assert len(rows2) == len(rows1) == 3
+    for step, (two_rank, one_rank) in enumerate(zip(rows2, rows1, strict=True)):
+        for key in TRAIN_KEYS:
+            assert two_rank[key] == pytest.approx(one_rank[key], rel=1e-2), (step, key)
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: step-0 lm_loss 5.806056 (DP=2) vs 5.805644 (DP=1), grad_norm 2.354889 vs "
+    "2.352922 before any update; reported to the lead (data split or metric reduction)",
+)
+def test_two_ranks_first_step_equals_one_process(dp2_and_dp1_runs):
+    """Before any update, DP=2 and DP=1 see the same global batch: same losses and grad norm."""
+    rows2, rows1 = _train_rows(dp2_and_dp1_runs, "dp2"), _train_rows(dp2_and_dp1_runs, "dp1")
+    for key in TRAIN_KEYS:
+        assert rows2[0][key] == pytest.approx(rows1[0][key], rel=1e-5), key
