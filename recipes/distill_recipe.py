@@ -64,9 +64,9 @@ def trainer_config(
     """A Lightning ``Trainer`` with :class:`~kd_module.strategy.MegatronStrategy`, as config.
 
     ``logger=False`` because :func:`~kd_module.api.distill` attaches a CSV logger at
-    ``<log_dir>/<name>``; Lightning's checkpointing is off because the strategy's megatron
-    model is saved with :func:`kd_module.checkpoint.export_student`, not Lightning's
-    ``ModelCheckpoint``.
+    ``<log_dir>/<name>``; Lightning's ``ModelCheckpoint`` is off because distill saves run
+    checkpoints of the megatron model itself (``checkpoint_every_n_steps``) and exports the
+    final student.
 
     Args:
         num_nodes: machines.
@@ -150,6 +150,8 @@ def distill_recipe(
     callbacks: list[run.Config] | None = None,
     loss_chunk_size: int = 1024,
     seed: int = 1234,
+    checkpoint_every_n_steps: int | None = None,
+    resume: bool = False,
 ) -> run.Partial:
     """Distill the teacher at ``teacher_path`` into ``student_config``: the whole run as config.
 
@@ -194,6 +196,9 @@ def distill_recipe(
         callbacks: ``run.Config`` of Lightning callbacks.
         loss_chunk_size: tokens per chunk of the logits KD loss.
         seed: seed of the strategy (weights) and of the data shuffling.
+        checkpoint_every_n_steps: save a run checkpoint every N steps and at the end under
+            ``<dir>/<name>/checkpoints``; ``None`` saves none.
+        resume: continue from the run's latest complete checkpoint, if any.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -233,6 +238,11 @@ def distill_recipe(
     ):
         if not _is_positive_int(value):
             problems.append(f"{label}={value!r} must be a positive integer")
+    if checkpoint_every_n_steps is not None and not _is_positive_int(checkpoint_every_n_steps):
+        problems.append(
+            f"checkpoint_every_n_steps={checkpoint_every_n_steps!r} must be a positive integer "
+            "or None"
+        )
     if seq_length is not None and not _is_positive_int(seq_length):
         problems.append(f"seq_length={seq_length!r} must be a positive integer or None")
     if accelerator not in ACCELERATORS:
@@ -310,4 +320,6 @@ def distill_recipe(
         log_dir=log_dir,
         name=name,
         loss_chunk_size=loss_chunk_size,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+        resume=resume,
     )

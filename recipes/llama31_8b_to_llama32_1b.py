@@ -93,6 +93,8 @@ def llama31_8b_to_llama32_1b(
     global_batch_size: int = 128,
     micro_batch_size: int = 1,
     max_steps: int = 10_000,
+    checkpoint_every_n_steps: int | None = 500,
+    resume: bool = True,
 ) -> run.Partial:
     """Distill Llama 3.1 8B into Llama 3.2 1B.
 
@@ -112,6 +114,8 @@ def llama31_8b_to_llama32_1b(
         global_batch_size: samples per optimizer step.
         micro_batch_size: samples per micro-batch per data-parallel rank.
         max_steps: optimizer steps.
+        checkpoint_every_n_steps: steps between run checkpoints (``None``: none).
+        resume: continue from the run's latest checkpoint when the job is restarted.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -150,4 +154,6 @@ def llama31_8b_to_llama32_1b(
         lr=1e-4,
         min_lr=1e-5,
         warmup_steps=100,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+        resume=resume,
     )

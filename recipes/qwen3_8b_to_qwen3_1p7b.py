@@ -90,6 +90,8 @@ def qwen3_8b_to_qwen3_1p7b(
     global_batch_size: int = 128,
     micro_batch_size: int = 1,
     max_steps: int = 10_000,
+    checkpoint_every_n_steps: int | None = 500,
+    resume: bool = True,
 ) -> run.Partial:
     """Distill Qwen3-8B into Qwen3-1.7B.
 
@@ -109,6 +111,8 @@ def qwen3_8b_to_qwen3_1p7b(
         global_batch_size: samples per optimizer step.
         micro_batch_size: samples per micro-batch per data-parallel rank.
         max_steps: optimizer steps.
+        checkpoint_every_n_steps: steps between run checkpoints (``None``: none).
+        resume: continue from the run's latest checkpoint when the job is restarted.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -146,4 +150,6 @@ def qwen3_8b_to_qwen3_1p7b(
         lr=1e-4,
         min_lr=1e-5,
         warmup_steps=100,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+        resume=resume,
     )

@@ -85,6 +85,7 @@ def test_generic_recipe_defaults():
     assert (recipe.log_dir, recipe.name) == ("runs", "default")
     assert recipe.teacher_checkpoint == "/ckpt/teacher" and recipe.teacher is None
     assert recipe.optimizer.lr == 1e-4 and recipe.optimizer.warmup_steps == 50
+    assert (recipe.checkpoint_every_n_steps, recipe.resume) == (None, False)
 
 
 def test_generic_recipe_arguments_and_attribute_overrides():
@@ -127,6 +128,10 @@ def test_generic_recipe_arguments_and_attribute_overrides():
     ("kwargs", "message"),
     [
         ({"num_nodes": 0}, r"num_nodes=0 must be a positive integer"),
+        (
+            {"checkpoint_every_n_steps": 0},
+            r"checkpoint_every_n_steps=0 must be a positive integer or None",
+        ),
         ({"num_gpus_per_node": 2.5}, r"num_gpus_per_node=2.5 must be a positive integer"),
         ({"student_config": None}, r"student_config is required"),
         ({"accelerator": "tpu"}, r"accelerator='tpu' is not one of gpu, cpu"),
@@ -197,6 +202,7 @@ def test_pair_recipes_pin_the_published_architecture_details():
     assert student.share_embeddings_and_output_weights is True
     assert llama.data.tokenizer.library == "huggingface" and llama.data.tokenizer.path == "/tok"
     assert llama.data.seq_length == 8192 and llama.trainer.strategy.precision == "bf16"
+    assert (llama.checkpoint_every_n_steps, llama.resume) == (500, True)
 
     qwen = qwen3_8b_to_qwen3_1p7b.qwen3_8b_to_qwen3_1p7b("/t", "/tok")
     teacher, student = fdl.build(qwen.teacher), fdl.build(qwen.student)
