@@ -16,6 +16,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from kd_module.reliability import cli_errors
+
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
@@ -199,6 +201,7 @@ def _drop_default_checkpointing(trainer: Any) -> None:
     ]
 
 
+@cli_errors
 def distill(
     student: Any,
     data: Any,

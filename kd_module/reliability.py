@@ -15,15 +15,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ON_NONFINITE = ("skip", "stop")
 """What a training step does when a loss term is NaN or Inf."""
@@ -33,6 +35,10 @@ DEBUG_FLAGS = ("--debug", "-v", "--verbose")
 """Command-line flags that keep full tracebacks."""
 EXIT_CODE = 2
 """Exit status of a run refused for a configuration problem."""
+CLI_ENV = "KD_CLI"
+"""Environment variable marking a command-line process (``KD_CLI=1``)."""
+CLI_PROGRAMS = ("nemo",)
+"""Programs (``sys.argv[0]`` names) that are the command line."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +109,8 @@ def skip_optimizer_update(optimizer: Any) -> Iterator[None]:
 # ---------------------------------------------------------------------- teacher integrity
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
+    import torch
+
     data = tensor.detach().contiguous().cpu()
     digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
     if data.numel():
@@ -120,6 +128,8 @@ def teacher_digests(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _gather(value: Any) -> list[Any]:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, value)
@@ -202,6 +212,31 @@ def debug_requested(argv: Sequence[str] | None = None) -> bool:
         return True
     argv = sys.argv[1:] if argv is None else argv
     return any(arg in DEBUG_FLAGS for arg in argv)
+
+
+def cli_mode() -> bool:
+    """Whether this process is the ``nemo`` command (or ``KD_CLI=1`` says it is a CLI)."""
+    if os.environ.get(CLI_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return os.path.basename(sys.argv[0] if sys.argv else "") in CLI_PROGRAMS
+
+
+def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: :class:`friendly_errors` around ``fn`` when :func:`cli_mode`, else nothing.
+
+    Python callers keep the exception; ``nemo kd distill`` prints one line and exits 2 instead
+    of nemo-run's generic ``Unexpected error`` (exit 1). The wrapper keeps ``fn``'s name,
+    signature and annotations, so nemo-run's factories and overrides see ``fn`` itself.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not cli_mode():
+            return fn(*args, **kwargs)
+        with friendly_errors():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class friendly_errors(contextlib.ContextDecorator):  # noqa: N801  (used like a function)
