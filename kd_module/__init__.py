@@ -33,6 +33,12 @@ _EXPORTS = {
     "export_student": "kd_module.checkpoint",
     "load_model_checkpoint": "kd_module.checkpoint",
     "save_model_checkpoint": "kd_module.checkpoint",
+    "GPTModule": "kd_module.module",
+    "RunCheckpoint": "kd_module.run_checkpoint",
+    "local_executor": "kd_module.launch",
+    "slurm_executor": "kd_module.launch",
+    "KDLogitsCriterion": "kd_module.losses",
+    "reference_logits_kd_loss": "kd_module.losses",
 }
 
 __all__ = sorted(_EXPORTS)
