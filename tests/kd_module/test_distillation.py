@@ -403,3 +403,45 @@ def test_mamba_hybrid_student_distills_on_gpu(single_rank):
     batches = [{k: v.cuda() for k, v in b.items()} for b in _batches()]
     report = forward_backward(parts.model, iter(batches), 2, SEQ, MICRO_BATCH)
     assert torch.isfinite(report["kd_loss"]).all()
+
+
+def _context_parallel_step(cp: int) -> dict:
+    """One KD forward-backward with the TE spec at context-parallel size ``cp`` (GPU ranks)."""
+    from kd_module import runtime
+    from kd_module.distillation import forward_backward
+
+    runtime.initialize_distributed(context_parallel_size=cp, seed=5)
+    student = STUDENT.replace(transformer_impl="transformer_engine", position_embedding_type="rope")
+    teacher = TEACHER.replace(transformer_impl="transformer_engine", position_embedding_type="rope")
+    model = _build(ParallelLayout(context_parallel_size=cp), student=student, teacher=teacher)
+    batches = []
+    for batch in _batches():
+        batch = {key: value.cuda() for key, value in batch.items()}
+        if cp > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch)
+        batches.append(batch)
+    report = forward_backward(model, iter(batches), MICRO_BATCHES, SEQ, MICRO_BATCH)
+    from megatron.core import parallel_state
+
+    means = {}
+    for key, value in report.items():
+        value = value.clone()
+        torch.distributed.all_reduce(value, group=parallel_state.get_context_parallel_group())
+        means[key] = (value[0] / value[1]).cpu()
+    return {"means": means}
+
+
+@pytest.mark.gpu
+@pytest.mark.multirank
+def test_context_parallel_kd_loss_matches_cp1():
+    """CP=2 (TE attention, 2 GPUs) gives the same KD loss terms as CP=1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    cp2 = run_distributed(_context_parallel_step, 2, 2, timeout=400)
+    cp1 = run_distributed(_context_parallel_step, 1, 1, timeout=400)
+    reference = cp1[0]["means"]
+    for result in cp2:
+        for key, value in reference.items():
+            torch.testing.assert_close(result["means"][key], value, rtol=1e-4, atol=1e-5, msg=key)
