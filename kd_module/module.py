@@ -44,6 +44,18 @@ PROGRESS_BAR = ("kd_loss", "lm_loss", "lr", "tokens_per_s")
 VAL_METRICS = ("val_loss", "val_kd_loss", "teacher_val_loss")
 
 
+def reseed(strategy: Any) -> None:
+    """Seed torch and megatron's RNG states right before building a model.
+
+    Lightning sets up the data module before ``configure_model``; building datasets may use the
+    global RNG differently on different ranks (e.g. only rank 0 writes megatron's index cache).
+    Seeding here gives every data-parallel replica the same initial weights, whatever ran before.
+    """
+    from kd_module import runtime
+
+    runtime.seed_everything(strategy.seed)
+
+
 class GPTModule(L.LightningModule):
     """A megatron-core GPT trained with its LM loss alone (teachers, and LM-only baselines).
 
@@ -110,6 +122,7 @@ class GPTModule(L.LightningModule):
         from kd_module.models import build_model
 
         strategy = self.trainer.strategy
+        reseed(strategy)
         model = build_model(
             self.student_config,
             strategy.layout,
@@ -425,6 +438,7 @@ class DistillationModule(GPTModule):
         if self.module is not None:
             return
         strategy = self.trainer.strategy
+        reseed(strategy)
         teacher_loader = self.teacher_init_fn
         if self.teacher_checkpoint is not None:
             from kd_module.checkpoint import make_teacher_loader

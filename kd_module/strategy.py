@@ -176,6 +176,14 @@ class MegatronStrategy(DDPStrategy):
             timeout_minutes=self.timeout_minutes,
         )
 
+    def _configure_launcher(self) -> None:
+        # One in-process rank (a notebook, a plain script): nothing to launch. Lightning's DDP
+        # launcher would refuse an interactive environment.
+        if self.num_processes == 1 and self.num_nodes == 1:
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
     @property
     def root_device(self) -> torch.device:
         if torch.cuda.is_available():
