@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 demo: install
 	$(BIN)/python -m kd_module.demo
