@@ -94,6 +94,12 @@ def test_sigkill_of_one_rank_ends_every_rank_and_resume_is_exact(tmp_path):
     for item in before + resumed:
         for key in ("kd_loss", "logits_loss", "grad_norm", "lr"):
             assert item[key] == reference[item["step"]][key], (item["step"], key)
+    # The teacher hash is combined over both ranks; the same seed gives the same teacher.
+    hashes = {
+        json.loads((tmp_path / name / "summary.json").read_text())["teacher_sha256"]
+        for name in ("full", "killed")
+    }
+    assert len(hashes) == 1 and len(hashes.pop()) == 64
 
 
 # ---------------------------------------------------------------------------- unwritable
