@@ -44,6 +44,15 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _all_agree(ok: bool) -> bool:
+    """Whether every rank reports ``ok`` (works with gloo and NCCL)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return ok
+    outcomes: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(outcomes, ok)
+    return all(outcomes)
+
+
 def _rng_state() -> dict[str, Any]:
     import random
 
@@ -107,10 +116,19 @@ def save_run_checkpoint(module: Any, checkpoint: dict[str, Any], path: str | os.
 
     final = Path(path)
     staging = final.parent / f"{_TMP_PREFIX}{final.name}"
+    failure: Exception | None = None
     if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        except OSError as error:
+            failure = error
+    # Every rank learns whether rank 0 could prepare the directory, instead of waiting at a
+    # barrier for a rank that has already raised.
+    if not _all_agree(failure is None):
+        if failure is not None:
+            raise failure
+        raise OSError(f"save checkpoint {final}: rank 0 could not create {staging}")
     state = _sharded_state(module, is_loading=False)
     state["rng"] = _rng_object(_rng_state())
     common = {k: v for k, v in checkpoint.items() if k not in _LIGHTNING_KEYS_OUTSIDE_COMMON}
