@@ -2,6 +2,8 @@
 
 On profiled steps it times, summed over the step's micro-batches:
 
+- ``data``: fetching the step's micro-batches from the data loader (the module's
+  ``_micro_batches``, wrapped on the instance);
 - ``teacher_forward``: forward pre/post hooks on the teacher;
 - ``student_forward``: hooks on the student (the DistillationModel, whose forward runs the teacher
   first) minus the teacher's share; it includes the student's LM loss (megatron computes it in
@@ -11,7 +13,7 @@ On profiled steps it times, summed over the step's micro-batches:
   optimizer step (megatron's backward step, and after the last micro-batch its gradient
   finalization: DDP reduction, embedding-gradient all-reduce);
 - ``optimizer``: megatron's optimizer step (the optimizer's ``step``, wrapped on the instance);
-- ``other``: the rest of the Lightning step (data, gradient zeroing, logging, LR schedule, and
+- ``other``: the rest of the Lightning step (gradient zeroing, logging, LR schedule, and
   the hooks of callbacks listed after this one: list the profiler first).
 
 Marks are CUDA events on GPU (resolved once per profiled step after one synchronization) and
@@ -35,7 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-PHASES = ("teacher_forward", "student_forward", "loss", "backward", "optimizer")
+PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
 ALONE_REPEATS = 3
 
 
@@ -122,6 +124,8 @@ class LatencyProfiler(L.Callback):
             self._wrap(student, "compute_kd_loss", "loss")
         for optimizer in trainer.optimizers:
             self._wrap(optimizer, "step", "optimizer")
+        if hasattr(pl_module, "_micro_batches"):
+            self._wrap(pl_module, "_micro_batches", "data")
 
     def _add_forward_hooks(self, module: torch.nn.Module, phase: str) -> None:
         def pre(module: Any, args: Any, kwargs: Any) -> None:
