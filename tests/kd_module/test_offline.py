@@ -1,0 +1,258 @@
+"""Offline distillation: teacher top-k cache (layout, resume, manifest) and the offline loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_module.models import GPTModelConfig
+
+SEQ, VOCAB, K = 8, 64, 5
+TEACHER = GPTModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    seq_length=SEQ,
+    vocab_size=VOCAB,
+    share_embeddings_and_output_weights=False,
+)
+MANIFEST = {"teacher": "tiny-teacher", "tokenizer": "byte", "dataset": "random", "seq_length": SEQ}
+# Samples 0..5 with shard_size 4: shard 0 holds 0-3, shard 1 holds 4-5 (partial).
+SCRAMBLED_ORDER = [[4, 0], [1, 5], [2, 3]]
+SEQUENTIAL_ORDER = [[0, 1], [2, 3], [4, 5]]
+
+
+def _tokens(sample: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(100 + sample))
+
+
+def _batches(order):
+    return [
+        {
+            "tokens": torch.stack([_tokens(i) for i in samples]),
+            "position_ids": torch.arange(SEQ).expand(len(samples), SEQ),
+            "sample_index": torch.tensor(samples),
+        }
+        for samples in order
+    ]
+
+
+def _teacher():
+    from kd_module.models import build_model
+    from kd_module.testing import init_weights_by_global_key
+
+    model = build_model(TEACHER)
+    init_weights_by_global_key(model, seed=3)
+    return model.eval()
+
+
+def _teacher_logits(model, samples) -> torch.Tensor:
+    """Teacher logits [s, b, v] of ``samples``, computed directly."""
+    batch = _batches([samples])[0]
+    with torch.no_grad():
+        return model(batch["tokens"], batch["position_ids"], None).transpose(0, 1)
+
+
+def _cache(model, out_dir, order=SCRAMBLED_ORDER, dtype="fp32", **kwargs):
+    from kd_module.offline import cache_teacher
+
+    return cache_teacher(
+        model, _batches(order), out_dir, k=K, manifest=MANIFEST, dtype=dtype, shard_size=4, **kwargs
+    )
+
+
+def _cached(cache, samples):
+    """Lookup in the student's [s, b] token order."""
+    return tuple(t.transpose(0, 1) for t in cache.lookup(samples))
+
+
+def test_lookup_returns_each_samples_teacher_topk_and_lse(single_rank, tmp_path):
+    """lookup(sample indices) gives that sample's teacher top-k, indices and full LSE."""
+    from kd_module.offline import TeacherCache
+
+    model = _teacher()
+    manifest = _cache(model, tmp_path)
+    assert manifest["num_samples"] == 6 and manifest["complete"] is True
+    cache = TeacherCache(tmp_path)
+    samples = [5, 2, 0]
+    values, indices, lse = cache.lookup(samples)
+    assert values.shape == (3, SEQ, K) and indices.shape == (3, SEQ, K) and lse.shape == (3, SEQ)
+    logits = _teacher_logits(model, samples).transpose(0, 1)  # [b, s, v]
+    expected = torch.topk(logits, K, dim=-1)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sample index 6 outside 0 .. 5"):
+        cache.lookup([6])
+
+
+def test_renormalized_offline_loss_equals_online_topk_loss(single_rank, tmp_path):
+    """Offline renormalized loss and gradient equal LogitsKDLoss(top_k=k) (fp32 cache, 1e-5)."""
+    from kd_module.losses import LogitsKDLoss, reference_logits_kd_loss
+    from kd_module.offline import TeacherCache, offline_topk_kd_loss
+
+    model = _teacher()
+    _cache(model, tmp_path)
+    cache = TeacherCache(tmp_path)
+    generator = torch.Generator().manual_seed(7)
+    for samples in SCRAMBLED_ORDER:
+        teacher_logits = _teacher_logits(model, samples)
+        student = torch.randn(SEQ, len(samples), VOCAB, generator=generator).requires_grad_()
+        offline = offline_topk_kd_loss(student, *_cached(cache, samples), temperature=2.0)
+        expected = reference_logits_kd_loss(student, teacher_logits, temperature=2.0, top_k=K)
+        torch.testing.assert_close(offline, expected, rtol=1e-5, atol=1e-7)
+        assert offline.min() > 0.01  # the student differs from the teacher: a non-trivial loss
+        (grad,) = torch.autograd.grad(offline.sum(), student)
+        online = LogitsKDLoss(temperature=2.0, top_k=K)(student, teacher_logits)
+        (expected_grad,) = torch.autograd.grad(online.sum(), student)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_cache_loss_is_close_to_online_loss(single_rank, tmp_path):
+    """A bf16 cache stores bf16-rounded logits and gives the online top-k loss within 2e-2."""
+    from kd_module.losses import reference_logits_kd_loss
+    from kd_module.offline import TeacherCache, cache_bytes_per_token, offline_topk_kd_loss
+
+    model = _teacher()
+    _cache(model, tmp_path, dtype="bf16")
+    cache = TeacherCache(tmp_path)
+    samples = [1, 4]
+    values, indices, lse = _cached(cache, samples)
+    assert values.dtype == torch.bfloat16 and indices.dtype == torch.int64
+    teacher_logits = _teacher_logits(model, samples)
+    torch.testing.assert_close(
+        values, torch.topk(teacher_logits, K, dim=-1).values.bfloat16(), rtol=0, atol=0
+    )
+    student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(8))
+    offline = offline_topk_kd_loss(student, values, indices, lse)
+    expected = reference_logits_kd_loss(student, teacher_logits, top_k=K)
+    torch.testing.assert_close(offline, expected, rtol=2e-2, atol=1e-3)
+    shard = [np.load(path, mmap_mode="r") for path in sorted(tmp_path.glob("shard_00000.*.npy"))]
+    assert sum(array.nbytes for array in shard) == 4 * SEQ * cache_bytes_per_token(K, "bf16")
+    assert cache_bytes_per_token(K, "bf16") == K * 6 + 4
+    assert cache_bytes_per_token(64, "bf16") == 388 and cache_bytes_per_token(64, "fp32") == 516
+
+
+def test_manifest_mismatch_is_refused_naming_the_field(single_rank, tmp_path):
+    """check_manifest and a restarted cache run with another k name the differing field."""
+    from kd_module.offline import TeacherCache, cache_teacher
+
+    model = _teacher()
+    _cache(model, tmp_path)
+    cache = TeacherCache(tmp_path)
+    cache.check_manifest({**MANIFEST, "k": K, "dtype": "fp32"})
+    with pytest.raises(ValueError, match="'teacher' is 'tiny-teacher' in the cache but 'other'"):
+        cache.check_manifest({"seq_length": SEQ, "teacher": "other", "k": 3})
+    with pytest.raises(ValueError, match="'k' is 5 in the cache but 3 is expected"):
+        cache_teacher(model, _batches(SCRAMBLED_ORDER), tmp_path, k=3, manifest=MANIFEST)
+    with pytest.raises(ValueError, match="'seq_length' is 8 in the cache but 16"):
+        cache.check_manifest({"seq_length": 16})
+
+
+def test_interrupted_cache_run_resumes_to_identical_files(single_rank, tmp_path):
+    """A run killed after shard 0 skips its batches on restart; files are byte-identical."""
+    model = _teacher()
+    _cache(model, tmp_path / "clean", order=SEQUENTIAL_ORDER, dtype="bf16")
+
+    def crash(shard: int) -> None:
+        raise RuntimeError(f"killed after shard {shard}")
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed after shard 0"):
+        _cache(model, resumed, order=SEQUENTIAL_ORDER, dtype="bf16", on_shard_done=crash)
+    assert json.loads((resumed / "manifest.json").read_text())["complete"] is False
+    assert not (resumed / "shard_00001.done").exists()
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    _cache(model, resumed, order=SEQUENTIAL_ORDER, dtype="bf16")
+    handle.remove()
+    assert len(calls) == 1  # only the batch of samples 4-5 ran again
+    clean_files = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert clean_files == sorted(p.name for p in resumed.iterdir())
+    assert len(clean_files) == 9  # manifest + 2 shards x (values, indices, lse, done)
+    for name in clean_files:
+        assert (resumed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def test_sample_indices_must_cover_zero_to_n(single_rank, tmp_path):
+    """A gap in the sample indices is refused once the run ends."""
+    with pytest.raises(ValueError, match="3 samples were cached but the largest sample index is 4"):
+        _cache(_teacher(), tmp_path, order=[[0, 1], [4]])
+
+
+def test_tail_mode_matches_a_hand_computation():
+    """Tail bucket: teacher (.5, .25 | tail .25) vs uniform student (.25, .25 | .5) is ln2 / 4."""
+    from kd_module.offline import offline_topk_kd_loss
+
+    teacher = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    student = torch.zeros(1, 1, 4)
+    values, indices = torch.topk(teacher, 2)
+    loss = offline_topk_kd_loss(
+        student, values.view(1, 1, 2), indices.view(1, 1, 2), torch.zeros(1, 1), mode="tail"
+    )
+    torch.testing.assert_close(loss, torch.full((1, 1), math.log(2) / 4), rtol=1e-6, atol=1e-7)
+
+
+def test_tail_mode_with_the_whole_vocabulary_is_the_full_kl():
+    """With k = vocab the tail is empty and the tail loss and gradient equal the full forward KL."""
+    from kd_module.losses import reference_logits_kd_loss
+    from kd_module.offline import offline_topk_kd_loss
+
+    generator = torch.Generator().manual_seed(4)
+    teacher = torch.randn(3, 2, 16, generator=generator) * 3
+    student = (torch.randn(3, 2, 16, generator=generator) * 3).requires_grad_()
+    values, indices = torch.topk(teacher, 16, dim=-1)
+    loss = offline_topk_kd_loss(
+        student, values, indices, torch.logsumexp(teacher, dim=-1), mode="tail"
+    )
+    expected = reference_logits_kd_loss(student, teacher)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.autograd.grad(loss.sum(), student)[0]
+    expected_grad = torch.autograd.grad(expected.sum(), student)[0]
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_tail_mode_is_between_renormalized_topk_and_full_kl_in_a_case():
+    """Tail loss is a lower bound of the full KL, with the teacher's tail mass now counted."""
+    from kd_module.losses import reference_logits_kd_loss
+    from kd_module.offline import offline_topk_kd_loss
+
+    generator = torch.Generator().manual_seed(5)
+    teacher = torch.randn(4, 3, 32, generator=generator) * 2
+    student = torch.randn(4, 3, 32, generator=generator) * 2
+    values, indices = torch.topk(teacher, 4, dim=-1)
+    tail = offline_topk_kd_loss(
+        student, values, indices, torch.logsumexp(teacher, dim=-1), mode="tail"
+    )
+    full = reference_logits_kd_loss(student, teacher)
+    assert torch.all(tail <= full + 1e-6)
+    assert torch.all(tail > 0)
+
+
+def test_offline_loss_refuses_bad_arguments():
+    """Temperature != 1 in tail mode, an unknown mode and mismatched shapes are named."""
+    from kd_module.offline import offline_topk_kd_loss
+
+    student = torch.zeros(2, 1, 8)
+    values, indices, lse = torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.long), None
+    with pytest.raises(ValueError, match="temperature=2.0 needs mode='renormalized'"):
+        offline_topk_kd_loss(student, values, indices, torch.zeros(2, 1), 2.0, mode="tail")
+    with pytest.raises(ValueError, match="mode='exact' is not one of renormalized, tail"):
+        offline_topk_kd_loss(student, values, indices, lse, mode="exact")
+    with pytest.raises(ValueError, match=r"values \(1, 2, 3\) and indices"):
+        offline_topk_kd_loss(student, values.view(1, 2, 3), indices, lse)
+
+
+def test_cache_teacher_refuses_bad_arguments(tmp_path):
+    """k, dtype and shard_size are validated together; reserved manifest keys are refused."""
+    from kd_module.offline import cache_teacher
+
+    with pytest.raises(ValueError, match=r"k=0 .*dtype='int8' .*shard_size=-1"):
+        cache_teacher(None, [], tmp_path, k=0, manifest={}, dtype="int8", shard_size=-1)
+    with pytest.raises(ValueError, match=r"manifest keys \['k'\] are set by cache_teacher"):
+        cache_teacher(None, [], Path(tmp_path), k=2, manifest={"k": 2})
