@@ -210,10 +210,16 @@ def cache_teacher(
     if writer and not (out / _MANIFEST).exists():
         _write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
 
+    if _tp_group() is not None:
+        dist.barrier(group=_tp_group())  # all ranks see the same completed shards
+    # Shards completed by an earlier run; read once so every TP rank skips the same batches.
+    completed = {int(path.name.split("_")[1].split(".")[0]) for path in out.glob("shard_*.done")}
     open_shards: dict[int, dict[str, Any]] = {}
+    finished: set[int] = set()
 
     def finish(shard: int) -> None:
         state = open_shards.pop(shard)
+        finished.add(shard)
         for array in state["arrays"].values():
             array.flush()
         marker = {"rows": len(state["rows"]), "max_index": max(state["rows"])}
@@ -221,15 +227,12 @@ def cache_teacher(
         if on_shard_done is not None:
             on_shard_done(shard)
 
-    def done(shard: int) -> bool:
-        return _shard_path(out, shard, "done").exists()
-
     seq_length = None
     model.eval()
     for batch in batches:
         sample_index = [int(i) for i in batch["sample_index"]]
         shards = [i // shard_size for i in sample_index]
-        if all(done(shard) for shard in shards):
+        if all(shard in completed for shard in shards):
             continue
         with torch.no_grad():
             logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v_local]
@@ -244,8 +247,10 @@ def cache_teacher(
         if dtype == "bf16":
             values = values.view(torch.int16)  # numpy has no bf16: keep the raw bits
         for row, (sample, shard) in enumerate(zip(sample_index, shards, strict=True)):
-            if done(shard):
+            if shard in completed:
                 continue
+            if shard in finished:
+                raise ValueError(f"cache_teacher: sample index {sample} appears twice")
             if shard not in open_shards:
                 shape = (shard_size, seq_length)
                 open_mode = np.lib.format.open_memmap
@@ -284,10 +289,10 @@ def cache_teacher(
                 finish(shard)
     for shard in sorted(open_shards):
         finish(shard)
-    if dist.is_initialized() and _tp_group() is not None:
-        dist.barrier(group=_tp_group())
-    if not writer:
-        return json.loads((out / _MANIFEST).read_text())
+    group = _tp_group()
+    if group is not None:
+        dist.barrier(group=group)  # every shard marker is written before anyone reads them
+    # Every rank validates, so all of them raise together instead of one waiting for the rest.
     markers = [json.loads(path.read_text()) for path in sorted(out.glob("shard_*.done"))]
     num_samples = max((marker["max_index"] for marker in markers), default=-1) + 1
     rows = sum(marker["rows"] for marker in markers)
@@ -297,7 +302,10 @@ def cache_teacher(
             f"{num_samples - 1}; sample indices must be 0 .. N-1, each once"
         )
     final = {**expected, "num_samples": num_samples, "complete": True}
-    _write_json_atomic(out / _MANIFEST, final)
+    if writer:
+        _write_json_atomic(out / _MANIFEST, final)
+    if group is not None:
+        dist.barrier(group=group)  # the final manifest exists before any rank returns
     return final
 
 

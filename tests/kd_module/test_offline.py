@@ -154,24 +154,29 @@ def test_manifest_mismatch_is_refused_naming_the_field(single_rank, tmp_path):
         cache.check_manifest({"seq_length": 16})
 
 
-def test_interrupted_cache_run_resumes_to_identical_files(single_rank, tmp_path):
+@pytest.mark.parametrize(
+    ("order", "reruns"),
+    [(SEQUENTIAL_ORDER, 1), (SCRAMBLED_ORDER, 2)],
+    ids=["sequential", "scrambled-partial-shard-rewritten"],
+)
+def test_interrupted_cache_run_resumes_to_identical_files(single_rank, tmp_path, order, reruns):
     """A run killed after shard 0 skips its batches on restart; files are byte-identical."""
     model = _teacher()
-    _cache(model, tmp_path / "clean", order=SEQUENTIAL_ORDER, dtype="bf16")
+    _cache(model, tmp_path / "clean", order=order, dtype="bf16")
 
     def crash(shard: int) -> None:
         raise RuntimeError(f"killed after shard {shard}")
 
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="killed after shard 0"):
-        _cache(model, resumed, order=SEQUENTIAL_ORDER, dtype="bf16", on_shard_done=crash)
+        _cache(model, resumed, order=order, dtype="bf16", on_shard_done=crash)
     assert json.loads((resumed / "manifest.json").read_text())["complete"] is False
     assert not (resumed / "shard_00001.done").exists()
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
-    _cache(model, resumed, order=SEQUENTIAL_ORDER, dtype="bf16")
+    _cache(model, resumed, order=order, dtype="bf16")
     handle.remove()
-    assert len(calls) == 1  # only the batch of samples 4-5 ran again
+    assert len(calls) == reruns  # batches holding a sample of shard 1 (4 or 5) ran again
     clean_files = sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert clean_files == sorted(p.name for p in resumed.iterdir())
     assert len(clean_files) == 9  # manifest + 2 shards x (values, indices, lse, done)
@@ -179,10 +184,15 @@ def test_interrupted_cache_run_resumes_to_identical_files(single_rank, tmp_path)
         assert (resumed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
-def test_sample_indices_must_cover_zero_to_n(single_rank, tmp_path):
-    """A gap in the sample indices is refused once the run ends."""
+def test_sample_indices_must_cover_zero_to_n_once(single_rank, tmp_path):
+    """A gap in the sample indices, or a repeat (open or finished shard), is refused."""
+    model = _teacher()
     with pytest.raises(ValueError, match="3 samples were cached but the largest sample index is 4"):
-        _cache(_teacher(), tmp_path, order=[[0, 1], [4]])
+        _cache(model, tmp_path / "gap", order=[[0, 1], [4]])
+    with pytest.raises(ValueError, match="sample index 1 appears twice"):
+        _cache(model, tmp_path / "open", order=[[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="sample index 2 appears twice"):
+        _cache(model, tmp_path / "finished", order=SEQUENTIAL_ORDER + [[2]])
 
 
 def test_tail_mode_matches_a_hand_computation():
@@ -256,3 +266,48 @@ def test_cache_teacher_refuses_bad_arguments(tmp_path):
         cache_teacher(None, [], tmp_path, k=0, manifest={}, dtype="int8", shard_size=-1)
     with pytest.raises(ValueError, match=r"manifest keys \['k'\] are set by cache_teacher"):
         cache_teacher(None, [], Path(tmp_path), k=2, manifest={"k": 2})
+
+
+# ---------------------------------------------------------------- tensor parallel
+
+
+def _tp2_cache_and_losses(out_dir: str) -> dict:
+    """TP=2 rank: cache the teacher, then offline losses and gradients on this rank's shard."""
+    from kd_module import runtime
+    from kd_module.offline import TeacherCache, offline_topk_kd_loss
+
+    runtime.initialize_distributed(2, 1, seed=5)
+    rank = torch.distributed.get_rank()
+    _cache(_teacher(), out_dir)
+    cache = TeacherCache(out_dir)
+    student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(9))
+    shard = student[..., rank * VOCAB // 2 : (rank + 1) * VOCAB // 2].clone().requires_grad_()
+    result = {}
+    for mode in ("renormalized", "tail"):
+        loss = offline_topk_kd_loss(shard, *_cached(cache, [3, 4]), mode=mode)
+        (grad,) = torch.autograd.grad(loss.sum(), shard)
+        result[mode] = (loss.detach(), grad)
+    runtime.destroy_distributed()
+    return result
+
+
+@pytest.mark.multirank
+def test_tp2_cache_and_offline_loss_match_single_rank(single_rank, tmp_path):
+    """A TP=2 teacher caches the TP=1 top-k and LSE; TP=2 offline losses and grads equal TP=1."""
+    from kd_module.offline import TeacherCache, offline_topk_kd_loss
+    from kd_module.testing import run_distributed
+
+    results = run_distributed(_tp2_cache_and_losses, 2, str(tmp_path / "tp2"), timeout=300)
+    _cache(_teacher(), tmp_path / "tp1")
+    tp1, tp2 = TeacherCache(tmp_path / "tp1"), TeacherCache(tmp_path / "tp2")
+    for one, two in zip(tp1.lookup(range(6)), tp2.lookup(range(6)), strict=True):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(9))
+    student.requires_grad_()
+    for mode in ("renormalized", "tail"):
+        loss = offline_topk_kd_loss(student, *_cached(tp1, [3, 4]), mode=mode)
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+        for result in results:
+            torch.testing.assert_close(result[mode][0], loss.detach(), rtol=1e-5, atol=1e-6)
+        tp_grad = torch.cat([result[mode][1] for result in results], dim=-1)
+        torch.testing.assert_close(tp_grad, grad, rtol=1e-5, atol=1e-6, msg=mode)
