@@ -234,8 +234,11 @@ def cache_teacher(
         shards = [i // shard_size for i in sample_index]
         if all(shard in completed for shard in shards):
             continue
+        device = next(model.parameters()).device
         with torch.no_grad():
-            logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v_local]
+            logits = model(
+                batch["tokens"].to(device), batch["position_ids"].to(device), None
+            )  # [b, s, v_local]
         values, index, lse = teacher_logits_topk(logits, k)
         if seq_length is None:
             seq_length = logits.shape[1]
