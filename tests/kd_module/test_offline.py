@@ -113,29 +113,45 @@ def test_renormalized_offline_loss_equals_online_topk_loss(single_rank, tmp_path
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_cache_loss_is_close_to_online_loss(single_rank, tmp_path):
-    """A bf16 cache stores bf16-rounded logits and gives the online top-k loss within 2e-2."""
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_half_precision_cache_loss_is_close_to_online_loss(
+    single_rank, tmp_path, dtype, torch_dtype
+):
+    """A bf16/fp16 cache stores rounded logits and gives the online top-k loss within 2e-2."""
     from kd_module.losses import reference_logits_kd_loss
     from kd_module.offline import TeacherCache, cache_bytes_per_token, offline_topk_kd_loss
 
     model = _teacher()
-    _cache(model, tmp_path, dtype="bf16")
+    _cache(model, tmp_path, dtype=dtype)
     cache = TeacherCache(tmp_path)
     samples = [1, 4]
     values, indices, lse = _cached(cache, samples)
-    assert values.dtype == torch.bfloat16 and indices.dtype == torch.int64
+    assert values.dtype == torch_dtype and indices.dtype == torch.int64
     teacher_logits = _teacher_logits(model, samples)
     torch.testing.assert_close(
-        values, torch.topk(teacher_logits, K, dim=-1).values.bfloat16(), rtol=0, atol=0
+        values, torch.topk(teacher_logits, K, dim=-1).values.to(torch_dtype), rtol=0, atol=0
     )
     student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(8))
     offline = offline_topk_kd_loss(student, values, indices, lse)
     expected = reference_logits_kd_loss(student, teacher_logits, top_k=K)
     torch.testing.assert_close(offline, expected, rtol=2e-2, atol=1e-3)
     shard = [np.load(path, mmap_mode="r") for path in sorted(tmp_path.glob("shard_00000.*.npy"))]
-    assert sum(array.nbytes for array in shard) == 4 * SEQ * cache_bytes_per_token(K, "bf16")
-    assert cache_bytes_per_token(K, "bf16") == K * 6 + 4
+    assert sum(array.nbytes for array in shard) == 4 * SEQ * cache_bytes_per_token(K, dtype)
+    assert cache_bytes_per_token(K, dtype) == K * 6 + 4
     assert cache_bytes_per_token(64, "bf16") == 388 and cache_bytes_per_token(64, "fp32") == 516
+
+
+def test_weights_hash_tracks_parameter_values(single_rank):
+    """Same weights give the same hash; one changed value changes it."""
+    from kd_module.offline import weights_sha256
+
+    first, second = _teacher(), _teacher()
+    assert weights_sha256(first) == weights_sha256(second)
+    with torch.no_grad():
+        next(second.parameters()).view(-1)[0] += 1e-3
+    assert weights_sha256(first) != weights_sha256(second)
 
 
 def test_manifest_mismatch_is_refused_naming_the_field(single_rank, tmp_path):
