@@ -116,8 +116,7 @@ def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
         )
     values, index = torch.topk(logits, min(k, local_vocab), dim=-1)
     index = index + rank * local_vocab
-    logits32 = logits.float()
-    maximum = logits32.amax(dim=-1)
+    maximum = logits.amax(dim=-1).float()
     if world > 1:
         gathered_values = [torch.empty_like(values) for _ in range(world)]
         gathered_index = [torch.empty_like(index) for _ in range(world)]
@@ -126,7 +125,14 @@ def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
         values = torch.cat(gathered_values, dim=-1)
         index = torch.cat(gathered_index, dim=-1)
         dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = torch.exp(logits32 - maximum.unsqueeze(-1)).sum(dim=-1)
+    # Chunked over tokens: no fp32 copy of all the logits at once.
+    rows, flat_max = logits.reshape(-1, local_vocab), maximum.reshape(-1, 1)
+    sum_exp = torch.cat(
+        [
+            torch.exp(rows[start : start + 1024].float() - flat_max[start : start + 1024]).sum(-1)
+            for start in range(0, rows.shape[0], 1024)
+        ]
+    ).reshape(maximum.shape)
     if world > 1:
         dist.all_reduce(sum_exp, group=group)
     values, pick = torch.topk(values, k, dim=-1)
