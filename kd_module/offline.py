@@ -173,6 +173,7 @@ def cache_teacher(
     Args:
         model: the teacher, a megatron ``GPTModel`` holding the embedding and the output layer
             (a single pipeline stage), at any tensor-parallel size; run in eval mode, no grad.
+            Data parallelism is not handled: run it with DP=1 (TP rank 0 writes).
         batches: micro-batches with ``tokens`` [b, s], ``position_ids`` [b, s] and
             ``sample_index`` [b] (the dataset's sample index of each row). Over the whole run the
             sample indices must be exactly ``0 .. N-1``, each once, in any order.
