@@ -341,3 +341,16 @@ def test_bf16_fit_on_gpu():
     trainer.fit(module, datamodule=data)
     assert module.last_train_metrics["kd_loss"] < 10
     assert next(module.distillation_model.parameters()).dtype == torch.bfloat16
+
+
+def test_readme_documents_exactly_the_logged_metrics():
+    """The README's "Logged metrics" table names every metric the modules log, and no other."""
+    import re
+    from pathlib import Path
+
+    from kd_module.module import TRAIN_METRICS, VAL_METRICS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Logged metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE))
+    assert documented == set(TRAIN_METRICS) | set(VAL_METRICS)
