@@ -9,11 +9,13 @@ import torch
 
 from kd_module.models import GPTModelConfig
 
-SEQ = 32
+# Large enough that compute, not the step's fixed bookkeeping (logging, zeroing, ~3 ms on CPU),
+# fills the step: the profiler's phases must cover it within 10%.
+SEQ = 128
 STUDENT = GPTModelConfig(
-    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=512
+    num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=SEQ, vocab_size=512
 )
-TEACHER = STUDENT.replace(num_layers=4, hidden_size=64, ffn_hidden_size=128)
+TEACHER = STUDENT.replace(num_layers=4, hidden_size=256, ffn_hidden_size=1024)
 LEAK_MB_PER_STEP = 16.0
 LEAK_STEPS = 40
 
