@@ -323,3 +323,29 @@ def distill_recipe(
         checkpoint_every_n_steps=checkpoint_every_n_steps,
         resume=resume,
     )
+
+
+def gpu_pair_recipe(
+    teacher_path: str,
+    tokenizer_path: str,
+    teacher_config: Any,
+    student_config: Any,
+    **kwargs: Any,
+) -> run.Partial:
+    """:func:`distill_recipe` with the defaults of the published GPU pairs.
+
+    A HuggingFace tokenizer from ``tokenizer_path``, GPUs in bf16, Adam at 1e-4 decaying to 1e-5
+    after 100 warmup steps; ``kwargs`` go to :func:`distill_recipe` unchanged.
+    """
+    return distill_recipe(
+        teacher_path,
+        teacher_config=teacher_config,
+        student_config=student_config,
+        tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
+        accelerator="gpu",
+        precision="bf16",
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=100,
+        **kwargs,
+    )

@@ -12,9 +12,8 @@ from typing import Any
 import nemo_run as run
 
 from kd_module.api import distill
-from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.models import GPTModelConfig
-from recipes.distill_recipe import distill_recipe
+from recipes.distill_recipe import gpu_pair_recipe
 
 NAME = "qwen3_8b_to_qwen3_1p7b"
 
@@ -127,29 +126,24 @@ def qwen3_8b_to_qwen3_1p7b(
 
             recipe = qwen3_8b_to_qwen3_1p7b("/ckpt/qwen3_8b", "/ckpt/qwen3_8b/tokenizer")
     """
-    return distill_recipe(
+    return gpu_pair_recipe(
         teacher_path,
+        tokenizer_path,
+        teacher_config=qwen3_8b(seq_length),
+        student_config=qwen3_1p7b(seq_length),
         student_path=student_path,
         distill_config=distill_config,
-        teacher_config=qwen3_8b(seq_length),
         dir=dir,
         name=name,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,
-        student_config=qwen3_1p7b(seq_length),
         data_paths=data_paths,
-        tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size,
-        accelerator="gpu",
-        precision="bf16",
         max_steps=max_steps,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        lr=1e-4,
-        min_lr=1e-5,
-        warmup_steps=100,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
         resume=resume,
     )
