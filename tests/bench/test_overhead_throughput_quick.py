@@ -42,10 +42,12 @@ def test_kd_overhead_quick_reports_consistent_ratios() -> None:
     assert summary["settings"]["quick"] is True
     times = ("kd_step_s", "student_step_s", "teacher_forward_s")
     assert all(_positive(summary[key]) for key in times), summary
+    # The script prints times rounded to microseconds; in --quick mode a student forward takes
+    # about a millisecond, so a quotient recomputed from printed times is off by up to ~1e-3.
     expected = summary["kd_step_s"] / (summary["student_step_s"] + summary["teacher_forward_s"])
-    assert summary["overhead_ratio"] == pytest.approx(expected, rel=1e-4)
+    assert summary["overhead_ratio"] == pytest.approx(expected, rel=2e-3)
     slowdown = summary["student_forward_in_kd_s"] / summary["student_forward_alone_s"]
-    assert summary["student_forward_slowdown"] == pytest.approx(slowdown, rel=1e-4)
+    assert summary["student_forward_slowdown"] == pytest.approx(slowdown, rel=2e-3)
     # Interleaved repetitions: every measurement has the quick case's 3 samples.
     assert {k: len(v) for k, v in summary["samples_s"].items()} == {
         "kd": 3,
