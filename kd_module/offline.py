@@ -1,8 +1,8 @@
 """Offline distillation: cache a teacher's top-k logits once, train students from the cache.
 
-:func:`cache_teacher` runs a teacher (one megatron ``GPTModel`` pipeline stage holding both the
-embedding and the output layer, any tensor-parallel size) over micro-batches and stores, per
-token, the teacher's global top-k logits (``bf16``/``fp16``/``fp32``), their vocabulary indices
+:func:`cache_teacher` runs a teacher (megatron ``GPTModel`` stages at any tensor/pipeline/data
+parallel layout) over samples ``0 .. N-1`` of a megatron dataset and stores, per token, the
+teacher's global top-k logits (``bf16``/``fp16``/``fp32``), their vocabulary indices
 (``int32``) and the log-sum-exp of the teacher's FULL distribution (``fp32``). Rows are keyed by
 the dataset's sample index: sample ``i`` lives in shard ``i // shard_size``, row
 ``i % shard_size``, as numpy ``.npy`` files that :class:`TeacherCache` memory-maps.
@@ -10,21 +10,20 @@ the dataset's sample index: sample ``i`` lives in shard ``i // shard_size``, row
 On disk (``out_dir``)::
 
     manifest.json                 what was cached (written atomically; "complete" at the end)
-    shard_00000.values.npy        [shard_size, seq_length, k]  top-k logits (bf16 as uint16 bits)
-    shard_00000.indices.npy       [shard_size, seq_length, k]  int32 vocabulary indices
-    shard_00000.lse.npy           [shard_size, seq_length]     fp32 full log-sum-exp
-    shard_00000.done              completion marker (JSON: rows written, largest sample index)
+    shard_00000.values.npy        [rows, seq_length, k]  top-k logits (bf16 as uint16 bits)
+    shard_00000.indices.npy       [rows, seq_length, k]  int32 vocabulary indices
+    shard_00000.lse.npy           [rows, seq_length]     fp32 full log-sum-exp
+    shard_00000.tokens.npy        [rows]                 int64 token fingerprint per sample
+    shard_00000.done              completion marker (JSON: rows, first sample, seq_length)
 
 Bytes per token: ``k * (2 + 4) + 4`` with bf16/fp16 values (``k * 8 + 4`` with fp32), e.g.
-388 bytes for k=64 in bf16, against ``2 * vocab`` bytes for full bf16 logits (256 KB at 128k).
-
-Resuming: a shard is complete once its done marker exists; a restarted run skips batches whose
-samples all lie in complete shards and rewrites every incomplete shard from scratch, so the
-result is byte-identical to an uninterrupted run (the teacher forward is deterministic).
+388 bytes for k=64 in bf16, against ``2 * vocab`` bytes for full bf16 logits (256 KB at 128k);
+plus 8 bytes per sample for the fingerprint.
 
 :func:`offline_topk_kd_loss` is the per-token loss of student logits against the cache, either
 renormalized over the teacher's top-k (equal to ``LogitsKDLoss(top_k=k)``) or with a tail bucket
 that keeps the teacher's probability mass outside the top-k.
+:class:`~kd_module.offline_module.OfflineDistillationModule` trains a student from a cache.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +45,14 @@ from torch import Tensor
 __all__ = [
     "CACHE_DTYPES",
     "OFFLINE_LOSS_MODES",
+    "RESERVED_MANIFEST_KEYS",
     "TeacherCache",
     "cache_bytes_per_token",
     "cache_teacher",
+    "dataset_manifest",
     "offline_topk_kd_loss",
     "teacher_logits_topk",
+    "token_fingerprint",
     "weights_sha256",
 ]
 
@@ -58,6 +60,9 @@ CACHE_DTYPES = ("bf16", "fp16", "fp32")
 """Storage dtypes of the cached top-k logit values."""
 OFFLINE_LOSS_MODES = ("renormalized", "tail")
 """How :func:`offline_topk_kd_loss` treats the vocabulary outside the teacher's top-k."""
+
+RESERVED_MANIFEST_KEYS = ("k", "dtype", "shard_size", "num_samples", "complete")
+"""Manifest keys :func:`cache_teacher` sets itself."""
 
 _MANIFEST = "manifest.json"
 _NUMPY_DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}
@@ -149,174 +154,297 @@ def _shard_path(out_dir: Path, shard: int, kind: str) -> Path:
     return out_dir / f"shard_{shard:05d}.{kind}"
 
 
-def _full_manifest(manifest: dict, k: int, dtype: str, shard_size: int) -> dict:
-    reserved = {"k", "dtype", "shard_size", "num_samples", "complete"} & manifest.keys()
+def _full_manifest(manifest: dict, k: int, dtype: str, shard_size: int, num_samples: int) -> dict:
+    reserved = set(RESERVED_MANIFEST_KEYS) & manifest.keys()
     if reserved:
         raise ValueError(
             f"teacher cache: manifest keys {sorted(reserved)} are set by cache_teacher; remove them"
         )
-    return {**manifest, "k": k, "dtype": dtype, "shard_size": shard_size}
+    return {
+        **manifest,
+        "k": k,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "num_samples": num_samples,
+    }
+
+
+_FINGERPRINT_WEIGHTS: dict[int, Tensor] = {}
+
+
+def token_fingerprint(tokens: Tensor) -> Tensor:
+    """One int64 per sample that changes when any of its tokens changes: [b, s] -> [b].
+
+    A weighted sum of the token ids with fixed pseudo-random odd int64 weights per position,
+    wrapping on overflow. The cache stores it per sample; training compares it with the
+    tokens it is about to distill on, so a cache paired with other data (another shuffle,
+    split, sequence length or tokenizer) is caught at the first batch instead of silently
+    distilling against the wrong teacher logits.
+    """
+    seq_length = tokens.shape[-1]
+    if seq_length not in _FINGERPRINT_WEIGHTS:
+        generator = torch.Generator().manual_seed(0x5EED)
+        weights = torch.randint(1, 2**62, (seq_length,), generator=generator, dtype=torch.int64)
+        _FINGERPRINT_WEIGHTS[seq_length] = weights | 1
+    weights = _FINGERPRINT_WEIGHTS[seq_length].to(tokens.device)
+    return (tokens.long() * weights).sum(dim=-1)
+
+
+def _data_parallel() -> tuple[int, int]:
+    if parallel_state.model_parallel_is_initialized():
+        return (
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(),
+        )
+    return 0, 1
+
+
+def _is_writer() -> bool:
+    """The rank that writes its replica's shards: last pipeline stage, tensor-parallel rank 0."""
+    if not parallel_state.model_parallel_is_initialized():
+        return True
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _collate(samples: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
+    batch = {}
+    for key in ("tokens", "position_ids", "attention_mask"):
+        if key in samples[0] and samples[0][key] is not None:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+    return batch
+
+
+def _teacher_topk_chunk(
+    model: torch.nn.Module, batches: list[dict[str, Tensor]], k: int, dtype: str
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Teacher top-k of each micro-batch through megatron's forward-only schedule.
+
+    With pipeline parallelism the activations travel between stages as in training; the last
+    stage computes the top-k of its logits (a TP collective) and returns CPU tensors
+    ``(values, int32 indices, lse)`` per micro-batch. Other stages return an empty list.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator: Any, stage: Any) -> tuple:
+        batch = next(data_iterator)
+        output = stage(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+        def collect(logits: Tensor, non_loss_data: bool = False) -> tuple:
+            values, index, lse = teacher_logits_topk(logits, k)
+            values = values.to(_TORCH_DTYPES[dtype]).cpu()
+            return values, index.to(torch.int32).cpu(), lse.cpu()
+
+        return output, collect
+
+    tokens = batches[0]["tokens"]
+    return list(
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+        or []
+    )
+
+
+def _open_shard(out: Path, shard: int, rows: int, seq_length: int, k: int, dtype: str) -> dict:
+    """Fresh memory-mapped arrays of one shard (an incomplete earlier shard is overwritten)."""
+
+    def create(kind: str, np_dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return np.lib.format.open_memmap(
+            _shard_path(out, shard, f"{kind}.npy"), mode="w+", dtype=np_dtype, shape=shape
+        )
+
+    return {
+        "values": create("values", _NUMPY_DTYPES[dtype], (rows, seq_length, k)),
+        "indices": create("indices", np.int32, (rows, seq_length, k)),
+        "lse": create("lse", np.float32, (rows, seq_length)),
+        "tokens": create("tokens", np.int64, (rows,)),
+    }
 
 
 def cache_teacher(
     model: torch.nn.Module,
-    batches: Iterable[dict[str, Tensor]],
+    dataset: Sequence[dict[str, Any]],
     out_dir: str | os.PathLike,
     k: int,
     manifest: dict,
+    num_samples: int | None = None,
+    micro_batch_size: int = 1,
     dtype: str = "bf16",
     shard_size: int = 1024,
+    micro_batches_per_call: int = 16,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run ``model`` over ``batches`` and cache its top-k logits per token; resumable.
+    """Run the teacher over samples ``0 .. num_samples-1`` of ``dataset``; cache top-k per token.
+
+    Call it on every rank (tensor, pipeline and data parallel). Each data-parallel replica
+    caches the shards ``r, r + dp, r + 2 dp, ...`` (``r`` its data-parallel rank); inside a
+    replica the forward runs megatron's forward-only schedule (any TP/PP layout; no context
+    parallelism) and the last pipeline stage's tensor-parallel rank 0 writes. A shard's
+    micro-batches do not depend on the layout, so every layout writes the same rows.
+
+    Resuming: a shard is complete once its done marker exists; a restarted run skips complete
+    shards and rewrites every incomplete one from scratch, so the result is byte-identical to
+    an uninterrupted run (the teacher forward is deterministic).
 
     Args:
-        model: the teacher, a megatron ``GPTModel`` holding the embedding and the output layer
-            (a single pipeline stage), at any tensor-parallel size; run in eval mode, no grad.
-            Data parallelism is not handled: run it with DP=1 (TP rank 0 writes).
-        batches: micro-batches with ``tokens`` [b, s], ``position_ids`` [b, s] and
-            ``sample_index`` [b] (the dataset's sample index of each row). Over the whole run the
-            sample indices must be exactly ``0 .. N-1``, each once, in any order.
+        model: this rank's teacher stage (megatron ``GPTModel``); run in eval mode, no grad.
+        dataset: ``dataset[i]`` is a dict with ``tokens`` [s] and ``position_ids`` [s] (and
+            ``attention_mask`` when the data makes one): a megatron ``GPTDataset``.
         out_dir: cache directory (created).
         k: top-k entries kept per token.
-        manifest: what describes the cache: teacher id/path and weights hash
-            (:func:`weights_sha256`), tokenizer, dataset description, ``seq_length``...; stored
-            with ``k``, ``dtype``, ``shard_size`` and, once complete, ``num_samples``. A restart
-            must pass the same manifest.
+        manifest: what describes the cache: teacher path and weights hash
+            (:func:`weights_sha256`), tokenizer, dataset (:func:`dataset_manifest`),
+            ``seq_length``...; stored with ``k``, ``dtype``, ``shard_size``, ``num_samples``.
+            A restart must pass the same manifest.
+        num_samples: samples to cache (``len(dataset)`` when ``None``).
+        micro_batch_size: samples per teacher forward; the last micro-batch of a shard is
+            padded by repeating its last sample (the padding is not stored).
         dtype: storage of the top-k values, one of :data:`CACHE_DTYPES`.
         shard_size: samples per shard file.
-        on_shard_done: called with the shard number after each shard is marked complete.
+        micro_batches_per_call: micro-batches per call of megatron's schedule (bounds the
+            top-k results held in memory before they are written).
+        on_shard_done: called with the shard number after each shard this rank wrote is marked
+            complete.
 
     Returns:
-        The final manifest (also in ``out_dir/manifest.json``).
+        The final manifest (also in ``out_dir/manifest.json``), with ``complete: true``.
 
     Raises:
-        ValueError: on bad arguments, a manifest differing from the one already in ``out_dir``,
-            sample indices that are not ``0 .. N-1`` each once, or a sequence length change.
+        ValueError: on bad arguments, a manifest differing from the one already in ``out_dir``
+            (naming the field), or samples of different lengths.
 
     Examples:
-        >>> cache_teacher(teacher, batches, "/data/cache", k=64,
-        ...               manifest={"teacher": "llama31_8b", "seq_length": 4096})
+        >>> cache_teacher(teacher_stage, data.train_dataset, "/data/cache", k=64,
+        ...               manifest={"teacher": "/ckpt/llama31_8b", "seq_length": 4096},
+        ...               num_samples=100_000, micro_batch_size=4)
     """
     problems = []
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        problems.append(f"k={k!r} must be a positive int")
+    for name, value in (
+        ("k", k),
+        ("shard_size", shard_size),
+        ("micro_batch_size", micro_batch_size),
+        ("micro_batches_per_call", micro_batches_per_call),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            problems.append(f"{name}={value!r} must be a positive int")
     if dtype not in CACHE_DTYPES:
         problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-        problems.append(f"shard_size={shard_size!r} must be a positive int")
+    if num_samples is None and dataset is not None:
+        num_samples = len(dataset)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        problems.append(f"num_samples={num_samples!r} must be a positive int")
+    elif dataset is not None and num_samples > len(dataset):
+        problems.append(f"num_samples={num_samples} is more than the dataset's {len(dataset)}")
     if problems:
         raise ValueError("cache_teacher: " + "; ".join(problems))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    expected = _full_manifest(dict(manifest), k, dtype, shard_size)
+    expected = _full_manifest(dict(manifest), k, dtype, shard_size, num_samples)
     if (out / _MANIFEST).exists():
         TeacherCache(out).check_manifest(expected)
-    # Only rank 0 of the TP group writes; every rank runs the forward and the collectives.
-    writer = _tp_group() is None or dist.get_rank(_tp_group()) == 0
-    if writer and not (out / _MANIFEST).exists():
-        _write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
-
-    if _tp_group() is not None:
-        dist.barrier(group=_tp_group())  # all ranks see the same completed shards
-    # Shards completed by an earlier run; read once so every TP rank skips the same batches.
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / _MANIFEST).exists():
+            _write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
+    _barrier()  # every rank sees the manifest and the same completed shards
     completed = {int(path.name.split("_")[1].split(".")[0]) for path in out.glob("shard_*.done")}
-    open_shards: dict[int, dict[str, Any]] = {}
-    finished: set[int] = set()
-
-    def finish(shard: int) -> None:
-        state = open_shards.pop(shard)
-        finished.add(shard)
-        for array in state["arrays"].values():
-            array.flush()
-        marker = {"rows": len(state["rows"]), "max_index": max(state["rows"])}
-        _write_json_atomic(_shard_path(out, shard, "done"), marker)
-        if on_shard_done is not None:
-            on_shard_done(shard)
-
-    seq_length = None
+    dp_rank, dp_size = _data_parallel()
+    writer = _is_writer()
+    num_shards = -(-num_samples // shard_size)
+    device = next(model.parameters()).device
     model.eval()
-    for batch in batches:
-        sample_index = [int(i) for i in batch["sample_index"]]
-        shards = [i // shard_size for i in sample_index]
-        if all(shard in completed for shard in shards):
+    seq_length = None
+    for shard in range(dp_rank, num_shards, dp_size):
+        if shard in completed:
             continue
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            logits = model(
-                batch["tokens"].to(device), batch["position_ids"].to(device), None
-            )  # [b, s, v_local]
-        values, index, lse = teacher_logits_topk(logits, k)
-        if seq_length is None:
-            seq_length = logits.shape[1]
-        elif logits.shape[1] != seq_length:
-            raise ValueError(f"cache_teacher: sequence length {logits.shape[1]} != {seq_length}")
-        if not writer:
-            continue
-        values = values.to(_TORCH_DTYPES[dtype]).cpu()
-        if dtype == "bf16":
-            values = values.view(torch.int16)  # numpy has no bf16: keep the raw bits
-        for row, (sample, shard) in enumerate(zip(sample_index, shards, strict=True)):
-            if shard in completed:
+        samples = list(range(shard * shard_size, min((shard + 1) * shard_size, num_samples)))
+        arrays = None
+        for first in range(0, len(samples), micro_batch_size * micro_batches_per_call):
+            chunk = samples[first : first + micro_batch_size * micro_batches_per_call]
+            batches, fingerprints = [], []
+            for start in range(0, len(chunk), micro_batch_size):
+                rows = chunk[start : start + micro_batch_size]
+                rows = rows + [rows[-1]] * (micro_batch_size - len(rows))  # pad the last one
+                batch = _collate([dataset[i] for i in rows], device)
+                if seq_length is None:
+                    seq_length = batch["tokens"].shape[1]
+                if batch["tokens"].shape[1] != seq_length:
+                    raise ValueError(
+                        f"cache_teacher: sample {rows[0]} has {batch['tokens'].shape[1]} tokens, "
+                        f"earlier samples {seq_length}"
+                    )
+                batches.append(batch)
+                fingerprints.append(token_fingerprint(batch["tokens"]).cpu())
+            with torch.no_grad():
+                results = _teacher_topk_chunk(model, batches, k, dtype)
+            if not writer:
                 continue
-            if shard in finished:
-                raise ValueError(f"cache_teacher: sample index {sample} appears twice")
-            if shard not in open_shards:
-                shape = (shard_size, seq_length)
-                open_mode = np.lib.format.open_memmap
-                open_shards[shard] = {
-                    "rows": set(),
-                    "arrays": {
-                        "values": open_mode(
-                            _shard_path(out, shard, "values.npy"),
-                            mode="w+",
-                            dtype=_NUMPY_DTYPES[dtype],
-                            shape=(*shape, k),
-                        ),
-                        "indices": open_mode(
-                            _shard_path(out, shard, "indices.npy"),
-                            mode="w+",
-                            dtype=np.int32,
-                            shape=(*shape, k),
-                        ),
-                        "lse": open_mode(
-                            _shard_path(out, shard, "lse.npy"),
-                            mode="w+",
-                            dtype=np.float32,
-                            shape=shape,
-                        ),
-                    },
-                }
-            state = open_shards[shard]
-            if sample in state["rows"]:
-                raise ValueError(f"cache_teacher: sample index {sample} appears twice")
-            position = sample % shard_size
-            state["arrays"]["values"][position] = values[row].numpy().view(_NUMPY_DTYPES[dtype])
-            state["arrays"]["indices"][position] = index[row].to(torch.int32).cpu().numpy()
-            state["arrays"]["lse"][position] = lse[row].cpu().numpy()
-            state["rows"].add(sample)
-            if len(state["rows"]) == shard_size:
-                finish(shard)
-    for shard in sorted(open_shards):
-        finish(shard)
-    group = _tp_group()
-    if group is not None:
-        dist.barrier(group=group)  # every shard marker is written before anyone reads them
-    # Every rank validates, so all of them raise together instead of one waiting for the rest.
-    markers = [json.loads(path.read_text()) for path in sorted(out.glob("shard_*.done"))]
-    num_samples = max((marker["max_index"] for marker in markers), default=-1) + 1
-    rows = sum(marker["rows"] for marker in markers)
-    if rows != num_samples:
-        raise ValueError(
-            f"cache_teacher: {rows} samples were cached but the largest sample index is "
-            f"{num_samples - 1}; sample indices must be 0 .. N-1, each once"
-        )
-    final = {**expected, "num_samples": num_samples, "complete": True}
-    if writer:
+            if arrays is None:
+                arrays = _open_shard(out, shard, len(samples), seq_length, k, dtype)
+            position = first
+            for (values, index, lse), fingerprint in zip(results, fingerprints, strict=True):
+                count = min(micro_batch_size, len(chunk) - (position - first))
+                rows = slice(position, position + count)
+                if dtype == "bf16":
+                    values = values.view(torch.int16)  # numpy has no bf16: keep the raw bits
+                arrays["values"][rows] = values[:count].numpy().view(_NUMPY_DTYPES[dtype])
+                arrays["indices"][rows] = index[:count].numpy()
+                arrays["lse"][rows] = lse[:count].numpy()
+                arrays["tokens"][rows] = fingerprint[:count].numpy()
+                position += count
+        if writer:
+            for array in arrays.values():
+                array.flush()
+            marker = {"rows": len(samples), "first": samples[0], "seq_length": seq_length}
+            _write_json_atomic(_shard_path(out, shard, "done"), marker)
+            if on_shard_done is not None:
+                on_shard_done(shard)
+    _barrier()  # every shard is marked before anyone checks
+    missing = [s for s in range(num_shards) if not _shard_path(out, s, "done").exists()]
+    if missing:
+        raise RuntimeError(f"cache_teacher: shards {missing} of {out} were not completed")
+    final = {**expected, "complete": True}
+    if not dist.is_initialized() or dist.get_rank() == 0:
         _write_json_atomic(out / _MANIFEST, final)
-    if group is not None:
-        dist.barrier(group=group)  # the final manifest exists before any rank returns
+    _barrier()  # the final manifest exists before any rank returns
     return final
+
+
+def dataset_manifest(data: Any, num_samples: int) -> dict[str, Any]:
+    """What identifies the samples of a :class:`~kd_module.data.GPTDataModule`'s train split.
+
+    megatron's sample order depends on the prefixes, split, seed, sequence length, the EOD/
+    position options and on the number of samples the dataset was built for; a cache is only
+    valid for a training run that builds the same train dataset.
+    """
+    paths = data.paths
+    if isinstance(paths, dict):
+        paths = {key: value for key, value in paths.items() if key == "train"}
+    return {
+        "paths": json.loads(json.dumps(paths, default=str)),
+        "mock": bool(data.mock),
+        "split": None if isinstance(data.paths, dict) else data.split,
+        "seed": data.seed,
+        "seq_length": data.seq_length,
+        "num_samples": num_samples,
+        "eod_mask_loss": data.eod_mask_loss,
+        "reset_position_ids": data.reset_position_ids,
+        "reset_attention_mask": data.reset_attention_mask,
+    }
 
 
 class TeacherCache:
@@ -345,23 +473,31 @@ class TeacherCache:
     def check_manifest(self, expected: dict) -> None:
         """Refuse a cache whose manifest differs from ``expected`` on any of its keys.
 
+        Nested dicts are compared key by key and named with dots (``dataset.seed``).
+
         Raises:
             ValueError: naming the first differing field (in ``expected``'s order) and both
                 values.
         """
-        for key, value in expected.items():
-            stored = self.manifest.get(key, "<missing>")
-            if stored != value:
-                raise ValueError(
-                    f"teacher cache {self.out_dir}: manifest field {key!r} is {stored!r} in the "
-                    f"cache but {value!r} is expected"
-                )
+
+        def compare(stored: dict, wanted: dict, prefix: str) -> None:
+            for key, value in wanted.items():
+                have = stored.get(key, "<missing>") if isinstance(stored, dict) else "<missing>"
+                if isinstance(value, dict) and isinstance(have, dict):
+                    compare(have, value, f"{prefix}{key}.")
+                elif have != value:
+                    raise ValueError(
+                        f"teacher cache {self.out_dir}: manifest field {prefix + key!r} is "
+                        f"{have!r} in the cache but {value!r} is expected"
+                    )
+
+        compare(self.manifest, expected, "")
 
     def _shard(self, shard: int) -> dict[str, np.ndarray]:
         if shard not in self._shards:
             self._shards[shard] = {
                 kind: np.load(_shard_path(self.out_dir, shard, f"{kind}.npy"), mmap_mode="r")
-                for kind in ("values", "indices", "lse")
+                for kind in ("values", "indices", "lse", "tokens")
             }
         return self._shards[shard]
 
@@ -381,6 +517,7 @@ class TeacherCache:
         shard_size = self.manifest["shard_size"]
         dtype = self.manifest["dtype"]
         rows: dict[str, list[np.ndarray]] = {"values": [], "indices": [], "lse": []}
+
         for sample in (int(i) for i in sample_indices):
             if not 0 <= sample < num_samples:
                 raise ValueError(
@@ -394,6 +531,28 @@ class TeacherCache:
             values = values.view(torch.bfloat16)
         indices = torch.from_numpy(np.stack(rows["indices"])).long()
         return values, indices, torch.from_numpy(np.stack(rows["lse"]))
+
+    def check_tokens(self, sample_indices: Tensor | Iterable[int], tokens: Tensor) -> None:
+        """Refuse samples whose tokens differ from the ones the teacher was run on.
+
+        Args:
+            sample_indices: [b] dataset sample indices.
+            tokens: [b, s] the tokens about to be trained on.
+
+        Raises:
+            ValueError: naming the first mismatching sample index: the cache belongs to other
+                data (shuffle, split, sequence length or tokenizer).
+        """
+        shard_size = self.manifest["shard_size"]
+        found = token_fingerprint(tokens.cpu())
+        for row, sample in enumerate(int(i) for i in sample_indices):
+            stored = int(self._shard(sample // shard_size)["tokens"][sample % shard_size])
+            if stored != int(found[row]):
+                raise ValueError(
+                    f"teacher cache {self.out_dir}: the tokens of sample {sample} differ from "
+                    "the ones the teacher was cached on; the cache belongs to other data "
+                    "(dataset paths, split, seed, seq_length, num_samples or tokenizer)"
+                )
 
 
 def _gather_student(student: Tensor, indices: Tensor) -> Tensor:

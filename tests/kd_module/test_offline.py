@@ -22,48 +22,37 @@ TEACHER = GPTModelConfig(
     share_embeddings_and_output_weights=False,
 )
 MANIFEST = {"teacher": "tiny-teacher", "tokenizer": "byte", "dataset": "random", "seq_length": SEQ}
-# Samples 0..5 with shard_size 4: shard 0 holds 0-3, shard 1 holds 4-5 (partial).
-SCRAMBLED_ORDER = [[4, 0], [1, 5], [2, 3]]
-SEQUENTIAL_ORDER = [[0, 1], [2, 3], [4, 5]]
+NUM_SAMPLES = 6  # shard_size 4: shard 0 holds samples 0-3, shard 1 holds 4-5 (partial)
 
 
 def _tokens(sample: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(100 + sample))
 
 
-def _batches(order):
-    return [
-        {
-            "tokens": torch.stack([_tokens(i) for i in samples]),
-            "position_ids": torch.arange(SEQ).expand(len(samples), SEQ),
-            "sample_index": torch.tensor(samples),
-        }
-        for samples in order
-    ]
+DATASET = [{"tokens": _tokens(i), "position_ids": torch.arange(SEQ)} for i in range(NUM_SAMPLES)]
 
 
-def _teacher():
+def _teacher(layout=None):
     from kd_module.models import build_model
     from kd_module.testing import init_weights_by_global_key
 
-    model = build_model(TEACHER)
+    model = build_model(TEACHER, layout)
     init_weights_by_global_key(model, seed=3)
     return model.eval()
 
 
 def _teacher_logits(model, samples) -> torch.Tensor:
     """Teacher logits [s, b, v] of ``samples``, computed directly."""
-    batch = _batches([samples])[0]
+    tokens = torch.stack([_tokens(i) for i in samples])
     with torch.no_grad():
-        return model(batch["tokens"], batch["position_ids"], None).transpose(0, 1)
+        return model(tokens, torch.arange(SEQ).expand(len(samples), SEQ), None).transpose(0, 1)
 
 
-def _cache(model, out_dir, order=SCRAMBLED_ORDER, dtype="fp32", **kwargs):
+def _cache(model, out_dir, dtype="fp32", **kwargs):
     from kd_module.offline import cache_teacher
 
-    return cache_teacher(
-        model, _batches(order), out_dir, k=K, manifest=MANIFEST, dtype=dtype, shard_size=4, **kwargs
-    )
+    kwargs = {"micro_batch_size": 3, "shard_size": 4, "micro_batches_per_call": 1, **kwargs}
+    return cache_teacher(model, DATASET, out_dir, k=K, manifest=MANIFEST, dtype=dtype, **kwargs)
 
 
 def _cached(cache, samples):
@@ -100,7 +89,7 @@ def test_renormalized_offline_loss_equals_online_topk_loss(single_rank, tmp_path
     _cache(model, tmp_path)
     cache = TeacherCache(tmp_path)
     generator = torch.Generator().manual_seed(7)
-    for samples in SCRAMBLED_ORDER:
+    for samples in ([4, 0], [1, 5], [2, 3]):
         teacher_logits = _teacher_logits(model, samples)
         student = torch.randn(SEQ, len(samples), VOCAB, generator=generator).requires_grad_()
         offline = offline_topk_kd_loss(student, *_cached(cache, samples), temperature=2.0)
@@ -138,7 +127,8 @@ def test_half_precision_cache_loss_is_close_to_online_loss(
     expected = reference_logits_kd_loss(student, teacher_logits, top_k=K)
     torch.testing.assert_close(offline, expected, rtol=2e-2, atol=1e-3)
     shard = [np.load(path, mmap_mode="r") for path in sorted(tmp_path.glob("shard_00000.*.npy"))]
-    assert sum(array.nbytes for array in shard) == 4 * SEQ * cache_bytes_per_token(K, dtype)
+    fingerprints = 4 * 8  # one int64 per sample
+    assert sum(a.nbytes for a in shard) == 4 * SEQ * cache_bytes_per_token(K, dtype) + fingerprints
     assert cache_bytes_per_token(K, dtype) == K * 6 + 4
     assert cache_bytes_per_token(64, "bf16") == 388 and cache_bytes_per_token(64, "fp32") == 516
 
@@ -165,50 +155,66 @@ def test_manifest_mismatch_is_refused_naming_the_field(single_rank, tmp_path):
     with pytest.raises(ValueError, match="'teacher' is 'tiny-teacher' in the cache but 'other'"):
         cache.check_manifest({"seq_length": SEQ, "teacher": "other", "k": 3})
     with pytest.raises(ValueError, match="'k' is 5 in the cache but 3 is expected"):
-        cache_teacher(model, _batches(SCRAMBLED_ORDER), tmp_path, k=3, manifest=MANIFEST)
+        cache_teacher(model, DATASET, tmp_path, k=3, manifest=MANIFEST)
     with pytest.raises(ValueError, match="'seq_length' is 8 in the cache but 16"):
         cache.check_manifest({"seq_length": 16})
 
 
-@pytest.mark.parametrize(
-    ("order", "reruns"),
-    [(SEQUENTIAL_ORDER, 1), (SCRAMBLED_ORDER, 2)],
-    ids=["sequential", "scrambled-partial-shard-rewritten"],
-)
-def test_interrupted_cache_run_resumes_to_identical_files(single_rank, tmp_path, order, reruns):
-    """A run killed after shard 0 skips its batches on restart; files are byte-identical."""
+@pytest.mark.parametrize("micro_batches_per_call", [1, 2])
+def test_interrupted_cache_run_resumes_to_identical_files(
+    single_rank, tmp_path, micro_batches_per_call
+):
+    """A run killed after shard 0 reruns only shard 1 on restart; files are byte-identical."""
     model = _teacher()
-    _cache(model, tmp_path / "clean", order=order, dtype="bf16")
+    kwargs = {"dtype": "bf16", "micro_batches_per_call": micro_batches_per_call}
+    _cache(model, tmp_path / "clean", **kwargs)
 
     def crash(shard: int) -> None:
         raise RuntimeError(f"killed after shard {shard}")
 
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="killed after shard 0"):
-        _cache(model, resumed, order=order, dtype="bf16", on_shard_done=crash)
+        _cache(model, resumed, on_shard_done=crash, **kwargs)
     assert json.loads((resumed / "manifest.json").read_text())["complete"] is False
     assert not (resumed / "shard_00001.done").exists()
+    # A half-written shard 1 from the killed run is rewritten, not trusted.
+    np.save(resumed / "shard_00001.lse.npy", np.zeros((2, SEQ), np.float32))
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
-    _cache(model, resumed, order=order, dtype="bf16")
+    _cache(model, resumed, **kwargs)
     handle.remove()
-    assert len(calls) == reruns  # batches holding a sample of shard 1 (4 or 5) ran again
+    assert len(calls) == 1  # shard 1 (samples 4, 5) is one micro-batch of 3, padded
     clean_files = sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert clean_files == sorted(p.name for p in resumed.iterdir())
-    assert len(clean_files) == 9  # manifest + 2 shards x (values, indices, lse, done)
+    assert len(clean_files) == 11  # manifest + 2 shards x (values, indices, lse, tokens, done)
     for name in clean_files:
         assert (resumed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
-def test_sample_indices_must_cover_zero_to_n_once(single_rank, tmp_path):
-    """A gap in the sample indices, or a repeat (open or finished shard), is refused."""
+def test_micro_batch_size_and_grouping_do_not_change_the_cache(single_rank, tmp_path):
+    """Micro-batches of 1 and of 3 (padded) cache the same rows, to float rounding."""
+    from kd_module.offline import TeacherCache
+
     model = _teacher()
-    with pytest.raises(ValueError, match="3 samples were cached but the largest sample index is 4"):
-        _cache(model, tmp_path / "gap", order=[[0, 1], [4]])
-    with pytest.raises(ValueError, match="sample index 1 appears twice"):
-        _cache(model, tmp_path / "open", order=[[0, 1], [1, 2]])
-    with pytest.raises(ValueError, match="sample index 2 appears twice"):
-        _cache(model, tmp_path / "finished", order=SEQUENTIAL_ORDER + [[2]])
+    _cache(model, tmp_path / "mbs1", micro_batch_size=1, micro_batches_per_call=4)
+    _cache(model, tmp_path / "mbs3")
+    for one, three in zip(
+        TeacherCache(tmp_path / "mbs1").lookup(range(6)),
+        TeacherCache(tmp_path / "mbs3").lookup(range(6)),
+        strict=True,
+    ):
+        torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
+
+
+def test_check_tokens_refuses_other_data(single_rank, tmp_path):
+    """Tokens of sample 2 pass; the tokens of another sample under index 2 are named."""
+    from kd_module.offline import TeacherCache
+
+    _cache(_teacher(), tmp_path)
+    cache = TeacherCache(tmp_path)
+    cache.check_tokens([2, 5], torch.stack([_tokens(2), _tokens(5)]))
+    with pytest.raises(ValueError, match="the tokens of sample 2 differ"):
+        cache.check_tokens([5, 2], torch.stack([_tokens(5), _tokens(3)]))
 
 
 def test_tail_mode_matches_a_hand_computation():
@@ -275,27 +281,34 @@ def test_offline_loss_refuses_bad_arguments():
 
 
 def test_cache_teacher_refuses_bad_arguments(tmp_path):
-    """k, dtype and shard_size are validated together; reserved manifest keys are refused."""
+    """k, dtype, shard_size and num_samples are validated together; reserved keys are refused."""
     from kd_module.offline import cache_teacher
 
-    with pytest.raises(ValueError, match=r"k=0 .*dtype='int8' .*shard_size=-1"):
-        cache_teacher(None, [], tmp_path, k=0, manifest={}, dtype="int8", shard_size=-1)
+    with pytest.raises(ValueError, match=r"k=0 .*shard_size=-1.*dtype='int8'.*num_samples=7 is"):
+        cache_teacher(
+            None, DATASET, tmp_path, k=0, manifest={}, dtype="int8", shard_size=-1, num_samples=7
+        )
     with pytest.raises(ValueError, match=r"manifest keys \['k'\] are set by cache_teacher"):
-        cache_teacher(None, [], Path(tmp_path), k=2, manifest={"k": 2})
+        cache_teacher(None, DATASET, Path(tmp_path), k=2, manifest={"k": 2})
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ---------------------------------------------------------------- tensor parallel
 
 
-def _tp2_cache_and_losses(out_dir: str) -> dict:
-    """TP=2 rank: cache the teacher, then offline losses and gradients on this rank's shard."""
+def _layouts_cache_and_losses(out_dir: str) -> dict:
+    """2 ranks: cache at TP=2, PP=2 and DP=2; TP=2 offline losses and gradients on each shard."""
     from kd_module import runtime
+    from kd_module.models import ParallelLayout
     from kd_module.offline import TeacherCache, offline_topk_kd_loss
 
-    runtime.initialize_distributed(2, 1, seed=5)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
+    for name, tp, pp in (("pp2", 1, 2), ("dp2", 1, 1), ("tp2", 2, 1)):
+        runtime.initialize_distributed(tp, pp, seed=5)
+        layout = ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        _cache(_teacher(layout), f"{out_dir}/{name}", micro_batches_per_call=2)
     rank = torch.distributed.get_rank()
-    _cache(_teacher(), out_dir)
-    cache = TeacherCache(out_dir)
+    cache = TeacherCache(f"{out_dir}/tp2")
     student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(9))
     shard = student[..., rank * VOCAB // 2 : (rank + 1) * VOCAB // 2].clone().requires_grad_()
     result = {}
@@ -308,16 +321,23 @@ def _tp2_cache_and_losses(out_dir: str) -> dict:
 
 
 @pytest.mark.multirank
-def test_tp2_cache_and_offline_loss_match_single_rank(single_rank, tmp_path):
-    """A TP=2 teacher caches the TP=1 top-k and LSE; TP=2 offline losses and grads equal TP=1."""
+def test_tp2_pp2_dp2_caches_and_tp2_offline_loss_match_single_rank(single_rank, tmp_path):
+    """TP=2 and PP=2 teachers cache the TP=1 top-k and LSE, DP=2 the identical bytes; TP=2
+    offline losses and gradients equal TP=1."""
     from kd_module.offline import TeacherCache, offline_topk_kd_loss
     from kd_module.testing import run_distributed
 
-    results = run_distributed(_tp2_cache_and_losses, 2, str(tmp_path / "tp2"), timeout=300)
-    _cache(_teacher(), tmp_path / "tp1")
-    tp1, tp2 = TeacherCache(tmp_path / "tp1"), TeacherCache(tmp_path / "tp2")
-    for one, two in zip(tp1.lookup(range(6)), tp2.lookup(range(6)), strict=True):
-        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    results = run_distributed(_layouts_cache_and_losses, 2, str(tmp_path), timeout=300)
+    _cache(_teacher(), tmp_path / "tp1", micro_batches_per_call=2)
+    tp1 = TeacherCache(tmp_path / "tp1")
+    for name in ("tp2", "pp2"):
+        other = TeacherCache(tmp_path / name)
+        for one, two in zip(tp1.lookup(range(6)), other.lookup(range(6)), strict=True):
+            torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5, msg=name)
+    files = sorted(p.name for p in (tmp_path / "tp1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "dp2").iterdir())
+    for name in files:  # each replica wrote its own shard, identical to one rank's
+        assert (tmp_path / "dp2" / name).read_bytes() == (tmp_path / "tp1" / name).read_bytes()
     student = torch.randn(SEQ, 2, VOCAB, generator=torch.Generator().manual_seed(9))
     student.requires_grad_()
     for mode in ("renormalized", "tail"):
