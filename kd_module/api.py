@@ -85,6 +85,8 @@ def _placement_problems(module: Any, layout: Any, earlier: list[str]) -> list[st
 
 def _vocabulary_problems(module: Any) -> list[str]:
     """Teacher and student vocabularies, when both configs fix one, must be the same."""
+    if module.teacher_config is None:
+        return []
     student, teacher = module.student_config.vocab_size, module.teacher_config.vocab_size
     if student and teacher and student != teacher:
         return [
@@ -119,7 +121,10 @@ def check_inputs(
         check_virtual_pipeline(layout)
     except ValueError as error:
         problems.append(str(error))
-    for who, config in (("student", module.student_config), ("teacher", module.teacher_config)):
+    configs = (("student", module.student_config), ("teacher", module.teacher_config))
+    for who, config in configs:
+        if config is None:  # offline distillation: no teacher model
+            continue
         problems += config.layout_problems(
             layout.tensor_model_parallel_size,
             layout.pipeline_model_parallel_size,
@@ -153,23 +158,7 @@ def check_inputs(
         ("teacher_checkpoint", module.teacher_checkpoint, module.teacher_ckpt_format),
         ("student_checkpoint", module.student_checkpoint, module.student_ckpt_format),
     ):
-        if path is not None:
-            from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
-
-            try:
-                found = detect_checkpoint_format(resolve_checkpoint_dir(path))
-            except (ValueError, FileNotFoundError) as error:
-                problems.append(f"{label}: {error}")
-                continue
-            if requested not in ("auto", "torch_dist", "torch"):
-                problems.append(
-                    f"{label}: ckpt_format={requested!r} is not one of auto, torch_dist, torch"
-                )
-            elif requested not in ("auto", found):
-                problems.append(
-                    f"{label}: ckpt_format={requested!r} was requested but {path} holds a "
-                    f"{found} checkpoint; use 'auto' or {found!r}"
-                )
+        problems += _checkpoint_problems(label, path, requested)
     problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
     if trainer.max_steps is None or trainer.max_steps <= 0:
         problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive integer")
@@ -223,6 +212,8 @@ def distill(
     export: bool = True,
     on_nonfinite: str = "stop",
     check_teacher_integrity: bool = True,
+    teacher_cache: str | None = None,
+    offline_loss_mode: str = "tail",
 ) -> dict[str, Any]:
     """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
 
@@ -256,6 +247,11 @@ def distill(
             ``"skip"``ped (no update; listed as ``skipped_steps`` in the summary).
         check_teacher_integrity: hash the teacher's weights when built (``teacher_sha256`` in
             the summary) and fail at the end of training if they changed.
+        teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher``)
+            instead of running a teacher; excludes ``teacher_checkpoint``. ``data`` must be the
+            data the cache was made of (checked against its manifest and per sample).
+        offline_loss_mode: with ``teacher_cache``: ``"tail"`` or ``"renormalized"`` (see
+            :class:`~kd_module.offline_module.OfflineDistillationModule`).
 
     Returns:
         The summary written to ``<log_dir>/<name>/summary.json``.
@@ -279,23 +275,45 @@ def distill(
 
     start = time.perf_counter()
     teacher_tokenizer: dict[str, Any] = {}
-    if teacher is None:
-        resolved = load_teacher_model_config(teacher_model_config, student, teacher_checkpoint)
-        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
-    module = DistillationModule(
-        student=student,
-        teacher=teacher,
-        teacher_checkpoint=teacher_checkpoint,
-        teacher_ckpt_format=teacher_ckpt_format,
-        teacher_model_config=teacher_model_config,
-        student_checkpoint=student_checkpoint,
-        student_ckpt_format=student_ckpt_format,
-        distill_config=distill_config,
-        optimizer=optimizer,
-        loss_chunk_size=loss_chunk_size,
-        on_nonfinite=on_nonfinite,
-        check_teacher_integrity=check_teacher_integrity,
-    )
+    if teacher_cache is not None:
+        from kd_module.offline_module import OfflineDistillationModule
+
+        if teacher_checkpoint is not None or teacher is not None:
+            raise ValueError(
+                "distill: teacher_cache replaces the teacher; leave teacher_checkpoint and "
+                "teacher unset (None) for offline distillation"
+            )
+        module = OfflineDistillationModule(
+            student,
+            teacher_cache,
+            distill_config=distill_config,
+            offline_loss_mode=offline_loss_mode,
+            student_checkpoint=student_checkpoint,
+            student_ckpt_format=student_ckpt_format,
+            optimizer=optimizer,
+            on_nonfinite=on_nonfinite,
+        )
+        offline_problems = module.data_problems(data, trainer.max_steps)
+        if offline_problems:
+            raise ValueError("distill: " + "; ".join(offline_problems))
+    else:
+        if teacher is None:
+            resolved = load_teacher_model_config(teacher_model_config, student, teacher_checkpoint)
+            teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+        module = DistillationModule(
+            student=student,
+            teacher=teacher,
+            teacher_checkpoint=teacher_checkpoint,
+            teacher_ckpt_format=teacher_ckpt_format,
+            teacher_model_config=teacher_model_config,
+            student_checkpoint=student_checkpoint,
+            student_ckpt_format=student_ckpt_format,
+            distill_config=distill_config,
+            optimizer=optimizer,
+            loss_chunk_size=loss_chunk_size,
+            on_nonfinite=on_nonfinite,
+            check_teacher_integrity=check_teacher_integrity,
+        )
     check_inputs(module, data, trainer, teacher_tokenizer)
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"distill: keep_last={keep_last!r} must be a positive integer")
@@ -379,6 +397,8 @@ def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[s
                 "tokenizer": _jsonable(data.tokenizer),
             },
             "teacher_checkpoint": module.teacher_checkpoint,
+            "teacher_cache": getattr(module, "teacher_cache", None),
+            "offline_loss_mode": getattr(module, "offline_loss_mode", None),
             "student_checkpoint": module.student_checkpoint,
             "max_steps": trainer.max_steps,
         },
@@ -389,3 +409,226 @@ def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[s
         if callable(breakdown):
             summary["step_time_breakdown"] = breakdown()
     return summary
+
+
+def _checkpoint_problems(label: str, path: str | None, requested: str) -> list[str]:
+    """The checkpoint at ``path`` exists and holds the requested format."""
+    if path is None:
+        return []
+    from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
+
+    try:
+        found = detect_checkpoint_format(resolve_checkpoint_dir(path))
+    except (ValueError, FileNotFoundError) as error:
+        return [f"{label}: {error}"]
+    if requested not in ("auto", "torch_dist", "torch"):
+        return [f"{label}: ckpt_format={requested!r} is not one of auto, torch_dist, torch"]
+    if requested not in ("auto", found):
+        return [
+            f"{label}: ckpt_format={requested!r} was requested but {path} holds a "
+            f"{found} checkpoint; use 'auto' or {found!r}"
+        ]
+    return []
+
+
+@cli_errors
+def build_teacher_cache(
+    data: Any,
+    out_dir: str,
+    teacher_checkpoint: str | None = None,
+    teacher: Any = None,
+    teacher_model_config: str | None = None,
+    teacher_ckpt_format: str = "auto",
+    k: int = 64,
+    dtype: str = "bf16",
+    num_samples: int | None = None,
+    shard_size: int = 1024,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    accelerator: str = "gpu",
+    precision: str = "bf16",
+    seed: int = 1234,
+    teacher_init_fn: Any = None,
+) -> dict[str, Any]:
+    """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
+
+    Runs on every rank of the launch (``torchrun``/nemo-run executors; one process when not
+    launched): tensor and pipeline parallelism split the teacher, the remaining ranks are data
+    parallel replicas caching disjoint shards. Interrupted, it resumes: run it again with the
+    same arguments and only incomplete shards are computed.
+
+    Args:
+        data: the :class:`~kd_module.data.GPTDataModule` the students will train on (paths,
+            split, seed, ``seq_length``, tokenizer; ``micro_batch_size`` is the teacher's).
+        out_dir: the cache directory (``teacher_cache`` of :func:`distill`).
+        teacher_checkpoint: the teacher's weights; ``None`` caches a randomly initialized
+            teacher (tests only).
+        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
+            checkpoint's ``model_config.yaml``.
+        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        k: top-k logits kept per token.
+        dtype: storage of the logit values: ``bf16``, ``fp16`` or ``fp32``.
+        num_samples: train samples to cache, ``0 .. num_samples-1``; ``data.num_train_samples``
+            when ``None``. Students must train on at most this many samples.
+        shard_size: samples per shard file (the unit of resuming).
+        tensor_model_parallel_size: ranks each teacher layer is split across.
+        pipeline_model_parallel_size: ranks the teacher's layers are split across.
+        accelerator: ``gpu`` or ``cpu``.
+        precision: the teacher's ``fp32`` or ``bf16`` (bf16 needs ``accelerator="gpu"``).
+        seed: seed of torch and megatron's RNG states.
+        teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
+            (tests, notebooks).
+
+    Returns:
+        The cache's manifest.
+
+    Raises:
+        ValueError: naming every problem with the inputs (or a cache in ``out_dir`` made with
+            other settings), before the teacher is built.
+
+    Examples:
+        From a shell::
+
+            nemo kd cache-teacher --factory tiny_cpu_cache out_dir=/data/tiny_cache
+
+        From Python::
+
+            build_teacher_cache(data, "/data/cache", teacher_checkpoint="/ckpt/8b", k=64,
+                                num_samples=100_000, tensor_model_parallel_size=8)
+    """
+    import torch
+
+    from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
+    from kd_module.data.tokenizers import padded_vocab_size
+    from kd_module.models import GPTModelConfig
+    from kd_module.offline import CACHE_DTYPES, TeacherCache, _full_manifest, dataset_manifest
+    from kd_module.strategy import PRECISIONS
+    from kd_module.teacher_config import load_teacher_model_config
+
+    problems: list[str] = []
+    if num_samples is None:
+        num_samples = data.num_train_samples
+    for label, value in (
+        ("k", k),
+        ("shard_size", shard_size),
+        ("num_samples", num_samples),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (or set data.num_train_samples)" if label == "num_samples" else ""
+            problems.append(f"{label}={value!r} must be a positive integer{hint}")
+    if dtype not in CACHE_DTYPES:
+        problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    if accelerator not in ("gpu", "cpu"):
+        problems.append(f"accelerator={accelerator!r} is not one of gpu, cpu")
+    elif accelerator == "gpu" and not torch.cuda.is_available():
+        problems.append("accelerator='gpu' but CUDA is not available; use accelerator='cpu'")
+    if precision not in PRECISIONS:
+        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    elif precision == "bf16" and accelerator == "cpu":
+        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if isinstance(model_parallel, int) and model_parallel > 0 and world_size % model_parallel:
+        problems.append(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    problems += _checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
+    teacher_tokenizer: dict[str, Any] = {}
+    if teacher is None and not problems:
+        resolved = load_teacher_model_config(
+            teacher_model_config, GPTModelConfig(seq_length=data.seq_length), teacher_checkpoint
+        )
+        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+    if teacher is not None:
+        problems += teacher.layout_problems(
+            tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
+        )
+        try:
+            check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
+        except ValueError as error:
+            problems.append(f"teacher: {error}")
+    problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer)
+    if not data.mock:
+        try:
+            check_prefixes_exist(data.prefixes())
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("cache-teacher: " + "; ".join(problems))
+
+    vocab = teacher.vocab_size or padded_vocab_size(
+        data.tokenizer.build().vocab_size,
+        teacher.make_vocab_size_divisible_by,
+        tensor_model_parallel_size,
+    )
+    manifest = {
+        "teacher": {
+            "checkpoint": None
+            if teacher_checkpoint is None
+            else os.path.realpath(teacher_checkpoint),
+            "config": _jsonable(teacher),
+        },
+        "tokenizer": data.tokenizer.to_dict(),
+        "dataset": dataset_manifest(data, num_samples),
+        "seq_length": data.seq_length,
+        "vocab_size": vocab,
+    }
+    if (Path(out_dir) / "manifest.json").exists():  # a restart: same settings, before any work
+        TeacherCache(out_dir).check_manifest(
+            _full_manifest(manifest, k, dtype, shard_size, num_samples)
+        )
+
+    from kd_module import runtime
+    from kd_module.models import ParallelLayout, build_model
+    from kd_module.offline import cache_teacher
+
+    if accelerator == "gpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    runtime.initialize_distributed(
+        tensor_model_parallel_size, pipeline_model_parallel_size, seed=seed
+    )
+    try:
+        layout = ParallelLayout(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+        params_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = build_model(teacher, layout, vocab, params_dtype)
+        if accelerator == "gpu":
+            model = model.cuda()
+        if teacher_checkpoint is not None:
+            from kd_module.checkpoint import make_teacher_loader
+
+            make_teacher_loader(teacher_checkpoint, teacher_ckpt_format)(model)
+        elif teacher_init_fn is not None:
+            teacher_init_fn(model)
+        else:
+            logger.warning("cache-teacher: no teacher_checkpoint, caching a random teacher")
+        model.requires_grad_(False)
+        data.num_train_samples = num_samples
+        data.setup("fit")
+        start = time.perf_counter()
+        final = cache_teacher(
+            model,
+            data.train_dataset,
+            out_dir,
+            k=k,
+            manifest=manifest,
+            num_samples=num_samples,
+            micro_batch_size=data.micro_batch_size,
+            dtype=dtype,
+            shard_size=shard_size,
+        )
+        logger.info(
+            "cache-teacher: %d samples cached in %s (%.1f s)",
+            num_samples,
+            out_dir,
+            time.perf_counter() - start,
+        )
+    finally:
+        runtime.destroy_distributed()
+    return final

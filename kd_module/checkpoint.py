@@ -57,7 +57,6 @@ _HIDDEN_PREFIXES = ("_teacher_model", "_loss_modules")
 _SHOWN_KEYS = 5
 
 
-
 # ---------------------------------------------------------------- finding checkpoints
 
 

@@ -393,6 +393,7 @@ def forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
     loss: str = "kd",
+    forward_step_func: Any = None,
 ) -> dict[str, torch.Tensor]:
     """One pass of megatron's forward-backward schedule over ``num_microbatches`` micro-batches.
 
@@ -409,6 +410,8 @@ def forward_backward(
         micro_batch_size: samples per micro-batch.
         forward_only: evaluation (no backward).
         loss: ``"kd"`` (:func:`kd_loss_func`) or ``"lm"`` (:func:`lm_loss_func`).
+        forward_step_func: megatron's ``forward_step_func`` to use instead of the one of
+            ``loss`` (offline distillation passes its own).
 
     Returns:
         On the last pipeline stage, each report key mapped to ``[sum, num_tokens]`` summed over
@@ -426,7 +429,7 @@ def forward_backward(
             decoder_seq_length=None,
         )
     reports = get_forward_backward_func()(
-        forward_step_func=_forward_step_func(loss),
+        forward_step_func=forward_step_func or _forward_step_func(loss),
         data_iterator=data_iterator,
         model=[model],
         num_microbatches=num_microbatches,

@@ -42,6 +42,8 @@ STEP_METRICS = ("lr", "grad_norm", "tokens_per_s", "consumed_samples")
 TRAIN_METRICS = REPORT_KEYS + STEP_METRICS
 PROGRESS_BAR = ("kd_loss", "lm_loss", "lr", "tokens_per_s")
 VAL_METRICS = ("val_loss", "val_kd_loss", "teacher_val_loss")
+PER_SAMPLE_KEYS = ("sample_index",)
+"""Batch entries of shape [b] (not split over context-parallel ranks)."""
 
 
 def reseed(strategy: Any) -> None:
@@ -74,6 +76,8 @@ class GPTModule(L.LightningModule):
     """
 
     loss_kind = "lm"
+    val_loss_kind: str | None = None
+    """The validation loss when it differs from ``loss_kind``."""
     report_keys: tuple[str, ...] = ("lm_loss",)
 
     def __init__(
@@ -180,6 +184,14 @@ class GPTModule(L.LightningModule):
         return MegatronOptimizerAdapter(megatron_optimizer)
 
     # ------------------------------------------------------------------ steps
+    def forward_step_func(self) -> Callable | None:
+        """megatron's ``forward_step_func`` for training; ``None``: the one of ``loss_kind``."""
+        return None
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A hook on each micro-batch (on this rank's device) before the context-parallel split."""
+        return batch
+
     def _micro_batches(self, dataloader_iter: Iterator, count: int) -> list[dict[str, Any]]:
         from megatron.core import parallel_state
 
@@ -194,10 +206,14 @@ class GPTModule(L.LightningModule):
                 key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
                 for key, value in batch.items()
             }
+            batch = self.prepare_batch(batch)
             if parallel_state.get_context_parallel_world_size() > 1:
                 from megatron.core.utils import get_batch_on_this_cp_rank
 
+                # Per-sample entries have no sequence dimension to split.
+                per_sample = {key: batch.pop(key) for key in PER_SAMPLE_KEYS if key in batch}
                 batch = get_batch_on_this_cp_rank(batch)
+                batch.update(per_sample)
             batches.append(batch)
         return batches
 
@@ -248,6 +264,7 @@ class GPTModule(L.LightningModule):
             data.seq_length,
             data.micro_batch_size,
             loss=self.loss_kind,
+            forward_step_func=self.forward_step_func(),
         )
         values = self._reduce_report(report, self.report_keys)
         if self._update_is_safe(values, optimizer.optimizer):
@@ -330,7 +347,7 @@ class GPTModule(L.LightningModule):
             data.seq_length,
             data.micro_batch_size,
             forward_only=True,
-            loss=self.loss_kind,
+            loss=self.val_loss_kind or self.loss_kind,
         )
         for key, value in report.items():
             self._val_sums[key] = self._val_sums.get(key, 0) + value

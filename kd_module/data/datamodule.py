@@ -7,7 +7,9 @@ Batches are dicts of CPU tensors, one micro-batch of this data-parallel rank at 
 - ``loss_mask`` ``[b, s]`` float32: 1 where the label counts (0 on EOD when ``eod_mask_loss``);
 - ``position_ids`` ``[b, s]`` int64 (restarting after each EOD when ``reset_position_ids``);
 - ``attention_mask`` ``[b, 1, s, s]`` bool, True = masked, present only when
-  ``reset_attention_mask`` (otherwise the model's causal mask applies).
+  ``reset_attention_mask`` (otherwise the model's causal mask applies);
+- ``sample_index`` ``[b]`` int64: each row's index in its split's megatron dataset (what an
+  offline teacher cache is keyed by, :mod:`kd_module.offline`).
 
 ``b`` is ``micro_batch_size``; ``global_batch_size / (micro_batch_size * data_parallel_size)``
 consecutive micro-batches make one optimizer step.
@@ -20,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from kd_module.data.sampler import MegatronPretrainingSampler
 from kd_module.data.tokenizers import TokenizerConfig
@@ -145,6 +148,23 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
             parallel_state.get_data_parallel_world_size(),
         )
     return 0, 1
+
+
+class IndexedSamples(Dataset):
+    """A dataset whose items also carry their own index as ``sample_index``.
+
+    Args:
+        dataset: a map-style dataset of dicts (a megatron ``GPTDataset``).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "sample_index": torch.tensor(index, dtype=torch.int64)}
 
 
 class GPTDataModule(L.LightningDataModule):
@@ -399,7 +419,7 @@ class GPTDataModule(L.LightningDataModule):
             position_fn=position_fn,
         )
         return DataLoader(
-            dataset,
+            IndexedSamples(dataset),
             batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,

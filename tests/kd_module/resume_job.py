@@ -13,6 +13,25 @@ import signal
 from pathlib import Path
 
 
+def job_models_and_data(steps: int = 8):
+    """The job's student and teacher architectures and its data module."""
+    from kd_module.data import GPTDataModule
+    from kd_module.models import GPTModelConfig
+
+    student = GPTModelConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=512
+    )
+    teacher = student.replace(num_layers=3, hidden_size=48)
+    data = GPTDataModule(
+        mock=True,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=4,
+        num_train_samples=steps * 4,
+    )
+    return student, teacher, data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--log-dir", required=True)
@@ -22,13 +41,12 @@ def main() -> None:
     parser.add_argument("--kill-after-step", type=int)
     parser.add_argument("--kill-during-save", type=int, help="SIGKILL inside the N-th save")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--teacher-cache", help="distill offline from this cache (no teacher)")
     args = parser.parse_args()
 
     import lightning as L
 
     from kd_module.api import distill
-    from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
     from kd_module.optim import OptimizerConfig
     from kd_module.strategy import MegatronStrategy
 
@@ -62,17 +80,7 @@ def main() -> None:
 
         dist_checkpointing.save = save_then_die
 
-    student = GPTModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=512
-    )
-    teacher = student.replace(num_layers=3, hidden_size=48)
-    data = GPTDataModule(
-        mock=True,
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=4,
-        num_train_samples=args.steps * 4,
-    )
+    student, teacher, data = job_models_and_data(args.steps)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -85,20 +93,25 @@ def main() -> None:
         limit_val_batches=0,
         callbacks=[Record()],
     )
+    teacher_kwargs = {
+        "teacher": teacher,
+        "distill_config": {
+            "intermediate_layer_pairs": [["decoder.final_layernorm", "decoder.final_layernorm"]]
+        },
+    }
+    if args.teacher_cache:  # the teacher is replaced by its cache; logits only
+        teacher_kwargs = {"teacher_cache": args.teacher_cache}
     distill(
         student,
         data,
         trainer,
-        teacher=teacher,
         log_dir=args.log_dir,
         name=args.name,
         optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
-        distill_config={
-            "intermediate_layer_pairs": [["decoder.final_layernorm", "decoder.final_layernorm"]]
-        },
         checkpoint_every_n_steps=args.every,
         keep_last=2,
         resume=args.resume,
+        **teacher_kwargs,
     )
 
 

@@ -65,7 +65,11 @@ def test_batch_contract_shapes_dtypes_and_label_shift(data, tmp_path):
     """Micro-batches hold tokens/labels/loss_mask/position_ids [b, s]; labels are tokens shifted."""
     module = _module(data["varied"], tmp_path)
     batch = next(iter(module.train_dataloader()))
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "sample_index"}
+    # sample_index names each row's dataset item: the key of an offline teacher cache.
+    assert batch["sample_index"].tolist() == [0, 1]
+    for row, index in enumerate(batch["sample_index"].tolist()):
+        assert torch.equal(batch["tokens"][row], module.train_dataset[index]["tokens"])
     for key, dtype in [
         ("tokens", torch.int64),
         ("labels", torch.int64),
@@ -210,7 +214,7 @@ def test_mock_data_gives_the_same_batch_contract(tmp_path):
         mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, num_train_samples=8
     )
     batch = next(iter(module.train_dataloader()))
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "sample_index"}
     assert batch["tokens"].shape == (2, SEQ)
 
 

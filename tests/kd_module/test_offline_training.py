@@ -1,0 +1,304 @@
+"""Offline distillation end to end: build_teacher_cache, then students trained from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kd_module.models import GPTModelConfig
+from kd_module.testing import run_distributed
+
+SEQ, K, STEPS = 32, 8, 4
+STUDENT = GPTModelConfig(
+    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=512
+)
+TEACHER = STUDENT.replace(num_layers=4, hidden_size=64, ffn_hidden_size=128)
+# Online top-k distillation with the LM loss in the objective: what the renormalized offline
+# loss must reproduce.
+TOPK_CONFIG = {"logit_kl_topk": K, "skip_lm_loss": False, "kd_loss_scale": 0.5}
+
+
+def _student_init(model):
+    from kd_module.testing import init_weights_by_global_key
+
+    init_weights_by_global_key(model, seed=1)
+
+
+def _teacher_init(model):
+    from kd_module.testing import init_weights_by_global_key
+
+    init_weights_by_global_key(model, seed=2, std=0.3)
+
+
+def _data(micro_batch_size=2, **overrides):
+    from kd_module.data import GPTDataModule
+
+    settings = {
+        "mock": True,
+        "seq_length": SEQ,
+        "micro_batch_size": micro_batch_size,
+        "global_batch_size": 4,
+        "num_train_samples": STEPS * 4,
+        "num_val_samples": 4,
+    }
+    return GPTDataModule(**{**settings, **overrides})
+
+
+def _make_cache(out_dir, dtype="fp32", k=K, **kwargs):
+    from kd_module.api import build_teacher_cache
+
+    return build_teacher_cache(
+        _data(micro_batch_size=3, global_batch_size=6),  # teacher micro-batches: any size
+        str(out_dir),
+        teacher=TEACHER,
+        k=k,
+        dtype=dtype,
+        shard_size=6,
+        accelerator="cpu",
+        precision="fp32",
+        teacher_init_fn=_teacher_init,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    _make_cache(out)
+    return out
+
+
+def _fit(module, data, devices=1, tp=1, sequence_parallel=False, max_steps=STEPS):
+    import lightning as L
+
+    from kd_module.strategy import MegatronStrategy
+
+    class Recorder(L.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.steps.append(dict(pl_module.last_train_metrics))
+
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=MegatronStrategy(
+            tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel
+        ),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=data)
+    return recorder.steps
+
+
+def _offline_module(cache_dir, mode="renormalized", config=TOPK_CONFIG):
+    from kd_module.offline_module import OfflineDistillationModule
+    from kd_module.optim import OptimizerConfig
+
+    return OfflineDistillationModule(
+        STUDENT,
+        str(cache_dir),
+        distill_config=config,
+        offline_loss_mode=mode,
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+        student_init_fn=_student_init,
+    )
+
+
+def _curve(steps, key):
+    return torch.tensor([step[key] for step in steps], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def online_curve():
+    from kd_module.module import DistillationModule
+    from kd_module.optim import OptimizerConfig
+
+    module = DistillationModule(
+        STUDENT,
+        TEACHER,
+        distill_config=TOPK_CONFIG,
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+        student_init_fn=_student_init,
+        teacher_init_fn=_teacher_init,
+    )
+    return _fit(module, _data())
+
+
+def _assert_same_curves(steps, reference, rtol):
+    for key in ("kd_loss", "logits_loss", "lm_loss", "grad_norm"):
+        torch.testing.assert_close(
+            _curve(steps, key), _curve(reference, key), rtol=rtol, atol=1e-6, msg=key
+        )
+
+
+def test_offline_training_equals_online_topk_distillation(cache_dir, online_curve):
+    """Same batches, renormalized top-k: offline losses and gradient norms equal online's."""
+    module = _offline_module(cache_dir)
+    offline = _fit(module, _data())
+    assert len(offline) == STEPS
+    assert not hasattr(module.core_model, "teacher_model")  # no teacher was built
+    assert _curve(offline, "logits_loss").min() > 0.01
+    _assert_same_curves(offline, online_curve, rtol=1e-5)
+
+
+def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
+    """distill(teacher_cache=...) in tail mode trains, validates on the LM loss and reports."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.optim import OptimizerConfig
+    from kd_module.strategy import MegatronStrategy
+
+    data = _data(num_train_samples=None)  # taken from the cache's manifest
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=STEPS,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=STEPS,
+    )
+    summary = distill(
+        STUDENT,
+        data,
+        trainer,
+        teacher_cache=str(cache_dir),
+        offline_loss_mode="tail",
+        distill_config={"skip_lm_loss": False, "kd_loss_scale": 0.5},
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
+        log_dir=str(tmp_path),
+        name="tail",
+    )
+    assert data.num_train_samples == STEPS * 4
+    assert summary["configs"]["teacher_cache"] == str(cache_dir)
+    assert summary["configs"]["offline_loss_mode"] == "tail"
+    assert summary["configs"]["teacher"] is None and summary["teacher_val_loss"] is None
+    assert summary["val_loss"] > 0 and summary["val_kd_loss"] is None
+    assert summary["train"]["intermediate_loss"] == 0.0
+    assert summary["train"]["logits_loss"] > 0.01
+    assert (tmp_path / "tail" / "student" / "model_config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": {"seed": 5}}, "manifest field 'dataset.seed' is 1234 in the cache but 5"),
+        (
+            {"data": {"num_train_samples": 20}},
+            "manifest field 'dataset.num_samples' is 16 in the cache but 20",
+        ),
+        ({"max_steps": 5}, "needs 20 train samples but the teacher cache .* holds 16"),
+        ({"teacher_checkpoint": "/ckpt"}, "teacher_cache replaces the teacher"),
+        (
+            {"distill_config": {"logit_loss": "reverse_kl"}},
+            "logit_loss='reverse_kl' is not available from a teacher cache",
+        ),
+        (
+            {"distill_config": {"intermediate_layer_pairs": [["decoder", "decoder"]]}},
+            "intermediate_layer_pairs need the teacher's activations",
+        ),
+        (
+            {"distill_config": {"logit_kl_temperature": 2.0}},
+            "logit_kl_temperature=2.0 needs offline_loss_mode='renormalized'",
+        ),
+        ({"distill_config": {"logit_kl_topk": 9}}, "logit_kl_topk=9 is larger than the k=8"),
+        ({"offline_loss_mode": "full"}, "offline_loss_mode='full' is not one of"),
+    ],
+    ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
+)
+def test_distill_refuses_a_cache_that_does_not_fit(cache_dir, tmp_path, change, message):
+    """Each mismatch is one clear error before any model is built; the cache is untouched."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.strategy import MegatronStrategy
+
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=change.get("max_steps", STEPS),
+        logger=False,
+    )
+    kwargs = {k: v for k, v in change.items() if k not in ("data", "max_steps")}
+    with pytest.raises(ValueError, match=message):
+        distill(
+            STUDENT,
+            _data(**change.get("data", {})),
+            trainer,
+            teacher_cache=str(cache_dir),
+            log_dir=str(tmp_path),
+            **kwargs,
+        )
+    assert not (tmp_path / "default").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before
+
+
+def test_cache_rerun_with_other_settings_is_refused_before_the_teacher(cache_dir):
+    """Re-running build_teacher_cache into a cache made with another k names the field."""
+    with pytest.raises(ValueError, match="manifest field 'k' is 8 in the cache but 4"):
+        _make_cache(cache_dir, k=4)
+
+
+def _layouts_fit(cache_dir: str) -> dict:
+    """2 ranks: an offline fit at DP=2 (micro-batch 1), then one at TP=2 with SP."""
+    dp = _fit(_offline_module(cache_dir), _data(micro_batch_size=1), devices=2)
+    tp = _fit(_offline_module(cache_dir), _data(), devices=2, tp=2, sequence_parallel=True)
+    return {"dp2": dp, "tp2": tp}
+
+
+@pytest.mark.multirank
+def test_offline_dp2_and_tp2_fits_match_single_process(cache_dir, online_curve):
+    """Offline DP=2 and TP=2 (+SP) fits reproduce the single-process (= online) curve."""
+    results = run_distributed(_layouts_fit, 2, str(cache_dir), timeout=400)
+    for result in results:
+        for name in ("dp2", "tp2"):
+            _assert_same_curves(result[name], online_curve, rtol=1e-4)
+
+
+def test_killed_offline_run_resumes_to_identical_losses(tmp_path):
+    """SIGKILLed after step 5, an offline run resumes from its step-4 checkpoint, same losses."""
+    from kd_module.api import build_teacher_cache
+    from tests.kd_module.resume_job import job_models_and_data
+    from tests.kd_module.test_resume import _losses, _run
+
+    _, teacher, data = job_models_and_data()
+    build_teacher_cache(
+        data,
+        str(tmp_path / "cache"),
+        teacher=teacher,
+        k=16,
+        dtype="bf16",
+        shard_size=8,
+        accelerator="cpu",
+        precision="fp32",
+    )
+    cache = ["--teacher-cache", str(tmp_path / "cache")]
+    _run(tmp_path, "full", *cache)
+    reference = {item["step"]: item["kd_loss"] for item in _losses(tmp_path, "full")}
+    assert len(reference) == 8
+    _run(tmp_path, "killed", "--kill-after-step", "5", *cache, expect_killed=True)
+    before = _losses(tmp_path, "killed")
+    _run(tmp_path, "killed", "--resume", *cache)
+    resumed = _losses(tmp_path, "killed")[len(before) :]
+    assert [item["step"] for item in resumed] == [5, 6, 7, 8]
+    for item in before + resumed:
+        assert item["kd_loss"] == reference[item["step"]], item
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["configs"]["teacher_cache"] == str(tmp_path / "cache")
