@@ -7,6 +7,8 @@ it and offers::
     nemo kd distill --factory llama31_8b_to_llama32_1b --dryrun
     nemo kd distill --factory tiny_cpu --to-yaml tiny_cpu.yaml
     nemo kd prepare-data inputs='["data/train.jsonl"]' output_prefix=data/train
+    nemo kd cache-teacher --factory tiny_cpu out_dir=runs/tiny_cpu_cache
+    nemo kd distill --factory tiny_cpu teacher_cache=runs/tiny_cpu_cache
 
 ``distill`` takes the recipes (factories) registered by the modules in :data:`RECIPE_MODULES`
 and dotted overrides of their fields. Importing this module imports torch, Lightning and
@@ -24,7 +26,7 @@ from typing import Any
 import nemo_run as run
 from nemo_run.cli.cli_parser import type_parser
 
-from kd_module.api import distill
+from kd_module.api import build_teacher_cache, distill
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.prepare import prepare_data_cli
 from kd_module.data.tokenizers import TokenizerConfig
@@ -40,9 +42,11 @@ RECIPE_MODULES = (
     "recipes.llama31_8b_to_llama32_1b",
     "recipes.qwen3_8b_to_qwen3_1p7b",
 )
-"""Modules whose ``@run.cli.factory(target=distill, name=NAME)`` recipes the CLI offers."""
+"""Modules whose ``@run.cli.factory(target=distill | build_teacher_cache, name=NAME)`` recipes the
+CLI offers."""
 OVERRIDABLE = (
     distill,
+    build_teacher_cache,
     prepare_data_cli,
     GPTModelConfig,
     GPTDataModule,
@@ -104,3 +108,8 @@ run.cli.entrypoint(
     help="Tokenize .jsonl/.txt files into a megatron .bin/.idx dataset.",
     enable_executor=False,
 )(prepare_data_cli)
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="cache-teacher",
+    help="Cache a teacher's top-k logits for offline distillation (--factory NAME).",
+)(build_teacher_cache)

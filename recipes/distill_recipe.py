@@ -152,6 +152,8 @@ def distill_recipe(
     seed: int = 1234,
     checkpoint_every_n_steps: int | None = None,
     resume: bool = False,
+    teacher_cache: str | None = None,
+    offline_loss_mode: str = "tail",
 ) -> run.Partial:
     """Distill the teacher at ``teacher_path`` into ``student_config``: the whole run as config.
 
@@ -199,6 +201,11 @@ def distill_recipe(
         checkpoint_every_n_steps: save a run checkpoint every N steps and at the end under
             ``<dir>/<name>/checkpoints``; ``None`` saves none.
         resume: continue from the run's latest complete checkpoint, if any.
+        teacher_cache: distill offline from this teacher cache (made by
+            :func:`cache_teacher_recipe` / ``nemo kd cache-teacher`` over the same data); the
+            teacher is neither built nor run, and ``teacher_path``/``teacher_config`` are not
+            used.
+        offline_loss_mode: with ``teacher_cache``, ``"tail"`` or ``"renormalized"``.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -274,16 +281,14 @@ def distill_recipe(
         raise ValueError("distill recipe: " + "; ".join(problems))
 
     log_dir = "runs" if dir is None else dir
-    data = run.Config(
-        GPTDataModule,
-        paths=data_paths,
-        mock=data_paths is None,
-        seq_length=seq_length if seq_length is not None else student_config.seq_length,
-        micro_batch_size=micro_batch_size,
-        global_batch_size=global_batch_size,
-        tokenizer=tokenizer,
-        split=split,
-        seed=seed,
+    data = data_config(
+        data_paths,
+        seq_length if seq_length is not None else student_config.seq_length,
+        micro_batch_size,
+        global_batch_size,
+        tokenizer,
+        split,
+        seed,
     )
     trainer = trainer_config(
         num_nodes=num_nodes,
@@ -304,6 +309,8 @@ def distill_recipe(
     optimizer = run.Config(
         OptimizerConfig, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_decay_style="cosine"
     )
+    if teacher_cache is not None:  # offline: the cache replaces the teacher
+        teacher_path = teacher_config = teacher_model_config = None
     return run.Partial(
         distill,
         student=student_config,
@@ -322,6 +329,138 @@ def distill_recipe(
         loss_chunk_size=loss_chunk_size,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
         resume=resume,
+        teacher_cache=teacher_cache,
+        offline_loss_mode=offline_loss_mode,
+    )
+
+
+def data_config(
+    data_paths: Any,
+    seq_length: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    tokenizer: Any = None,
+    split: str = "969,30,1",
+    seed: int = 1234,
+    num_train_samples: int | None = None,
+) -> run.Config[GPTDataModule]:
+    """``run.Config`` of the :class:`~kd_module.data.GPTDataModule` (mock tokens without paths)."""
+    return run.Config(
+        GPTDataModule,
+        paths=data_paths,
+        mock=data_paths is None,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        tokenizer=tokenizer,
+        split=split,
+        seed=seed,
+        num_train_samples=num_train_samples,
+    )
+
+
+def cache_teacher_recipe(
+    teacher_path: str | None,
+    out_dir: str,
+    num_samples: int,
+    teacher_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
+    *,
+    teacher_model_config: str | None = None,
+    teacher_ckpt_format: str = "auto",
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    tokenizer: run.Config[TokenizerConfig] | TokenizerConfig | None = None,
+    seq_length: int = 2048,
+    micro_batch_size: int = 1,
+    split: str = "969,30,1",
+    seed: int = 1234,
+    k: int = 64,
+    dtype: str = "bf16",
+    shard_size: int = 1024,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    accelerator: str = "gpu",
+    precision: str = "bf16",
+) -> run.Partial:
+    """Cache the teacher's top-k logits over the data students will train on, as config.
+
+    The data arguments must be the ones the students' :func:`distill_recipe` gets (paths,
+    tokenizer, ``seq_length``, split, seed); the students then run with
+    ``teacher_cache=out_dir``. ``num_samples`` is what the students may consume at most
+    (``max_steps x global_batch_size``).
+
+    Args:
+        teacher_path: the teacher's checkpoint; ``None`` caches a random teacher (tests only).
+        out_dir: the cache directory.
+        num_samples: train samples to cache.
+        teacher_config: the teacher's architecture; ``None`` reads ``teacher_model_config`` or
+            the checkpoint's ``model_config.yaml``.
+        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        data_paths: dataset prefixes (see :func:`distill_recipe`); ``None``: mock tokens.
+        tokenizer: the tokenizer the data was prepared with; bytes when ``None``.
+        seq_length: tokens per sample.
+        micro_batch_size: samples per teacher forward.
+        split: train/validation/test document weights.
+        seed: seed of the data shuffling (the students' ``seed``).
+        k: top-k logits kept per token.
+        dtype: ``bf16``, ``fp16`` or ``fp32`` storage of the logit values.
+        shard_size: samples per shard (the unit of resuming).
+        tensor_model_parallel_size: ranks each teacher layer is split across.
+        pipeline_model_parallel_size: ranks the teacher's layers are split across.
+        accelerator: ``gpu`` or ``cpu``.
+        precision: ``bf16`` (GPU) or ``fp32``.
+
+    Returns:
+        ``run.Partial(kd_module.api.build_teacher_cache, ...)``; launch it with as many ranks
+        as the executor gives (the ranks beyond TP x PP cache disjoint shards).
+
+    Examples:
+        ``nemo kd cache-teacher --factory tiny_cpu out_dir=/data/tiny_cache``
+    """
+    from kd_module.api import build_teacher_cache
+
+    problems: list[str] = []
+    if teacher_config is not None:
+        teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
+    if tokenizer is not None:
+        tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
+    for label, value in (
+        ("num_samples", num_samples),
+        ("seq_length", seq_length),
+        ("micro_batch_size", micro_batch_size),
+        ("k", k),
+        ("shard_size", shard_size),
+    ):
+        if not _is_positive_int(value):
+            problems.append(f"{label}={value!r} must be a positive integer")
+    if problems:
+        raise ValueError("cache-teacher recipe: " + "; ".join(problems))
+    return run.Partial(
+        build_teacher_cache,
+        data=data_config(
+            data_paths,
+            seq_length,
+            micro_batch_size,
+            micro_batch_size,
+            tokenizer,
+            split,
+            seed,
+            num_train_samples=num_samples,
+        ),
+        out_dir=out_dir,
+        teacher_checkpoint=teacher_path,
+        teacher=teacher_config,
+        teacher_model_config=teacher_model_config,
+        teacher_ckpt_format=teacher_ckpt_format,
+        k=k,
+        dtype=dtype,
+        num_samples=num_samples,
+        shard_size=shard_size,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        accelerator=accelerator,
+        precision=precision,
+        seed=seed,
     )
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import distill
+from kd_module.api import build_teacher_cache, distill
 from kd_module.data.corpus import CACHE_ENV
 from kd_module.distill_config import DistillConfig
 from kd_module.models import GPTModelConfig
-from recipes.distill_recipe import distill_recipe
+from recipes.distill_recipe import cache_teacher_recipe, distill_recipe
 
 NAME = "tiny_cpu"
 
@@ -100,6 +100,8 @@ def tiny_cpu(
     global_batch_size: int = 16,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    teacher_cache: str | None = None,
+    offline_loss_mode: str = "tail",
 ) -> run.Partial:
     """Distill the demo's tiny teacher into a 1-layer student on CPU.
 
@@ -121,6 +123,9 @@ def tiny_cpu(
         global_batch_size: samples per optimizer step.
         tensor_model_parallel_size: ranks each layer is split across.
         pipeline_model_parallel_size: ranks the layers are split across.
+        teacher_cache: distill offline from the cache ``nemo kd cache-teacher --factory
+            tiny_cpu`` wrote (same data); no teacher is loaded.
+        offline_loss_mode: with ``teacher_cache``, ``"tail"`` or ``"renormalized"``.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -145,8 +150,10 @@ def tiny_cpu(
         )
     if data_paths is None and not mock_data:
         data_paths = run.Config(embedded_corpus_paths)
+    if teacher_path is None and teacher_cache is None:
+        teacher_path = run.Config(demo_teacher_checkpoint)
     return distill_recipe(
-        teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint),
+        teacher_path,
         distill_config=run.Config(
             DistillConfig, skip_lm_loss=False, kd_loss_scale=1.0, logit_kl_temperature=1.0
         ),
@@ -171,4 +178,63 @@ def tiny_cpu(
         min_lr=3e-4,
         warmup_steps=10,
         loss_chunk_size=1024,
+        teacher_cache=teacher_cache,
+        offline_loss_mode=offline_loss_mode,
+    )
+
+
+@run.cli.factory(target=build_teacher_cache, name=NAME)
+def tiny_cpu_cache(
+    out_dir: str = os.path.join("runs", "tiny_cpu_cache"),
+    teacher_path: str | None = None,
+    data_paths: Any = None,
+    mock_data: bool = False,
+    num_samples: int = 100 * 16,
+    k: int = 32,
+    dtype: str = "fp16",
+    num_gpus_per_node: int = 1,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+) -> run.Partial:
+    """Cache the demo teacher's top-k logits over :func:`tiny_cpu`'s data, on CPU.
+
+    ``nemo kd cache-teacher --factory tiny_cpu`` then ``nemo kd distill --factory tiny_cpu
+    teacher_cache=runs/tiny_cpu_cache`` distills without the teacher. (fp16 rather than bf16
+    values: CPUs convert fp16 faster, and the tiny teacher's logits are small.)
+
+    Args:
+        out_dir: the cache directory.
+        teacher_path: the teacher checkpoint; the demo's cached teacher when ``None``.
+        data_paths: dataset prefixes; the embedded corpus when ``None``.
+        mock_data: synthetic tokens instead of any corpus.
+        num_samples: train samples to cache (``tiny_cpu``'s 100 steps x 16).
+        k: top-k logits per token.
+        dtype: storage of the logit values.
+        num_gpus_per_node: CPU processes (ranks); the ones beyond TP x PP are data parallel.
+        tensor_model_parallel_size: ranks each teacher layer is split across.
+        pipeline_model_parallel_size: ranks the teacher's layers are split across.
+
+    Returns:
+        ``run.Partial(kd_module.api.build_teacher_cache, ...)``.
+    """
+    if mock_data and data_paths is not None:
+        raise ValueError(
+            f"tiny_cpu: data_paths={data_paths!r} is not used with mock_data=True; leave it None"
+        )
+    if data_paths is None and not mock_data:
+        data_paths = run.Config(embedded_corpus_paths)
+    return cache_teacher_recipe(
+        teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint),
+        out_dir,
+        num_samples,
+        data_paths=data_paths,
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=8,
+        k=k,
+        dtype=dtype,
+        shard_size=256,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        accelerator="cpu",
+        precision="fp32",
     )

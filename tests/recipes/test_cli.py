@@ -136,3 +136,40 @@ def test_cli_prepare_data_writes_a_megatron_dataset(tiny_jsonl, tmp_path):
     for index, document in enumerate(documents):
         tokens = dataset[index].tolist()
         assert tokens == tokenizer.tokenize(document) + [tokenizer.eod]
+
+
+def test_cli_cache_teacher_then_offline_distill(tiny_teacher, tmp_path):
+    """`nemo kd cache-teacher --factory tiny_cpu` writes a cache; `nemo kd distill --factory
+    "tiny_cpu(teacher_cache=...)"` trains from it without a teacher; a rerun resumes (no-op)."""
+    cache = tmp_path / "cache"
+    mock = ("data.paths=None", "data.mock=true")
+    command = ("kd", "cache-teacher", "--factory", "tiny_cpu", "-y")
+    arguments = (f"teacher_checkpoint={tiny_teacher}", *mock, "num_samples=48", f"out_dir={cache}")
+    result = _nemo(*command, *arguments, "k=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["num_samples"] == 48 and manifest["k"] == 8
+    assert manifest["dataset"]["mock"] is True and manifest["teacher"]["checkpoint"]
+    markers = sorted(path.name for path in cache.glob("*.done"))
+    assert markers == ["shard_00000.done"]  # 48 samples, shards of 256
+    again = _nemo(*command, *arguments, "k=16", cwd=tmp_path)  # other settings: refused
+    assert again.returncode != 0
+    assert "manifest field 'k' is 8 in the cache but 16" in again.stdout + again.stderr
+
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        f"tiny_cpu(teacher_cache='{cache}')",
+        "-y",
+        "trainer.max_steps=3",
+        "trainer.enable_progress_bar=false",
+        *mock,
+        f"log_dir={tmp_path / 'runs'}",
+        "name=offline",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "offline" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["configs"]["teacher_cache"] == str(cache)
+    assert summary["configs"]["teacher"] is None and summary["train"]["logits_loss"] > 0

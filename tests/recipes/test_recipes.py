@@ -265,3 +265,37 @@ def test_every_recipe_dry_runs_and_serializes_without_building(capsys):
         assert "_target_: kd_module.strategy.MegatronStrategy" in text
     out = capsys.readouterr().out
     assert out.count("Dry run for task kd_module.api:distill") == len(ALL_MODULES)
+
+
+def test_cache_recipe_matches_the_distill_recipe_data_and_is_registered():
+    """tiny_cpu's cache recipe: a Partial of build_teacher_cache, found as `--factory tiny_cpu`
+    of `cache-teacher`, caching the data (paths, seq_length, seed) its distill recipe reads."""
+    from kd_module.api import build_teacher_cache
+
+    cache = tiny_cpu.tiny_cpu_cache(out_dir="/cache", num_samples=64, k=16)
+    assert cache.__fn_or_cls__ is build_teacher_cache
+    assert run.cli.resolve_factory(build_teacher_cache, "tiny_cpu").wrapped is (
+        tiny_cpu.tiny_cpu_cache.wrapped
+    )
+    assert cache.out_dir == "/cache" and cache.k == 16 and cache.num_samples == 64
+    assert cache.data.num_train_samples == 64
+    train = tiny_cpu.tiny_cpu(teacher_cache="/cache")
+    assert train.teacher_cache == "/cache" and train.teacher_checkpoint is None
+    for field in ("paths", "seq_length", "seed", "split", "mock", "tokenizer"):
+        assert getattr(cache.data, field) == getattr(train.data, field), field
+    assert tiny_cpu.tiny_cpu().teacher_cache is None  # online by default
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_samples": 0}, "num_samples=0 must be a positive integer"),
+        ({"k": -1, "shard_size": 0}, "k=-1 must be a positive integer; shard_size=0"),
+    ],
+)
+def test_cache_recipe_rejects_bad_arguments(kwargs, message):
+    from recipes.distill_recipe import cache_teacher_recipe
+
+    arguments = {"num_samples": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        cache_teacher_recipe("/ckpt", "/cache", **arguments)
