@@ -431,6 +431,27 @@ def _checkpoint_problems(label: str, path: str | None, requested: str) -> list[s
     return []
 
 
+def _launch_problems(num_nodes: Any, devices: Any) -> list[str]:
+    """``num_nodes x devices`` against the ranks this process was launched with."""
+    problems = [
+        f"{name}={value!r} must be a positive integer"
+        for name, value in (("num_nodes", num_nodes), ("devices", devices))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+    if problems:
+        return problems
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_nodes * devices != world_size:
+        how = (
+            "this process was not launched with torchrun; run the recipe with "
+            f"kd_module.launch.local_executor(devices={devices})"
+            if "WORLD_SIZE" not in os.environ
+            else f"the launch has {world_size} ranks"
+        )
+        return [f"num_nodes x devices = {num_nodes * devices} ranks are expected but {how}"]
+    return []
+
+
 @cli_errors
 def build_teacher_cache(
     data: Any,
@@ -448,6 +469,8 @@ def build_teacher_cache(
     accelerator: str = "gpu",
     precision: str = "bf16",
     seed: int = 1234,
+    num_nodes: int = 1,
+    devices: int = 1,
     teacher_init_fn: Any = None,
 ) -> dict[str, Any]:
     """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
@@ -477,6 +500,8 @@ def build_teacher_cache(
         accelerator: ``gpu`` or ``cpu``.
         precision: the teacher's ``fp32`` or ``bf16`` (bf16 needs ``accelerator="gpu"``).
         seed: seed of torch and megatron's RNG states.
+        num_nodes: machines of the launch (sizes executors, like the trainer's ``num_nodes``).
+        devices: ranks per machine (like the trainer's ``devices``); the launch must match.
         teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
             (tests, notebooks).
 
@@ -529,6 +554,7 @@ def build_teacher_cache(
         problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     elif precision == "bf16" and accelerator == "cpu":
         problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
+    problems += _launch_problems(num_nodes, devices)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if isinstance(model_parallel, int) and model_parallel > 0 and world_size % model_parallel:

@@ -30,20 +30,23 @@ def _positive_int_problems(**values: Any) -> list[str]:
 
 
 def recipe_devices(recipe: run.Partial) -> int:
-    """Ranks per node of a recipe: its trainer's ``devices``.
+    """Ranks per node of a recipe: its trainer's ``devices`` (or its own, for a cache recipe).
 
     Args:
-        recipe: a ``run.Partial`` whose ``trainer`` is a ``run.Config(lightning.Trainer, ...)``.
+        recipe: a ``run.Partial`` whose ``trainer`` is a ``run.Config(lightning.Trainer, ...)``,
+            or one with a ``devices`` argument (``build_teacher_cache``).
 
     Returns:
-        ``recipe.trainer.devices``.
+        ``recipe.trainer.devices`` (``recipe.devices``).
 
     Raises:
         ValueError: when the recipe has no trainer config or its ``devices`` is not a positive
             integer (``"auto"`` cannot size an executor).
     """
     trainer = getattr(recipe, "trainer", None)
-    if not isinstance(trainer, run.Config):
+    if trainer is None and hasattr(recipe, "devices"):  # a recipe without a trainer (caching)
+        trainer = recipe
+    elif not isinstance(trainer, run.Config):
         raise ValueError(f"recipe_devices: recipe.trainer={trainer!r} is not a run.Config")
     devices = getattr(trainer, "devices", None)
     problems = _positive_int_problems(devices=devices)
@@ -55,7 +58,9 @@ def recipe_devices(recipe: run.Partial) -> int:
 def recipe_num_nodes(recipe: run.Partial) -> int:
     """Machines of a recipe: its trainer's ``num_nodes`` (1 when unset)."""
     trainer = getattr(recipe, "trainer", None)
-    if not isinstance(trainer, run.Config):
+    if trainer is None and hasattr(recipe, "num_nodes"):  # a recipe without a trainer (caching)
+        trainer = recipe
+    elif not isinstance(trainer, run.Config):
         raise ValueError(f"recipe_num_nodes: recipe.trainer={trainer!r} is not a run.Config")
     num_nodes = getattr(trainer, "num_nodes", 1)
     problems = _positive_int_problems(num_nodes=num_nodes)

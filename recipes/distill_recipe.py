@@ -380,6 +380,8 @@ def cache_teacher_recipe(
     pipeline_model_parallel_size: int = 1,
     accelerator: str = "gpu",
     precision: str = "bf16",
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
 ) -> run.Partial:
     """Cache the teacher's top-k logits over the data students will train on, as config.
 
@@ -409,10 +411,13 @@ def cache_teacher_recipe(
         pipeline_model_parallel_size: ranks the teacher's layers are split across.
         accelerator: ``gpu`` or ``cpu``.
         precision: ``bf16`` (GPU) or ``fp32``.
+        num_nodes: machines.
+        num_gpus_per_node: ranks per machine (CPU processes with ``accelerator="cpu"``); the
+            ranks beyond TP x PP are data-parallel replicas caching disjoint shards.
 
     Returns:
-        ``run.Partial(kd_module.api.build_teacher_cache, ...)``; launch it with as many ranks
-        as the executor gives (the ranks beyond TP x PP cache disjoint shards).
+        ``run.Partial(kd_module.api.build_teacher_cache, ...)``; size its executor with
+        :func:`kd_module.launch.recipe_devices`.
 
     Examples:
         ``nemo kd cache-teacher --factory tiny_cpu out_dir=/data/tiny_cache``
@@ -430,9 +435,21 @@ def cache_teacher_recipe(
         ("micro_batch_size", micro_batch_size),
         ("k", k),
         ("shard_size", shard_size),
+        ("num_nodes", num_nodes),
+        ("num_gpus_per_node", num_gpus_per_node),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
     ):
         if not _is_positive_int(value):
             problems.append(f"{label}={value!r} must be a positive integer")
+    if not problems and (num_nodes * num_gpus_per_node) % (
+        tensor_model_parallel_size * pipeline_model_parallel_size
+    ):
+        problems.append(
+            f"num_nodes x num_gpus_per_node = {num_nodes * num_gpus_per_node} is not divisible "
+            "by tensor_model_parallel_size x pipeline_model_parallel_size = "
+            f"{tensor_model_parallel_size * pipeline_model_parallel_size}"
+        )
     if problems:
         raise ValueError("cache-teacher recipe: " + "; ".join(problems))
     return run.Partial(
@@ -461,6 +478,8 @@ def cache_teacher_recipe(
         accelerator=accelerator,
         precision=precision,
         seed=seed,
+        num_nodes=num_nodes,
+        devices=num_gpus_per_node,
     )
 
 

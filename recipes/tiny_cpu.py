@@ -237,4 +237,5 @@ def tiny_cpu_cache(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         accelerator="cpu",
         precision="fp32",
+        num_gpus_per_node=num_gpus_per_node,
     )

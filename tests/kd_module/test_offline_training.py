@@ -257,7 +257,8 @@ def test_cache_rerun_with_other_settings_is_refused_before_the_teacher(cache_dir
 
 
 def _layouts_fit(cache_dir: str) -> dict:
-    """2 ranks: an offline fit at DP=2 (micro-batch 1), then one at TP=2 with SP."""
+    """2 ranks: a PP=2 cache run, an offline fit at DP=2 (micro-batch 1), one at TP=2 with SP."""
+    _make_cache(f"{cache_dir}-pp2", pipeline_model_parallel_size=2, devices=2)
     dp = _fit(_offline_module(cache_dir), _data(micro_batch_size=1), devices=2)
     tp = _fit(_offline_module(cache_dir), _data(), devices=2, tp=2, sequence_parallel=True)
     return {"dp2": dp, "tp2": tp}
@@ -265,8 +266,15 @@ def _layouts_fit(cache_dir: str) -> dict:
 
 @pytest.mark.multirank
 def test_offline_dp2_and_tp2_fits_match_single_process(cache_dir, online_curve):
-    """Offline DP=2 and TP=2 (+SP) fits reproduce the single-process (= online) curve."""
+    """build_teacher_cache at PP=2 writes the single-process cache; offline DP=2 and TP=2 (+SP)
+    fits reproduce the single-process (= online) curve."""
+    from kd_module.offline import TeacherCache
+
     results = run_distributed(_layouts_fit, 2, str(cache_dir), timeout=400)
+    one, pp2 = TeacherCache(cache_dir), TeacherCache(f"{cache_dir}-pp2")
+    assert pp2.manifest == one.manifest
+    for single, pipelined in zip(one.lookup(range(16)), pp2.lookup(range(16)), strict=True):
+        torch.testing.assert_close(pipelined, single, rtol=1e-5, atol=1e-5)
     for result in results:
         for name in ("dp2", "tp2"):
             _assert_same_curves(result[name], online_curve, rtol=1e-4)

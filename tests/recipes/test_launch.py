@@ -196,3 +196,48 @@ def test_two_ranks_first_step_equals_one_process(dp2_and_dp1_runs):
     rows2, rows1 = _train_rows(dp2_and_dp1_runs, "dp2"), _train_rows(dp2_and_dp1_runs, "dp1")
     for key in TRAIN_KEYS:
         assert rows2[0][key] == pytest.approx(rows1[0][key], rel=1e-5), key
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(600)
+def test_cache_recipe_on_two_torchrun_ranks_writes_the_one_rank_cache(tiny_teacher, tmp_path):
+    """tiny_cpu's cache recipe on 2 ranks (two data-parallel replicas, one shard each) writes
+    the bytes one in-process rank writes; in-process with devices=2 it is refused up front."""
+    from nemo_run.config import get_nemorun_home, set_nemorun_home
+
+    from recipes.tiny_cpu import tiny_cpu_cache
+
+    def recipe(devices: int, out_dir: Path):
+        config = tiny_cpu_cache(
+            out_dir=str(out_dir),
+            teacher_path=tiny_teacher,
+            mock_data=True,
+            num_samples=24,
+            k=8,
+            num_gpus_per_node=devices,
+        )
+        config.shard_size = 16  # 2 shards: one per replica
+        return config
+
+    with pytest.raises(ValueError, match=r"2 ranks are expected but this process was not"):
+        fdl.build(recipe(2, tmp_path / "refused"))()
+    assert not (tmp_path / "refused").exists()
+    previous_home = get_nemorun_home()
+    set_nemorun_home(str(tmp_path / "nemo_run"))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+            two = recipe(2, tmp_path / "dp2")
+            executor = local_executor(
+                devices=recipe_devices(two), env_vars={"OMP_NUM_THREADS": "1"}
+            )
+            run.run(two, executor=executor, name="cache-dp2", tail_logs=False, log_level="WARN")
+    finally:
+        set_nemorun_home(previous_home)
+    fdl.build(recipe(1, tmp_path / "dp1"))()
+    names = sorted(path.name for path in (tmp_path / "dp1").iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "dp2").iterdir())
+    assert "shard_00001.done" in names
+    for name in names:
+        assert (tmp_path / "dp2" / name).read_bytes() == (tmp_path / "dp1" / name).read_bytes()
+    assert json.loads((tmp_path / "dp2" / "manifest.json").read_text())["complete"] is True
