@@ -571,16 +571,90 @@ def _gather_student(student: Tensor, indices: Tensor) -> Tensor:
     return reduce_from_tensor_model_parallel_region(picked.masked_fill(~owned, 0.0))
 
 
-def _student_log_sum_exp(student: Tensor) -> Tensor:
-    """Differentiable full-vocabulary log-sum-exp of vocab-parallel logits."""
+class _VocabParallelLogSumExps(torch.autograd.Function):
+    """Log-sum-exp of vocab-parallel logits over the whole vocabulary and over its tail.
+
+    The tail is the vocabulary without each token's ``excluded`` entries (the teacher's top-k).
+    Computing ``log q_tail`` directly, rather than as ``log(1 - sum_i q_i)``, keeps it exact when
+    the student's top-k mass is close to 1. Chunked over tokens: no full fp32 copy of the logits
+    is held, and backward recomputes each chunk's softmax (as ``LogitsKDLoss`` does).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, excluded: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        group = _tp_group()
+        rows = logits.shape[0]
+        maxima = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows, chunk):
+            x = _masked_chunk(logits, excluded, start, chunk)
+            maxima[0, start : start + chunk] = x[0].amax(dim=-1)
+            maxima[1, start : start + chunk] = x[1].amax(dim=-1)
+        if group is not None:
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        # An all -inf tail (k = vocabulary) keeps a finite shift; its sum is then exactly 0.
+        shift = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
+        sums = torch.empty_like(maxima)
+        for start in range(0, rows, chunk):
+            x = _masked_chunk(logits, excluded, start, chunk)
+            sums[:, start : start + chunk] = torch.exp(
+                x - shift[:, start : start + chunk, None]
+            ).sum(-1)
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        lse = shift + torch.log(sums)  # the tail's is -inf when it is empty
+        ctx.save_for_backward(logits, excluded, lse)
+        ctx.chunk = chunk
+        return lse[0], lse[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad_all: Tensor, grad_tail: Tensor) -> tuple:
+        logits, excluded, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        finite = torch.isfinite(lse)
+        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
+        scale = torch.stack([grad_all, grad_tail]).float() * finite
+        for start in range(0, logits.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            x = _masked_chunk(logits, excluded, start, ctx.chunk)
+            softmax = torch.exp(x - safe_lse[:, start:end, None])  # 0 on excluded entries
+            grad[start:end] = (scale[:, start:end, None] * softmax).sum(0).to(grad.dtype)
+        return grad, None, None
+
+
+def _masked_chunk(logits: Tensor, excluded: Tensor, start: int, chunk: int) -> Tensor:
+    """[2, rows, v_local] fp32: a chunk of logits, and the same with excluded entries at -inf.
+
+    ``excluded`` holds local vocabulary indices, -1 where the entry lives on another TP rank.
+    """
+    x = logits[start : start + chunk].float()
+    index = excluded[start : start + chunk]
+    owned = (index >= 0).to(x.dtype)
+    # A sum of 0/1 flags, so clamped -1 entries (added as 0) cannot unmark index 0.
+    hits = torch.zeros_like(x).scatter_add_(-1, index.clamp_min(0), owned)
+    return torch.stack([x, x.masked_fill(hits > 0, float("-inf"))])
+
+
+def _student_log_sum_exps(student: Tensor, indices: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Differentiable full-vocabulary and tail log-sum-exps of vocab-parallel logits.
+
+    Args:
+        student: [..., v_local] logits (this rank's contiguous vocabulary shard).
+        indices: [..., k] global vocabulary indices excluded from the tail.
+        chunk: tokens per chunk.
+
+    Returns:
+        fp32 ``(lse_all, lse_tail)``, each [...], identical on every TP rank.
+    """
     group = _tp_group()
-    maximum = student.detach().amax(dim=-1)
-    if group is not None:
-        dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = torch.exp(student - maximum.unsqueeze(-1)).sum(dim=-1)
-    if group is not None:
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
-    return maximum + torch.log(sum_exp)
+    local_vocab = student.shape[-1]
+    rank = 0 if group is None else dist.get_rank(group)
+    local = indices - rank * local_vocab
+    local = torch.where((local >= 0) & (local < local_vocab), local, torch.full_like(local, -1))
+    flat = student.reshape(-1, local_vocab)
+    lse_all, lse_tail = _VocabParallelLogSumExps.apply(
+        flat, local.reshape(flat.shape[0], -1), chunk
+    )
+    return lse_all.reshape(student.shape[:-1]), lse_tail.reshape(student.shape[:-1])
 
 
 def _x_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -595,6 +669,7 @@ def offline_topk_kd_loss(
     lse: Tensor,
     temperature: float = 1.0,
     mode: str = "renormalized",
+    chunk_size: int = 1024,
 ) -> Tensor:
     """Per-token forward KL ``KL(teacher || student)`` against cached teacher top-k logits.
 
@@ -606,7 +681,8 @@ def offline_topk_kd_loss(
       ``lse`` is unused.
     - ``"tail"``: the teacher's full-distribution probabilities ``p_i = exp(v_i - lse)`` on the
       top-k and one tail bucket holding the rest, ``p_tail = 1 - sum_i p_i``; the student likewise
-      ``q_i = softmax(student)_i`` over the full vocabulary and ``q_tail = 1 - sum_i q_i``. The loss
+      ``q_i = softmax(student)_i`` over the full vocabulary and ``q_tail`` the softmax mass of the
+      other entries (computed from their own log-sum-exp, exact even when tiny). The loss
       is ``sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)``: the exact KL between the two
       distributions coarsened to k + 1 outcomes, a lower bound of the full-vocabulary KL (it
       ignores how each side spreads its tail mass) and equal to it when the teacher's tail is
@@ -620,6 +696,8 @@ def offline_topk_kd_loss(
         lse: [s, b] cached teacher full log-sum-exp (``"tail"`` only).
         temperature: logits are divided by this before the softmax (no ``T**2`` factor).
         mode: one of :data:`OFFLINE_LOSS_MODES`.
+        chunk_size: tokens per chunk of the student's log-sum-exps (``"tail"``), which never
+            hold an fp32 copy of all the logits.
 
     Note:
         :meth:`TeacherCache.lookup` returns ``[b, s, ...]``; transpose its outputs with
@@ -662,13 +740,15 @@ def offline_topk_kd_loss(
         log_p = torch.log_softmax(teacher / temperature, dim=-1)
         return _x_log_ratio(log_p.exp(), log_p, log_q).sum(dim=-1)
     log_p = teacher - lse.detach().float().unsqueeze(-1)
-    log_q = student - _student_log_sum_exp(student_logits.float()).unsqueeze(-1)
+    lse_all, lse_tail = _student_log_sum_exps(student_logits, indices.long(), chunk_size)
+    log_q = student - lse_all.unsqueeze(-1)
     p = log_p.exp()
     top = _x_log_ratio(p, log_p, log_q).sum(dim=-1)
-    # Tail masses from log(1 - sum p): clamped, since rounding can push the sum just past 1.
+    # The teacher's tail mass from its stored log-sum-exp (clamped: rounding can push the top-k
+    # sum just past 1); the student's directly from its tail log-sum-exp.
     tail_p = (1.0 - p.sum(dim=-1)).clamp_min(0.0)
-    tail_q = (1.0 - log_q.exp().sum(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
-    tail = _x_log_ratio(
-        tail_p, torch.log(tail_p.clamp_min(torch.finfo(torch.float32).tiny)), torch.log(tail_q)
-    )
+    # k = the whole vocabulary: no tail on either side, whatever rounding left in 1 - sum(p).
+    tail_p = torch.where(torch.isfinite(lse_tail), tail_p, torch.zeros_like(tail_p))
+    log_tail_p = torch.log(tail_p.clamp_min(torch.finfo(torch.float32).tiny))
+    tail = _x_log_ratio(tail_p, log_tail_p, lse_tail - lse_all)
     return top + tail

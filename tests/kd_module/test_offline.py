@@ -249,6 +249,51 @@ def test_tail_mode_with_the_whole_vocabulary_is_the_full_kl():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def _tail_reference(student, teacher, k):
+    """The tail-mode loss computed plainly in float64 from the full teacher logits."""
+    student, teacher = student.double(), teacher.double()
+    values, indices = torch.topk(teacher, k, dim=-1)
+    p_all, log_q_all = torch.softmax(teacher, -1), torch.log_softmax(student, -1)
+    p = torch.gather(p_all, -1, indices)
+    log_q = torch.gather(log_q_all, -1, indices)
+    top = (p * (torch.log(p) - log_q)).sum(-1)
+    in_top = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, indices, True)
+    log_q_tail = torch.logsumexp(log_q_all.masked_fill(in_top, float("-inf")), -1)
+    p_tail = 1 - p.sum(-1)
+    return top + p_tail * (torch.log(p_tail) - log_q_tail)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_tail_mode_equals_a_float64_reference_for_any_chunk_size(chunk_size):
+    """Loss and gradient of the chunked tail mode equal a plain float64 computation."""
+    from kd_module.offline import offline_topk_kd_loss
+
+    generator = torch.Generator().manual_seed(6)
+    teacher = torch.randn(4, 3, 40, generator=generator) * 2
+    student = (torch.randn(4, 3, 40, generator=generator) * 2).requires_grad_()
+    values, indices = torch.topk(teacher, 6, dim=-1)
+    lse = torch.logsumexp(teacher, dim=-1)
+    loss = offline_topk_kd_loss(student, values, indices, lse, mode="tail", chunk_size=chunk_size)
+    expected = _tail_reference(student, teacher, 6)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_tail_mode_is_exact_when_the_students_tail_is_tiny():
+    """A student with ~1e-12 mass outside the top-k: log q_tail is not lost to 1 - sum(q)."""
+    from kd_module.offline import offline_topk_kd_loss
+
+    teacher = torch.tensor([[[4.0, 3.0, 0.0, 0.0, 0.0, 0.0]]])
+    student = torch.tensor([[[14.0, 14.0, -14.0, -14.0, -14.0, -14.0]]])
+    values, indices = torch.topk(teacher, 2, dim=-1)
+    loss = offline_topk_kd_loss(student, values, indices, torch.logsumexp(teacher, -1), mode="tail")
+    expected = _tail_reference(student, teacher, 2)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    assert expected.item() > 0.5  # dominated by the tail term: p_tail log(p_tail / 2e-12)
+
+
 def test_tail_mode_is_between_renormalized_topk_and_full_kl_in_a_case():
     """Tail loss is a lower bound of the full KL, with the teacher's tail mass now counted."""
     from kd_module.losses import reference_logits_kd_loss
