@@ -310,3 +310,54 @@ def test_killed_offline_run_resumes_to_identical_losses(tmp_path):
         assert item["kd_loss"] == reference[item["step"]], item
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["configs"]["teacher_cache"] == str(tmp_path / "cache")
+
+
+@pytest.mark.gpu
+def test_bf16_cache_and_offline_fit_on_gpu(tmp_path):
+    """On a GPU: a bf16 teacher writes a bf16 cache; a bf16 offline fit follows the online
+    top-k curve within bf16 tolerance."""
+    import lightning as L
+
+    from kd_module.api import build_teacher_cache
+    from kd_module.module import DistillationModule
+    from kd_module.offline_module import OfflineDistillationModule
+    from kd_module.strategy import MegatronStrategy
+
+    build_teacher_cache(
+        _data(),
+        str(tmp_path / "cache"),
+        teacher=TEACHER,
+        k=K,
+        dtype="bf16",
+        accelerator="gpu",
+        precision="bf16",
+        teacher_init_fn=_teacher_init,
+    )
+
+    def fit(module):
+        trainer = L.Trainer(
+            accelerator="gpu",
+            devices=1,
+            strategy=MegatronStrategy(precision="bf16"),
+            max_steps=STEPS,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=_data())
+        return module
+
+    common = {"distill_config": TOPK_CONFIG, "student_init_fn": _student_init}
+    online = fit(DistillationModule(STUDENT, TEACHER, teacher_init_fn=_teacher_init, **common))
+    offline = fit(
+        OfflineDistillationModule(
+            STUDENT, str(tmp_path / "cache"), offline_loss_mode="renormalized", **common
+        )
+    )
+    assert next(offline.core_model.parameters()).dtype == torch.bfloat16
+    for key in ("kd_loss", "lm_loss"):
+        assert offline.last_train_metrics[key] == pytest.approx(
+            online.last_train_metrics[key], rel=0.05
+        ), key
