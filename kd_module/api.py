@@ -433,11 +433,9 @@ def _checkpoint_problems(label: str, path: str | None, requested: str) -> list[s
 
 def _launch_problems(num_nodes: Any, devices: Any) -> list[str]:
     """``num_nodes x devices`` against the ranks this process was launched with."""
-    problems = [
-        f"{name}={value!r} must be a positive integer"
-        for name, value in (("num_nodes", num_nodes), ("devices", devices))
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ]
+    from kd_module.launch import positive_int_problems
+
+    problems = positive_int_problems(num_nodes=num_nodes, devices=devices)
     if problems:
         return problems
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

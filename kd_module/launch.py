@@ -21,7 +21,8 @@ LAUNCHER = "torchrun"
 """Launcher of every executor made here: one process per device, with torch.distributed's env."""
 
 
-def _positive_int_problems(**values: Any) -> list[str]:
+def positive_int_problems(**values: Any) -> list[str]:
+    """``"NAME=VALUE must be a positive integer"`` for each value that is not one (nor a bool)."""
     return [
         f"{name}={value!r} must be a positive integer"
         for name, value in values.items()
@@ -49,7 +50,7 @@ def recipe_devices(recipe: run.Partial) -> int:
     elif not isinstance(trainer, run.Config):
         raise ValueError(f"recipe_devices: recipe.trainer={trainer!r} is not a run.Config")
     devices = getattr(trainer, "devices", None)
-    problems = _positive_int_problems(devices=devices)
+    problems = positive_int_problems(devices=devices)
     if problems:
         raise ValueError(f"recipe_devices: trainer.{problems[0]} to size an executor")
     return devices
@@ -63,7 +64,7 @@ def recipe_num_nodes(recipe: run.Partial) -> int:
     elif not isinstance(trainer, run.Config):
         raise ValueError(f"recipe_num_nodes: recipe.trainer={trainer!r} is not a run.Config")
     num_nodes = getattr(trainer, "num_nodes", 1)
-    problems = _positive_int_problems(num_nodes=num_nodes)
+    problems = positive_int_problems(num_nodes=num_nodes)
     if problems:
         raise ValueError(f"recipe_num_nodes: trainer.{problems[0]}")
     return num_nodes
@@ -90,7 +91,7 @@ def local_executor(
         >>> executor = local_executor(devices=recipe_devices(recipe))
         >>> run.run(recipe, executor=executor)
     """
-    problems = _positive_int_problems(devices=devices)
+    problems = positive_int_problems(devices=devices)
     if problems:
         raise ValueError("local_executor: " + "; ".join(problems))
     return run.LocalExecutor(
@@ -146,7 +147,7 @@ def slurm_executor(
         ...                           mounts=["/lustre:/lustre"])
         >>> run.run(recipe, executor=executor)
     """
-    problems = _positive_int_problems(nodes=nodes, gpus_per_node=gpus_per_node)
+    problems = positive_int_problems(nodes=nodes, gpus_per_node=gpus_per_node)
     for name, value in (("account", account), ("partition", partition), ("time", time)):
         if not isinstance(value, str) or not value:
             problems.append(f"{name}={value!r} must be a non-empty string")

@@ -16,6 +16,7 @@ import nemo_run as run
 from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.launch import positive_int_problems
 from kd_module.models import GPTModelConfig
 from kd_module.optim import OptimizerConfig
 from kd_module.strategy import PRECISIONS, MegatronStrategy
@@ -232,19 +233,17 @@ def distill_recipe(
         teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
-    for label, value in (
-        ("num_nodes", num_nodes),
-        ("num_gpus_per_node", num_gpus_per_node),
-        ("micro_batch_size", micro_batch_size),
-        ("global_batch_size", global_batch_size),
-        ("max_steps", max_steps),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-        ("context_parallel_size", context_parallel_size),
-        ("loss_chunk_size", loss_chunk_size),
-    ):
-        if not _is_positive_int(value):
-            problems.append(f"{label}={value!r} must be a positive integer")
+    problems += positive_int_problems(
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        max_steps=max_steps,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        loss_chunk_size=loss_chunk_size,
+    )
     if checkpoint_every_n_steps is not None and not _is_positive_int(checkpoint_every_n_steps):
         problems.append(
             f"checkpoint_every_n_steps={checkpoint_every_n_steps!r} must be a positive integer "
@@ -429,19 +428,17 @@ def cache_teacher_recipe(
         teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
-    for label, value in (
-        ("num_samples", num_samples),
-        ("seq_length", seq_length),
-        ("micro_batch_size", micro_batch_size),
-        ("k", k),
-        ("shard_size", shard_size),
-        ("num_nodes", num_nodes),
-        ("num_gpus_per_node", num_gpus_per_node),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-    ):
-        if not _is_positive_int(value):
-            problems.append(f"{label}={value!r} must be a positive integer")
+    problems += positive_int_problems(
+        num_samples=num_samples,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        k=k,
+        shard_size=shard_size,
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
     if not problems and (num_nodes * num_gpus_per_node) % (
         tensor_model_parallel_size * pipeline_model_parallel_size
     ):
