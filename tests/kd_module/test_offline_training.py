@@ -361,3 +361,39 @@ def test_bf16_cache_and_offline_fit_on_gpu(tmp_path):
         assert offline.last_train_metrics[key] == pytest.approx(
             online.last_train_metrics[key], rel=0.05
         ), key
+
+
+def test_sigkilled_cache_run_completes_on_restart_with_identical_files(tmp_path):
+    """A cache run SIGKILLed after its 2nd of 4 shards leaves an incomplete cache that training
+    refuses; rerun, it completes the cache byte-identical to an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def job(out, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "tests.kd_module.cache_job", str(out), *extra],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    clean = job(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = job(tmp_path / "killed", "--kill-after-shards", "2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    done = sorted(p.name for p in (tmp_path / "killed").glob("*.done"))
+    assert done == ["shard_00000.done", "shard_00001.done"]
+    with pytest.raises(ValueError, match="is incomplete; run `nemo kd cache-teacher` again"):
+        _offline_module(tmp_path / "killed")
+    resumed = job(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())
+    assert len(names) == 1 + 4 * 5  # manifest + 4 shards x (values, indices, lse, tokens, done)
+    for name in names:
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
