@@ -575,30 +575,28 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
     """Log-sum-exp of vocab-parallel logits over the whole vocabulary and over its tail.
 
     The tail is the vocabulary without each token's ``excluded`` entries (the teacher's top-k).
-    Computing ``log q_tail`` directly, rather than as ``log(1 - sum_i q_i)``, keeps it exact when
-    the student's top-k mass is close to 1. Chunked over tokens: no full fp32 copy of the logits
-    is held, and backward recomputes each chunk's softmax (as ``LogitsKDLoss`` does).
+    Computing ``log q_tail`` from the tail's own sum, rather than as ``log(1 - sum_i q_i)``,
+    keeps it exact when the student's top-k mass is close to 1. Chunked over tokens, one fp32
+    chunk of exponentials at a time; backward recomputes them (as ``LogitsKDLoss`` does).
     """
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, excluded: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         group = _tp_group()
         rows = logits.shape[0]
-        maxima = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
-        for start in range(0, rows, chunk):
-            x = _masked_chunk(logits, excluded, start, chunk)
-            maxima[0, start : start + chunk] = x[0].amax(dim=-1)
-            maxima[1, start : start + chunk] = x[1].amax(dim=-1)
+        shift = torch.cat(
+            [logits[start : start + chunk].amax(dim=-1).float() for start in range(0, rows, chunk)]
+        )
         if group is not None:
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-        # An all -inf tail (k = vocabulary) keeps a finite shift; its sum is then exactly 0.
-        shift = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
-        sums = torch.empty_like(maxima)
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, chunk):
-            x = _masked_chunk(logits, excluded, start, chunk)
-            sums[:, start : start + chunk] = torch.exp(
-                x - shift[:, start : start + chunk, None]
-            ).sum(-1)
+            end = start + chunk
+            exp = torch.exp(logits[start:end].float() - shift[start:end, None])
+            sums[0, start:end] = exp.sum(dim=-1)
+            target, any_owned = _excluded_targets(excluded[start:end])
+            zeros = torch.where(any_owned, 0.0, exp.gather(-1, target))
+            sums[1, start:end] = exp.scatter_(-1, target, zeros).sum(dim=-1)
         if group is not None:
             dist.all_reduce(sums, group=group)
         lse = shift + torch.log(sums)  # the tail's is -inf when it is empty
@@ -609,29 +607,43 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_all: Tensor, grad_tail: Tensor) -> tuple:
         logits, excluded, lse = ctx.saved_tensors
+        # d lse_all / dx = softmax; d lse_tail / dx = softmax * exp(lse_all - lse_tail) on the
+        # tail, 0 on excluded entries. The exponent is capped: beyond exp(80) the tail's mass is
+        # below fp32's range anyway.
+        ratio = torch.exp((lse[0] - lse[1]).clamp(max=80.0))
+        tail_scale = torch.where(torch.isfinite(lse[1]), grad_tail.float() * ratio, 0.0)
+        grad_all = grad_all.float()
         grad = torch.empty_like(logits)
-        finite = torch.isfinite(lse)
-        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
-        scale = torch.stack([grad_all, grad_tail]).float() * finite
         for start in range(0, logits.shape[0], ctx.chunk):
             end = start + ctx.chunk
-            x = _masked_chunk(logits, excluded, start, ctx.chunk)
-            softmax = torch.exp(x - safe_lse[:, start:end, None])  # 0 on excluded entries
-            grad[start:end] = (scale[:, start:end, None] * softmax).sum(0).to(grad.dtype)
+            softmax = torch.exp(logits[start:end].float() - lse[0, start:end, None])
+            chunk_grad = softmax * (grad_all[start:end] + tail_scale[start:end])[:, None]
+            target, any_owned = _excluded_targets(excluded[start:end])
+            fixed = torch.where(
+                any_owned,
+                softmax.gather(-1, target) * grad_all[start:end, None],
+                chunk_grad.gather(-1, target),
+            )
+            grad[start:end] = chunk_grad.scatter_(-1, target, fixed).to(grad.dtype)
         return grad, None, None
 
 
-def _masked_chunk(logits: Tensor, excluded: Tensor, start: int, chunk: int) -> Tensor:
-    """[2, rows, v_local] fp32: a chunk of logits, and the same with excluded entries at -inf.
+def _excluded_targets(excluded: Tensor) -> tuple[Tensor, Tensor]:
+    """Columns to overwrite for each row's excluded entries, safe for one ``scatter_``.
 
-    ``excluded`` holds local vocabulary indices, -1 where the entry lives on another TP rank.
+    ``excluded`` holds local vocabulary indices, -1 for entries on another TP rank. Those -1
+    slots are pointed at a column the same row really excludes (so every write to a column
+    carries the same value); a row excluding nothing locally points all its slots at column 0,
+    which the caller rewrites with its own value.
+
+    Returns:
+        ``(target [rows, k], any_owned [rows, 1])``.
     """
-    x = logits[start : start + chunk].float()
-    index = excluded[start : start + chunk]
-    owned = (index >= 0).to(x.dtype)
-    # A sum of 0/1 flags, so clamped -1 entries (added as 0) cannot unmark index 0.
-    hits = torch.zeros_like(x).scatter_add_(-1, index.clamp_min(0), owned)
-    return torch.stack([x, x.masked_fill(hits > 0, float("-inf"))])
+    owned = excluded >= 0
+    any_owned = owned.any(dim=-1, keepdim=True)
+    first = torch.where(owned, excluded, torch.full_like(excluded, torch.iinfo(excluded.dtype).max))
+    first = torch.where(any_owned, first.amin(dim=-1, keepdim=True), 0)
+    return torch.where(owned, excluded, first), any_owned
 
 
 def _student_log_sum_exps(student: Tensor, indices: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
