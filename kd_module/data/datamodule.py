@@ -150,6 +150,25 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
+def disable_mask_cache(dataset: Any) -> None:
+    """Make megatron's ``GPTDataset`` compute each sample's masks instead of caching them.
+
+    megatron-core 0.16.1 (``gpt_dataset.py``, ``GPTDataset.__getitem__``) caches the loss mask
+    of the FIRST sample a process reads and then zeroes that same tensor where the sample's
+    labels are the pad token, so every later sample inherits the first one's padded positions.
+    Which sample comes first differs between data-parallel ranks (and between a resumed and an
+    uninterrupted run), so losses differed with the layout: DP=2 gave lm_loss 5.806056 where
+    DP=1 gave 5.805644 on the same weights and samples. Computing the masks per sample costs a
+    ``ones``/``arange`` per sample. Blends are walked into their member datasets.
+    """
+    if dataset is None:
+        return
+    for member in getattr(dataset, "datasets", None) or []:
+        disable_mask_cache(member)
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
+
+
 class IndexedSamples(Dataset):
     """A dataset whose items also carry their own index as ``sample_index``.
 
@@ -390,6 +409,8 @@ class GPTDataModule(L.LightningDataModule):
             self.dataset_config(),
         )
         self.train_dataset, self.validation_dataset, self.test_dataset = builder.build()
+        for dataset in (self.train_dataset, self.validation_dataset, self.test_dataset):
+            disable_mask_cache(dataset)
 
     # ------------------------------------------------------------------ loading
     def current_consumed_samples(self) -> int:

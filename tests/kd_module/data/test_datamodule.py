@@ -317,3 +317,28 @@ def test_data_parallel_ranks_read_their_share_of_a_blend(data, tmp_path):
     assert any((tmp_path / "ranks").iterdir()), (
         "the blend's indices are cached in index_mapping_dir"
     )
+
+
+def test_loss_mask_does_not_depend_on_which_sample_a_process_reads_first():
+    """megatron-core 0.16.1 caches the first sample's loss mask after zeroing it at that sample's
+    pad labels; GPTDataModule turns that cache off, so a sample's mask is its own on every rank."""
+
+    def fresh():
+        module = GPTDataModule(
+            mock=True,
+            seq_length=SEQ,
+            micro_batch_size=2,
+            global_batch_size=2,
+            num_train_samples=32,
+        )
+        module.setup("fit")
+        return module.train_dataset
+
+    dataset = fresh()
+    masks = [dataset[i]["loss_mask"] for i in range(32)]  # mock tokens include <pad> labels
+    first = next(i for i in range(32) if masks[i].min() == 0)
+    other = next(i for i in range(32) if masks[i].min() == 1)
+    reader = fresh()
+    reader[first]  # read first: megatron would cache its mask with its pad positions zeroed
+    assert torch.equal(reader[other]["loss_mask"], torch.ones(SEQ))  # its own: no pad labels
+    assert torch.equal(reader[first]["loss_mask"], masks[first])
