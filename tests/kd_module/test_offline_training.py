@@ -70,7 +70,7 @@ def cache_dir(tmp_path_factory):
     return out
 
 
-def _fit(module, data, devices=1, tp=1, sequence_parallel=False, max_steps=STEPS):
+def _fit(module, data, devices=1, tp=1, pp=1, sequence_parallel=False, max_steps=STEPS):
     import lightning as L
 
     from kd_module.strategy import MegatronStrategy
@@ -87,7 +87,9 @@ def _fit(module, data, devices=1, tp=1, sequence_parallel=False, max_steps=STEPS
         accelerator="cpu",
         devices=devices,
         strategy=MegatronStrategy(
-            tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sequence_parallel,
         ),
         max_steps=max_steps,
         logger=False,
@@ -257,17 +259,18 @@ def test_cache_rerun_with_other_settings_is_refused_before_the_teacher(cache_dir
 
 
 def _layouts_fit(cache_dir: str) -> dict:
-    """2 ranks: a PP=2 cache run, an offline fit at DP=2 (micro-batch 1), one at TP=2 with SP."""
+    """2 ranks: a PP=2 cache run; offline fits at DP=2 (micro-batch 1), TP=2 with SP, PP=2."""
     _make_cache(f"{cache_dir}-pp2", pipeline_model_parallel_size=2, devices=2)
     dp = _fit(_offline_module(cache_dir), _data(micro_batch_size=1), devices=2)
     tp = _fit(_offline_module(cache_dir), _data(), devices=2, tp=2, sequence_parallel=True)
-    return {"dp2": dp, "tp2": tp}
+    pp = _fit(_offline_module(cache_dir), _data(), devices=2, pp=2)
+    return {"dp2": dp, "tp2": tp, "pp2": pp}
 
 
 @pytest.mark.multirank
-def test_offline_dp2_and_tp2_fits_match_single_process(cache_dir, online_curve):
-    """build_teacher_cache at PP=2 writes the single-process cache; offline DP=2 and TP=2 (+SP)
-    fits reproduce the single-process (= online) curve."""
+def test_offline_dp2_tp2_pp2_fits_match_single_process(cache_dir, online_curve):
+    """build_teacher_cache at PP=2 writes the single-process cache; offline DP=2, TP=2 (+SP)
+    and PP=2 fits reproduce the single-process (= online) curve."""
     from kd_module.offline import TeacherCache
 
     results = run_distributed(_layouts_fit, 2, str(cache_dir), timeout=400)
@@ -276,7 +279,7 @@ def test_offline_dp2_and_tp2_fits_match_single_process(cache_dir, online_curve):
     for single, pipelined in zip(one.lookup(range(16)), pp2.lookup(range(16)), strict=True):
         torch.testing.assert_close(pipelined, single, rtol=1e-5, atol=1e-5)
     for result in results:
-        for name in ("dp2", "tp2"):
+        for name in ("dp2", "tp2", "pp2"):
             _assert_same_curves(result[name], online_curve, rtol=1e-4)
 
 
