@@ -504,3 +504,24 @@ def gpu_pair_recipe(
         warmup_steps=100,
         **kwargs,
     )
+
+
+def gpu_pair_cache_recipe(
+    teacher_path: str,
+    tokenizer_path: str,
+    teacher_config: Any,
+    **kwargs: Any,
+) -> run.Partial:
+    """:func:`cache_teacher_recipe` with the defaults of the published GPU pairs.
+
+    The same HuggingFace tokenizer and bf16 GPUs as :func:`gpu_pair_recipe`; ``kwargs`` go to
+    :func:`cache_teacher_recipe` unchanged.
+    """
+    return cache_teacher_recipe(
+        teacher_path,
+        teacher_config=teacher_config,
+        tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
+        accelerator="gpu",
+        precision="bf16",
+        **kwargs,
+    )

@@ -11,9 +11,9 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import distill
+from kd_module.api import build_teacher_cache, distill
 from kd_module.models import GPTModelConfig
-from recipes.distill_recipe import gpu_pair_recipe
+from recipes.distill_recipe import gpu_pair_cache_recipe, gpu_pair_recipe
 
 NAME = "qwen3_8b_to_qwen3_1p7b"
 
@@ -91,6 +91,7 @@ def qwen3_8b_to_qwen3_1p7b(
     max_steps: int = 10_000,
     checkpoint_every_n_steps: int | None = 500,
     resume: bool = True,
+    teacher_cache: str | None = None,
 ) -> run.Partial:
     """Distill Qwen3-8B into Qwen3-1.7B.
 
@@ -112,6 +113,8 @@ def qwen3_8b_to_qwen3_1p7b(
         max_steps: optimizer steps.
         checkpoint_every_n_steps: steps between run checkpoints (``None``: none).
         resume: continue from the run's latest checkpoint when the job is restarted.
+        teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher
+            --factory NAME`` over the same data) instead of running the teacher.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -146,4 +149,65 @@ def qwen3_8b_to_qwen3_1p7b(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
         resume=resume,
+        teacher_cache=teacher_cache,
+    )
+
+
+@run.cli.factory(target=build_teacher_cache, name=NAME)
+def qwen3_8b_to_qwen3_1p7b_cache(
+    out_dir: str,
+    num_samples: int,
+    teacher_path: str = "checkpoints/qwen3_8b",
+    tokenizer_path: str = "checkpoints/qwen3_8b/tokenizer",
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    num_nodes: int = 1,
+    num_gpus_per_node: int = 8,
+    seq_length: int = 4096,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    micro_batch_size: int = 1,
+    k: int = 64,
+) -> run.Partial:
+    """Cache the teacher's top-k logits for offline runs of :func:`qwen3_8b_to_qwen3_1p7b`.
+
+    Pass the students' data arguments unchanged (``data_paths``, ``seq_length``); ``num_samples``
+    is at least their ``max_steps x global_batch_size``.
+
+    Args:
+        out_dir: the cache directory.
+        num_samples: train samples to cache.
+        teacher_path: the teacher's megatron checkpoint.
+        tokenizer_path: local directory of the HuggingFace tokenizer.
+        data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
+        num_nodes: machines.
+        num_gpus_per_node: GPUs per machine (replicas beyond TP x PP cache disjoint shards).
+        seq_length: tokens per sample.
+        tensor_model_parallel_size: ranks each teacher layer is split across.
+        pipeline_model_parallel_size: ranks the teacher's layers are split across.
+        micro_batch_size: samples per teacher forward.
+        k: top-k logits kept per token (bf16 values).
+
+    Returns:
+        ``run.Partial(kd_module.api.build_teacher_cache, ...)``.
+
+    Examples:
+        CLI::
+
+            nemo kd cache-teacher --factory qwen3_8b_to_qwen3_1p7b \\
+                out_dir=/data/cache num_samples=1280000
+    """
+    return gpu_pair_cache_recipe(
+        teacher_path,
+        tokenizer_path,
+        qwen3_8b(seq_length),
+        out_dir=out_dir,
+        num_samples=num_samples,
+        data_paths=data_paths,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        k=k,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        num_nodes=num_nodes,
+        num_gpus_per_node=num_gpus_per_node,
     )

@@ -299,3 +299,26 @@ def test_cache_recipe_rejects_bad_arguments(kwargs, message):
     arguments = {"num_samples": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
         cache_teacher_recipe("/ckpt", "/cache", **arguments)
+
+
+@pytest.mark.parametrize("module", PAIR_MODULES, ids=lambda module: module.NAME)
+def test_pair_cache_recipes_cache_what_their_offline_students_read(module):
+    """Each GPU pair has a cache-teacher factory under its name whose data, teacher and tokenizer
+    are the distill recipe's; the distill recipe takes teacher_cache= and drops the teacher."""
+    from kd_module.api import build_teacher_cache
+
+    cache_factory = getattr(module, module.NAME + "_cache")
+    assert run.cli.resolve_factory(build_teacher_cache, module.NAME).wrapped is (
+        cache_factory.wrapped
+    )
+    cache = cache_factory(out_dir="/cache", num_samples=4096, data_paths=["/data/web"])
+    online = _factory(module)(data_paths=["/data/web"])
+    offline = _factory(module)(data_paths=["/data/web"], teacher_cache="/cache")
+    assert cache.__fn_or_cls__ is build_teacher_cache and cache.devices == 8
+    assert (cache.accelerator, cache.precision, cache.dtype, cache.k) == ("gpu", "bf16", "bf16", 64)
+    assert fdl.build(cache.teacher) == fdl.build(online.teacher)
+    for field in ("paths", "seq_length", "seed", "split", "mock", "tokenizer"):
+        assert getattr(cache.data, field) == getattr(offline.data, field), field
+    assert offline.teacher_cache == "/cache"
+    assert offline.teacher_checkpoint is None and offline.teacher is None
+    assert online.teacher_cache is None
