@@ -155,8 +155,8 @@ def qwen3_8b_to_qwen3_1p7b(
 
 @run.cli.factory(target=build_teacher_cache, name=NAME)
 def qwen3_8b_to_qwen3_1p7b_cache(
-    out_dir: str,
-    num_samples: int,
+    out_dir: str = "runs/qwen3_8b_to_qwen3_1p7b_cache",
+    num_samples: int = 10_000 * 128,
     teacher_path: str = "checkpoints/qwen3_8b",
     tokenizer_path: str = "checkpoints/qwen3_8b/tokenizer",
     data_paths: str | list[Any] | dict[str, Any] | None = None,
@@ -175,7 +175,7 @@ def qwen3_8b_to_qwen3_1p7b_cache(
 
     Args:
         out_dir: the cache directory.
-        num_samples: train samples to cache.
+        num_samples: train samples to cache (the distill recipe's 10000 steps x 128).
         teacher_path: the teacher's megatron checkpoint.
         tokenizer_path: local directory of the HuggingFace tokenizer.
         data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.

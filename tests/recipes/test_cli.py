@@ -173,3 +173,24 @@ def test_cli_cache_teacher_then_offline_distill(tiny_teacher, tmp_path):
     summary = json.loads((tmp_path / "runs" / "offline" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["configs"]["teacher_cache"] == str(cache)
     assert summary["configs"]["teacher"] is None and summary["train"]["logits_loss"] > 0
+
+
+def test_cli_cache_teacher_dryrun_of_a_gpu_pair_imports_no_megatron(tmp_path):
+    """`nemo kd cache-teacher --factory llama31_8b_to_llama32_1b --dryrun` resolves overrides
+    without importing megatron or ModelOpt."""
+    result = _nemo(
+        "kd",
+        "cache-teacher",
+        "--factory",
+        "llama31_8b_to_llama32_1b",
+        "--dryrun",
+        "out_dir=/data/cache",
+        "num_samples=12345",
+        cwd=tmp_path,
+        python_flags=("-X", "importtime"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Dry run for task kd_module.api:build_teacher_cache" in result.stdout
+    assert "12345" in result.stdout and "/data/cache" in result.stdout
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert [name for name in imported if name.split(".")[0] in ("megatron", "modelopt")] == []
