@@ -19,6 +19,7 @@ SUMMARY_KEYS = (
     "teacher_val_loss",
     "kd_student_val_loss",
     "lm_only_student_val_loss",
+    "offline_kd_student_val_loss",
     "tokens",
     "wall_s",
 )
@@ -46,7 +47,12 @@ def test_quick_run_writes_summary_with_documented_keys(quick_run):
     """--quick writes demo_summary.json with finite losses and tokens = steps x batch x seq."""
     summary = quick_run["summary"]
     assert set(SUMMARY_KEYS) <= set(summary)
-    for key in ("teacher_val_loss", "kd_student_val_loss", "lm_only_student_val_loss"):
+    for key in (
+        "teacher_val_loss",
+        "kd_student_val_loss",
+        "lm_only_student_val_loss",
+        "offline_kd_student_val_loss",
+    ):
         # Byte vocabulary padded to 320: a model at initialization sits near ln(320) = 5.77.
         assert 0 < summary[key] < 7, (key, summary[key])
     steps = demo.QUICK.student_steps
@@ -55,7 +61,7 @@ def test_quick_run_writes_summary_with_documented_keys(quick_run):
     assert summary["kd_wins"] == (
         summary["kd_student_val_loss"] < summary["lm_only_student_val_loss"]
     )
-    for name in ("teacher", "kd_student", "lm_only_student"):
+    for name in ("teacher", "kd_student", "lm_only_student", "offline_kd_student"):
         run = summary["runs"][name]
         assert run["steps"] == 4 and run["tokens_per_s"] > 0, (name, run)
         # val_check_interval=2 over 4 steps: validations after steps 2 and 4.
@@ -64,12 +70,17 @@ def test_quick_run_writes_summary_with_documented_keys(quick_run):
 
 
 def test_quick_run_compares_students_fairly(quick_run):
-    """Both students have the same size, the same initial weights and the same tokens."""
+    """The students have the same size, the same initial weights and the same tokens."""
     runs = quick_run["summary"]["runs"]
-    kd, lm_only = runs["kd_student"], runs["lm_only_student"]
+    kd, lm_only, offline = runs["kd_student"], runs["lm_only_student"], runs["offline_kd_student"]
     assert kd["parameters"] == lm_only["parameters"] < runs["teacher"]["parameters"]
+    assert offline["parameters"] == kd["parameters"]
     assert kd["initial_weights_sum"] == lm_only["initial_weights_sum"]
-    assert kd["tokens"] == lm_only["tokens"]
+    assert offline["initial_weights_sum"] == kd["initial_weights_sum"]
+    assert kd["tokens"] == lm_only["tokens"] == offline["tokens"]
+    assert offline["cache_bytes_per_token"] == demo.OFFLINE_CACHE_K * 6 + 4
+    manifest = json.loads((quick_run["out"] / demo.OFFLINE_CACHE_DIR / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_samples"] == 4 * demo.GLOBAL_BATCH_SIZE
     # The teacher is scored on the KD run's held-out batches, the ones its own curve used.
     assert quick_run["summary"]["teacher_val_loss"] == pytest.approx(
         runs["teacher"]["val_loss"], rel=1e-5
@@ -77,9 +88,9 @@ def test_quick_run_compares_students_fairly(quick_run):
 
 
 def test_quick_run_prints_table_verdict_and_plot(quick_run):
-    """stdout has the table's three rows and the verdict; the PNG file is a PNG."""
+    """stdout has the table's four rows and the verdict; the PNG file is a PNG."""
     stdout = quick_run["stdout"]
-    for label in ("teacher", "KD student", "LM-only student", "verdict:"):
+    for label in ("teacher", "KD student", "LM-only student", "KD student, offline", "verdict:"):
         assert label in stdout, stdout
     pytest.importorskip("matplotlib")
     png = (quick_run["out"] / demo.PLOT_FILE).read_bytes()
