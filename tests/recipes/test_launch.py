@@ -164,11 +164,11 @@ def dp2_and_dp1_runs(tiny_teacher, tmp_path_factory):
 @pytest.mark.multirank
 @pytest.mark.timeout(900)
 def test_two_ranks_through_the_local_torchrun_executor_train_like_one_process(dp2_and_dp1_runs):
-    """2 torchrun ranks (DP=2) run the recipe to the end and track the 1-rank run within 1%.
+    """2 torchrun ranks (DP=2) run the recipe to the end with the 1-rank run's losses and
+    gradient norms at every step (rel 1e-5).
 
-    Later steps can differ by more than reduction order: Adam's first updates divide each
-    gradient element by its own magnitude, so tiny differences of near-zero elements become
-    visible weight differences.
+    Until megatron's cached loss mask was turned off (``disable_mask_cache``) they differed from
+    step 0 (lm_loss 5.806056 vs 5.805644) and this test could only ask for 1%.
     """
     log_dir = dp2_and_dp1_runs
     dp2, dp1 = _summary(log_dir, "dp2"), _summary(log_dir, "dp1")
@@ -179,20 +179,7 @@ def test_two_ranks_through_the_local_torchrun_executor_train_like_one_process(dp
     assert len(rows2) == len(rows1) == 3
     for step, (two_rank, one_rank) in enumerate(zip(rows2, rows1, strict=True)):
         for key in TRAIN_KEYS:
-            assert two_rank[key] == pytest.approx(one_rank[key], rel=1e-2), (step, key)
-
-
-@pytest.mark.multirank
-@pytest.mark.timeout(900)
-def test_two_ranks_first_step_equals_one_process(dp2_and_dp1_runs):
-    """Before any update, DP=2 and DP=1 see the same global batch: same losses and grad norm.
-
-    (This failed at rel 7e-5 until megatron's cached loss mask was turned off:
-    ``kd_module.data.datamodule.disable_mask_cache``.)
-    """
-    rows2, rows1 = _train_rows(dp2_and_dp1_runs, "dp2"), _train_rows(dp2_and_dp1_runs, "dp1")
-    for key in TRAIN_KEYS:
-        assert rows2[0][key] == pytest.approx(rows1[0][key], rel=1e-5), key
+            assert two_rank[key] == pytest.approx(one_rank[key], rel=1e-5), (step, key)
 
 
 @pytest.mark.multirank
