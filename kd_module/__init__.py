@@ -39,6 +39,11 @@ _EXPORTS = {
     "slurm_executor": "kd_module.launch",
     "KDLogitsCriterion": "kd_module.losses",
     "reference_logits_kd_loss": "kd_module.losses",
+    "build_teacher_cache": "kd_module.api",
+    "OfflineDistillationModule": "kd_module.offline_module",
+    "TeacherCache": "kd_module.offline",
+    "cache_teacher": "kd_module.offline",
+    "offline_topk_kd_loss": "kd_module.offline",
 }
 
 __all__ = sorted(_EXPORTS)
