@@ -129,3 +129,13 @@ def test_cuda_machine_uses_nccl_and_real_cuda(single_rank):
     assert not runtime.bridges_installed()
     assert torch.distributed.get_backend() == "nccl"
     assert schedules.torch is torch
+
+
+def test_every_package_export_resolves_to_its_named_object():
+    """`kd_module.NAME` for each name in `__all__` imports the object of that name."""
+    import kd_module
+
+    for name in kd_module.__all__:
+        assert getattr(kd_module, name).__name__ == name, name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        kd_module.nothing  # noqa: B018
