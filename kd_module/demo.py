@@ -132,10 +132,9 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-"""``make demo``: measured on an idle 2-core machine at 71 s wall (122 CPU-seconds) on the first
-run, which tokenizes the corpus and trains the teacher (44 s), and 41 s with the teacher cached,
-offline student included; the KD student wins by 0.06 nats/byte and the offline student keeps 93%
-of that gain."""
+"""``make demo``: measured on an idle 2-core machine at 88 s wall (152 CPU-seconds) on the first
+run, which tokenizes the corpus and trains the teacher (46 s), and 41 s with the teacher cached;
+the KD student wins by 0.06 nats/byte and the offline student keeps 93% of that gain."""
 QUICK = DemoSettings(
     teacher_steps=4,
     student_steps=4,
