@@ -169,6 +169,8 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
         devices=1,
         strategy=MegatronStrategy(),
         max_steps=STEPS,
+        logger=False,  # distill() attaches its CSV logger at log_dir/name
+        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -194,6 +196,8 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
     assert summary["train"]["intermediate_loss"] == 0.0
     assert summary["train"]["logits_loss"] > 0.01
     assert (tmp_path / "tail" / "student" / "model_config.yaml").exists()
+    header = (tmp_path / "tail" / "metrics.csv").read_text().splitlines()[0]
+    assert "logits_loss" in header and "val_loss" in header
 
 
 @pytest.mark.parametrize(
