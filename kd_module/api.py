@@ -7,7 +7,6 @@ and writes ``summary.json`` there.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -16,7 +15,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from kd_module.reliability import cli_errors
+from kd_module.reliability import cli_errors, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -351,9 +350,7 @@ def distill(
     summary = build_summary(module, data, trainer, time.perf_counter() - start)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, run_dir / SUMMARY_FILE)
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
         logger.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
     return summary
 
@@ -525,7 +522,12 @@ def build_teacher_cache(
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
     from kd_module.data.tokenizers import padded_vocab_size
     from kd_module.models import GPTModelConfig
-    from kd_module.offline import CACHE_DTYPES, TeacherCache, _full_manifest, dataset_manifest
+    from kd_module.offline import (
+        CACHE_DTYPES,
+        TeacherCache,
+        dataset_manifest,
+        manifest_with_settings,
+    )
     from kd_module.strategy import PRECISIONS
     from kd_module.teacher_config import load_teacher_model_config
 
@@ -603,7 +605,7 @@ def build_teacher_cache(
     }
     if (Path(out_dir) / "manifest.json").exists():  # a restart: same settings, before any work
         TeacherCache(out_dir).check_manifest(
-            _full_manifest(manifest, k, dtype, shard_size, num_samples)
+            manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
         )
 
     from kd_module import runtime

@@ -63,7 +63,7 @@ class _KDSpec:
     """Tokens processed at once."""
 
 
-def _resolve_tp_group(tp_group: Any) -> Any:
+def resolve_tp_group(tp_group: Any = None) -> Any:
     """The explicit group, else megatron's TP group when TP > 1, else ``None`` (no comms)."""
     if tp_group is not None:
         return tp_group
@@ -73,6 +73,23 @@ def _resolve_tp_group(tp_group: Any) -> Any:
     ):
         return parallel_state.get_tensor_model_parallel_group()
     return None
+
+
+def all_gather_last_dim(tensors: list[Tensor], group: Any) -> list[Tensor]:
+    """Each tensor gathered over ``group`` and concatenated along its last dimension, rank order.
+
+    What the tensor-parallel top-k selections use to collect every rank's candidates; without a
+    group (TP=1) the tensors come back unchanged.
+    """
+    world = _group_size(group)
+    if world == 1:
+        return list(tensors)
+    out = []
+    for tensor in tensors:
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor.contiguous(), group=group)
+        out.append(torch.cat(gathered, dim=-1))
+    return out
 
 
 def _group_size(group: Any) -> int:
@@ -306,14 +323,7 @@ def _top_k_candidates(
         values[1, rows] = top_teacher.float()
         index[rows] = top_index + rank * local_vocab
     values.div_(spec.temperature)
-    world = _group_size(group)
-    if world > 1:
-        gathered_values = [torch.empty_like(values) for _ in range(world)]
-        gathered_index = [torch.empty_like(index) for _ in range(world)]
-        dist.all_gather(gathered_values, values.contiguous(), group=group)
-        dist.all_gather(gathered_index, index, group=group)
-        values = torch.cat(gathered_values, dim=-1)
-        index = torch.cat(gathered_index, dim=-1)
+    values, index = all_gather_last_dim([values, index], group)
     _, pick = torch.topk(values[1], top_k, dim=-1)
     return (
         torch.gather(values[0], -1, pick),
@@ -479,7 +489,7 @@ class LogitsKDLoss(torch.nn.Module):
                 "LogitsKDLoss: student and teacher logits must have the same shape [s, b, v], got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
             )
-        group = _resolve_tp_group(self.tp_group)
+        group = resolve_tp_group(self.tp_group)
         token_shape = student_logits.shape[:-1]
         local_vocab = student_logits.shape[-1]
         full_vocab = local_vocab * _group_size(group)
@@ -535,7 +545,7 @@ class LogitsKDLoss(torch.nn.Module):
         if hidden.shape[0] == 0:
             return ((hidden @ output_weight.t()).float().sum(dim=-1) * 0.0).reshape(token_shape)
         spec = _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size)
-        group = _resolve_tp_group(self.tp_group)
+        group = resolve_tp_group(self.tp_group)
         loss = _FusedProjectionKDFunction.apply(hidden, output_weight, teacher, spec, group)
         return loss.reshape(token_shape)
 

@@ -42,6 +42,10 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from torch import Tensor
 
+from kd_module.data.datamodule import data_parallel_rank_and_size
+from kd_module.losses import all_gather_last_dim, resolve_tp_group
+from kd_module.reliability import write_json_atomic
+
 __all__ = [
     "CACHE_DTYPES",
     "OFFLINE_LOSS_MODES",
@@ -87,15 +91,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _tp_group() -> Any:
-    if (
-        parallel_state.model_parallel_is_initialized()
-        and parallel_state.get_tensor_model_parallel_world_size() > 1
-    ):
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
-
-
 def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Global top-k and full log-sum-exp of vocab-parallel logits.
 
@@ -111,7 +106,7 @@ def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
         ``(values, indices, lse)``: values [..., k] in the input dtype, sorted descending; global
         vocabulary indices [..., k] (int64); fp32 log-sum-exp [...]. Identical on every TP rank.
     """
-    group = _tp_group()
+    group = resolve_tp_group()
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     local_vocab = logits.shape[-1]
@@ -122,13 +117,8 @@ def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
     values, index = torch.topk(logits, min(k, local_vocab), dim=-1)
     index = index + rank * local_vocab
     maximum = logits.amax(dim=-1).float()
+    values, index = all_gather_last_dim([values, index], group)
     if world > 1:
-        gathered_values = [torch.empty_like(values) for _ in range(world)]
-        gathered_index = [torch.empty_like(index) for _ in range(world)]
-        dist.all_gather(gathered_values, values.contiguous(), group=group)
-        dist.all_gather(gathered_index, index.contiguous(), group=group)
-        values = torch.cat(gathered_values, dim=-1)
-        index = torch.cat(gathered_index, dim=-1)
         dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
     # Chunked over tokens: no fp32 copy of all the logits at once.
     rows, flat_max = logits.reshape(-1, local_vocab), maximum.reshape(-1, 1)
@@ -144,17 +134,18 @@ def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]
     return values, torch.gather(index, -1, pick), maximum + torch.log(sum_exp)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _shard_path(out_dir: Path, shard: int, kind: str) -> Path:
     return out_dir / f"shard_{shard:05d}.{kind}"
 
 
-def _full_manifest(manifest: dict, k: int, dtype: str, shard_size: int, num_samples: int) -> dict:
+def manifest_with_settings(
+    manifest: dict, k: int, dtype: str, shard_size: int, num_samples: int
+) -> dict:
+    """``manifest`` plus what :func:`cache_teacher` records itself (``k``, ``dtype``, ...).
+
+    Raises:
+        ValueError: when ``manifest`` sets one of them itself.
+    """
     reserved = set(RESERVED_MANIFEST_KEYS) & manifest.keys()
     if reserved:
         raise ValueError(
@@ -188,15 +179,6 @@ def token_fingerprint(tokens: Tensor) -> Tensor:
         _FINGERPRINT_WEIGHTS[seq_length] = weights | 1
     weights = _FINGERPRINT_WEIGHTS[seq_length].to(tokens.device)
     return (tokens.long() * weights).sum(dim=-1)
-
-
-def _data_parallel() -> tuple[int, int]:
-    if parallel_state.model_parallel_is_initialized():
-        return (
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(),
-        )
-    return 0, 1
 
 
 def _is_writer() -> bool:
@@ -353,16 +335,16 @@ def cache_teacher(
     if problems:
         raise ValueError("cache_teacher: " + "; ".join(problems))
     out = Path(out_dir)
-    expected = _full_manifest(dict(manifest), k, dtype, shard_size, num_samples)
+    expected = manifest_with_settings(dict(manifest), k, dtype, shard_size, num_samples)
     if (out / _MANIFEST).exists():
         TeacherCache(out).check_manifest(expected)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / _MANIFEST).exists():
-            _write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
+            write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
     _barrier()  # every rank sees the manifest and the same completed shards
     completed = {int(path.name.split("_")[1].split(".")[0]) for path in out.glob("shard_*.done")}
-    dp_rank, dp_size = _data_parallel()
+    dp_rank, dp_size = data_parallel_rank_and_size()
     writer = _is_writer()
     num_shards = -(-num_samples // shard_size)
     device = next(model.parameters()).device
@@ -410,7 +392,7 @@ def cache_teacher(
             for array in arrays.values():
                 array.flush()
             marker = {"rows": len(samples), "first": samples[0], "seq_length": seq_length}
-            _write_json_atomic(_shard_path(out, shard, "done"), marker)
+            write_json_atomic(_shard_path(out, shard, "done"), marker)
             if on_shard_done is not None:
                 on_shard_done(shard)
     _barrier()  # every shard is marked before anyone checks
@@ -419,7 +401,7 @@ def cache_teacher(
         raise RuntimeError(f"cache_teacher: shards {missing} of {out} were not completed")
     final = {**expected, "complete": True}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        _write_json_atomic(out / _MANIFEST, final)
+        write_json_atomic(out / _MANIFEST, final)
     _barrier()  # the final manifest exists before any rank returns
     return final
 
@@ -561,7 +543,7 @@ def _gather_student(student: Tensor, indices: Tensor) -> Tensor:
     Each rank gathers the entries it owns and zeros the rest; the sum over the TP group (identity
     in backward, megatron's ``reduce_from_tensor_model_parallel_region``) assembles them.
     """
-    group = _tp_group()
+    group = resolve_tp_group()
     local_vocab = student.shape[-1]
     if group is None:
         return torch.gather(student, -1, indices)
@@ -582,7 +564,7 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, excluded: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        group = _tp_group()
+        group = resolve_tp_group()
         rows = logits.shape[0]
         shift = torch.cat(
             [logits[start : start + chunk].amax(dim=-1).float() for start in range(0, rows, chunk)]
@@ -657,7 +639,7 @@ def _student_log_sum_exps(student: Tensor, indices: Tensor, chunk: int) -> tuple
     Returns:
         fp32 ``(lse_all, lse_tail)``, each [...], identical on every TP rank.
     """
-    group = _tp_group()
+    group = resolve_tp_group()
     local_vocab = student.shape[-1]
     rank = 0 if group is None else dist.get_rank(group)
     local = indices - rank * local_vocab

@@ -214,17 +214,9 @@ class OfflineDistillationModule(GPTModule):
                     f"the teacher cache {teacher_cache} holds"
                 )
             self.top_k = top_k
-            self.cache_manifest = cache.manifest
         if problems:
             raise ValueError("offline distillation: " + "; ".join(problems))
-        self._cache: TeacherCache | None = None
-
-    @property
-    def cache(self) -> TeacherCache:
-        """The cache, opened on first use in this process (memory maps are per process)."""
-        if self._cache is None:
-            self._cache = TeacherCache(self.teacher_cache)
-        return self._cache
+        self.cache: TeacherCache = cache  # its shards are memory-mapped on first lookup
 
     def loss_spec(self) -> OfflineLossSpec:
         distill = self.distill_config
@@ -243,7 +235,7 @@ class OfflineDistillationModule(GPTModule):
         """
         from kd_module.offline import dataset_manifest
 
-        manifest = self.cache_manifest
+        manifest = self.cache.manifest
         if data.num_train_samples is None:
             data.num_train_samples = manifest["num_samples"]
         expected = {
@@ -274,7 +266,7 @@ class OfflineDistillationModule(GPTModule):
     def configure_model(self) -> None:
         """Build the student; refuse a vocabulary smaller than the cached teacher's."""
         vocab = self.padded_vocab_size()
-        cached = self.cache_manifest.get("vocab_size")
+        cached = self.cache.manifest.get("vocab_size")
         if cached is not None and vocab < cached:
             raise ValueError(
                 f"offline distillation: the student's (padded) vocab_size {vocab} is smaller "

@@ -24,7 +24,7 @@ def main() -> None:
     from kd_module.testing import init_weights_by_global_key
 
     if args.kill_after_shards is not None:
-        real_write = offline._write_json_atomic
+        real_write = offline.write_json_atomic
         done = {"n": 0}
 
         def write_then_die(path, payload):
@@ -34,7 +34,7 @@ def main() -> None:
                 if done["n"] == args.kill_after_shards:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        offline._write_json_atomic = write_then_die
+        offline.write_json_atomic = write_then_die
 
     teacher = GPTModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=512
