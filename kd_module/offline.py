@@ -41,6 +41,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from kd_module.data.datamodule import data_parallel_rank_and_size
 from kd_module.losses import all_gather_last_dim, resolve_tp_group
@@ -197,11 +198,10 @@ def _barrier() -> None:
 
 
 def _collate(samples: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
-    batch = {}
-    for key in ("tokens", "position_ids", "attention_mask"):
-        if key in samples[0] and samples[0][key] is not None:
-            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
-    return batch
+    """The teacher's inputs of ``samples``, stacked by torch's default collate, on ``device``."""
+    batch = default_collate(samples)
+    keys = ("tokens", "position_ids", "attention_mask")
+    return {key: batch[key].to(device) for key in keys if batch.get(key) is not None}
 
 
 def _teacher_topk_chunk(
