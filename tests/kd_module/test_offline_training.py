@@ -404,3 +404,40 @@ def test_sigkilled_cache_run_completes_on_restart_with_identical_files(tmp_path)
     assert len(names) == 1 + 4 * 5  # manifest + 4 shards x (values, indices, lse, tokens, done)
     for name in names:
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_bad_cache_arguments_are_named_together_before_anything_is_built(tmp_path):
+    """build_teacher_cache names every bad argument in one message and writes nothing;
+    distill names a teacher_cache directory without a manifest."""
+    import lightning as L
+
+    from kd_module.api import build_teacher_cache, distill
+    from kd_module.strategy import MegatronStrategy
+
+    with pytest.raises(
+        ValueError,
+        match=r"k=0 must be .*shard_size=-1 must be .*dtype='int8' is not one of bf16, fp16, "
+        r"fp32.*precision='bf16' needs accelerator='gpu'",
+    ):
+        build_teacher_cache(
+            _data(),
+            str(tmp_path / "cache"),
+            teacher=TEACHER,
+            k=0,
+            shard_size=-1,
+            dtype="int8",
+            accelerator="cpu",
+            precision="bf16",
+        )
+    assert not (tmp_path / "cache").exists()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=MegatronStrategy(), max_steps=1, logger=False
+    )
+    with pytest.raises(ValueError, match=r"no manifest.json in .*nowhere"):
+        distill(
+            STUDENT,
+            _data(),
+            trainer,
+            teacher_cache=str(tmp_path / "nowhere"),
+            log_dir=str(tmp_path),
+        )
