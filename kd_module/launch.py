@@ -7,15 +7,18 @@ apart lets one recipe run on a laptop, on an 8-GPU box and on a Slurm cluster un
     run.run(recipe, executor=local_executor(devices=recipe_devices(recipe)))
 
 The ranks are started by ``torchrun``; Lightning's ``TorchElasticEnvironment`` then reads the
-rank and world size it sets. nemo-run is imported here, so ``import kd_module`` (which does not
-import this module) stays free of it.
+rank and world size it sets. nemo-run is imported only by the functions that take or make its
+objects: ``import kd_module`` stays free of it, and so do the input checks
+(:func:`positive_int_problems`) that ``distill`` and ``build_teacher_cache`` run, which therefore
+work where nemo-run is not installed (the wheels of ``make gpu-check`` leave it out).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nemo_run as run
+if TYPE_CHECKING:
+    import nemo_run as run
 
 LAUNCHER = "torchrun"
 """Launcher of every executor made here: one process per device, with torch.distributed's env."""
@@ -44,6 +47,8 @@ def recipe_devices(recipe: run.Partial) -> int:
         ValueError: when the recipe has no trainer config or its ``devices`` is not a positive
             integer (``"auto"`` cannot size an executor).
     """
+    import nemo_run as run
+
     trainer = getattr(recipe, "trainer", None)
     if trainer is None and hasattr(recipe, "devices"):  # a recipe without a trainer (caching)
         trainer = recipe
@@ -58,6 +63,8 @@ def recipe_devices(recipe: run.Partial) -> int:
 
 def recipe_num_nodes(recipe: run.Partial) -> int:
     """Machines of a recipe: its trainer's ``num_nodes`` (1 when unset)."""
+    import nemo_run as run
+
     trainer = getattr(recipe, "trainer", None)
     if trainer is None and hasattr(recipe, "num_nodes"):  # a recipe without a trainer (caching)
         trainer = recipe
@@ -91,6 +98,8 @@ def local_executor(
         >>> executor = local_executor(devices=recipe_devices(recipe))
         >>> run.run(recipe, executor=executor)
     """
+    import nemo_run as run
+
     problems = positive_int_problems(devices=devices)
     if problems:
         raise ValueError("local_executor: " + "; ".join(problems))
@@ -156,6 +165,8 @@ def slurm_executor(
             problems.append(f"mount {mount!r} must look like '/host/path:/container/path'")
     if problems:
         raise ValueError("slurm_executor: " + "; ".join(problems))
+    import nemo_run as run
+
     kwargs: dict[str, Any] = {}
     if packager is not None:
         kwargs["packager"] = packager

@@ -225,3 +225,28 @@ def test_cache_recipe_on_two_torchrun_ranks_writes_the_one_rank_cache(tiny_teach
     for name in names:
         assert (tmp_path / "dp2" / name).read_bytes() == (tmp_path / "dp1" / name).read_bytes()
     assert json.loads((tmp_path / "dp2" / "manifest.json").read_text())["complete"] is True
+
+
+def test_input_checks_of_distill_and_cache_work_without_nemo_run():
+    """distill's and build_teacher_cache's launch checks import no nemo-run (the GPU check's
+    wheels leave it out); the executors still need it."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "sys.modules['nemo_run'] = None  # importing it now raises ImportError\n"
+        "from kd_module.api import _launch_problems\n"
+        "assert _launch_problems(1, 1) == [], _launch_problems(1, 1)\n"
+        "assert _launch_problems(0, 1) == ['num_nodes=0 must be a positive integer']\n"
+        "from kd_module.launch import local_executor\n"
+        "try:\n"
+        "    local_executor(devices=1)\n"
+        "except ImportError:\n"
+        "    print('executor needs nemo_run')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "executor needs nemo_run" in result.stdout
