@@ -124,19 +124,28 @@ def build_criterion(
     return criterion
 
 
-def _lm_loss_on_a_copy(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _lm_loss_keeping_logits(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The student's LM loss without destroying the logits the KD criterion reads.
 
     megatron's ``vocab_parallel_cross_entropy`` works in place on ``logits.float()``: for fp32
     logits that is the output layer's own tensor, which the KD hook captured, so the KD loss
-    would read softmax probabilities instead of logits. A copy is made only for fp32 logits;
-    for bf16/fp16 ``.float()`` already copies. With ``skip_lm_loss`` the LM loss is only logged,
-    so it is computed without an autograd graph.
+    would read softmax probabilities instead of logits. When no gradient is wanted (with
+    ``skip_lm_loss`` the LM loss is only logged; evaluation runs without grad) the loss comes
+    from :func:`~kd_module.losses.vocab_parallel_cross_entropy_no_grad`, which only reads the
+    logits, one chunk of tokens at a time. When it enters the objective, megatron's own loss
+    runs, on a copy for fp32 logits (for bf16/fp16 ``.float()`` already copies).
     """
-    if self.training and not getattr(self, "_lm_loss_in_objective", True):
-        # Only logged: no autograd graph, no gradient work.
-        with torch.no_grad():
-            return type(self).compute_language_model_loss(self, labels, logits.detach().clone())
+    only_logged = self.training and not getattr(self, "_lm_loss_in_objective", True)
+    if only_logged or not torch.is_grad_enabled():
+        from kd_module.losses import vocab_parallel_cross_entropy_no_grad
+
+        # megatron's layout: labels [b, s], logits [s, b, v_local], loss [b, s].
+        loss = vocab_parallel_cross_entropy_no_grad(
+            logits.detach(),
+            labels.transpose(0, 1),
+            chunk_size=getattr(self, "_lm_loss_chunk_size", 1024),
+        )
+        return loss.transpose(0, 1).contiguous()
     if logits.dtype == torch.float32:
         logits = logits.clone()
     return type(self).compute_language_model_loss(self, labels, logits)
@@ -295,8 +304,9 @@ def build_distillation_model(
     # The student's LM loss is always computed so that ``lm_loss`` can be logged; whether it
     # enters the objective is decided by KDLossBalancer.
     mtd_megatron.adjust_distillation_model_for_mcore(model, SimpleNamespace(skip_lm_loss=False))
-    model.compute_language_model_loss = MethodType(_lm_loss_on_a_copy, model)
+    model.compute_language_model_loss = MethodType(_lm_loss_keeping_logits, model)
     model._lm_loss_in_objective = not distill.skip_lm_loss
+    model._lm_loss_chunk_size = loss_chunk_size
     freeze(model.teacher_model)
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 

@@ -46,7 +46,13 @@ from torch import Tensor
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 
-__all__ = ["LOSS_TYPES", "KDLogitsCriterion", "LogitsKDLoss", "reference_logits_kd_loss"]
+__all__ = [
+    "LOSS_TYPES",
+    "KDLogitsCriterion",
+    "LogitsKDLoss",
+    "reference_logits_kd_loss",
+    "vocab_parallel_cross_entropy_no_grad",
+]
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,73 @@ def _all_reduce(tensor: Tensor, op: Any, group: Any) -> Tensor:
 
 def _chunks(num_tokens: int, chunk_size: int) -> range:
     return range(0, num_tokens, chunk_size)
+
+
+def vocab_parallel_max(logits: Tensor, chunk_size: int, group: Any) -> Tensor:
+    """fp32 per-row maximum of [rows, v_local] vocab-parallel logits over the whole vocabulary.
+
+    Read chunk by chunk in the logits' own dtype (the maximum needs no fp32 copy), then
+    max-reduced over the TP group.
+    """
+    maxima = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in _chunks(logits.shape[0], chunk_size):
+        maxima[start : start + chunk_size] = logits[start : start + chunk_size].amax(dim=-1)
+    return _all_reduce(maxima, dist.ReduceOp.MAX, group)
+
+
+@torch.no_grad()
+def vocab_parallel_cross_entropy_no_grad(
+    logits: Tensor, target: Tensor, chunk_size: int = 1024, tp_group: Any = None
+) -> Tensor:
+    """Per-token cross entropy of vocab-parallel logits, without autograd and without copying them.
+
+    The values of megatron's ``tensor_parallel.vocab_parallel_cross_entropy`` (same steps: fp32,
+    global max subtracted, ``log(sum exp) - target logit``, sums over the TP group), but the
+    logits are only read: megatron's version overwrites ``logits.float()`` in place, which for
+    fp32 logits is the caller's tensor, so using it for a logged-only loss means cloning the
+    whole ``[tokens x vocab]`` tensor. Here the extra memory is one fp32
+    ``[chunk_size, v_local]`` chunk.
+
+    Args:
+        logits: [..., v_local], this rank's contiguous vocabulary shard (rank ``r`` holds entries
+            ``r * v_local`` to ``(r + 1) * v_local - 1``); any float dtype. Contiguous logits
+            (what megatron's output layer returns) are read in place.
+        target: [...] global vocabulary indices; an index outside the vocabulary contributes a
+            target logit of 0, as in megatron.
+        chunk_size: tokens per chunk.
+        tp_group: the group the vocabulary is split across; ``None`` means megatron's
+            tensor-parallel group when TP > 1, else no communication.
+
+    Returns:
+        fp32 [...] loss, identical on every TP rank, without an autograd graph.
+
+    Raises:
+        ValueError: when ``target``'s shape is not ``logits``' without the vocabulary dimension.
+    """
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            "vocab_parallel_cross_entropy_no_grad: target must be the logits' shape without the "
+            f"vocabulary dimension, got logits {tuple(logits.shape)} and target "
+            f"{tuple(target.shape)}"
+        )
+    group = resolve_tp_group(tp_group)
+    local_vocab = logits.shape[-1]
+    flat = logits.reshape(-1, local_vocab)
+    local_target = target.reshape(-1) - (0 if group is None else dist.get_rank(group)) * local_vocab
+    owned = (local_target >= 0) & (local_target < local_vocab)
+    local_target = local_target.clamp(0, max(local_vocab - 1, 0)).unsqueeze(-1)
+    maxima = vocab_parallel_max(flat, chunk_size, group)
+    # Row 0: sum of exp(logit - max); row 1: the target's logit - max (0 off this shard).
+    sums = torch.zeros(2, flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in _chunks(flat.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        shifted = flat[rows].to(torch.float32, copy=True).sub_(maxima[rows].unsqueeze(-1))
+        picked = shifted.gather(-1, local_target[rows]).squeeze(-1)
+        sums[1, rows] = picked.masked_fill_(~owned[rows], 0.0)
+        sums[0, rows] = shifted.exp_().sum(dim=-1)
+        del shifted
+    sum_exp, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    return (torch.log(sum_exp) - target_logit).reshape(target.shape)
 
 
 def _scaled_fp32(logits: Tensor, temperature: float) -> Tensor:

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from kd_module.data.datamodule import data_parallel_rank_and_size
-from kd_module.losses import all_gather_last_dim, resolve_tp_group
+from kd_module.losses import all_gather_last_dim, resolve_tp_group, vocab_parallel_max
 from kd_module.reliability import write_json_atomic
 
 __all__ = [
@@ -566,11 +566,7 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
     def forward(ctx: Any, logits: Tensor, excluded: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         group = resolve_tp_group()
         rows = logits.shape[0]
-        shift = torch.cat(
-            [logits[start : start + chunk].amax(dim=-1).float() for start in range(0, rows, chunk)]
-        )
-        if group is not None:
-            dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        shift = vocab_parallel_max(logits, chunk, group)
         sums = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, chunk):
             end = start + chunk

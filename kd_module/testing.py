@@ -282,5 +282,43 @@ def _full_local_shape(sh: Any) -> tuple[int, ...]:
     return tuple([1] * prepended) + tuple(sh.local_shape)
 
 
+def largest_new_allocation(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn``; return its result and the bytes of the largest tensor storage it created.
+
+    Every aten op is seen through a ``TorchDispatchMode``; an output whose storage is not one of
+    the op's inputs' is a new allocation (views and in-place results are not). Lets a CPU test
+    check that code works in bounded chunks instead of copying a whole tensor, which process
+    memory figures are too coarse to show.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def storages(tree: Any) -> set[int]:
+        return {
+            leaf.untyped_storage().data_ptr()
+            for leaf in tree_leaves(tree)
+            if isinstance(leaf, torch.Tensor)
+        }
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            inputs = storages((args, kwargs))
+            for leaf in tree_leaves(out):
+                if (
+                    isinstance(leaf, torch.Tensor)
+                    and leaf.untyped_storage().data_ptr() not in inputs
+                ):
+                    self.largest = max(self.largest, leaf.untyped_storage().nbytes())
+            return out
+
+    with LargestAllocation() as mode:
+        result = fn()
+    return result, mode.largest
+
+
 if __name__ == "__main__":
     sys.exit(_rank_main(sys.argv[1:]))

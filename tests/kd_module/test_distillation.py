@@ -226,6 +226,64 @@ def test_skip_lm_loss_makes_objective_pure_kd(single_rank):
     assert mean["lm_loss"] > 4.0  # about log(128) for near-random weights
 
 
+def _lm_loss_call(model, logits, labels):
+    """The model's LM loss hook on ``logits``: (loss, largest new buffer in bytes)."""
+    from kd_module.testing import largest_new_allocation
+
+    return largest_new_allocation(lambda: model.compute_language_model_loss(labels, logits))
+
+
+def test_logged_lm_loss_reads_the_logits_in_chunks_without_a_copy(single_rank):
+    """With the LM loss only logged (skip_lm_loss, training) and under no_grad (validation), the
+    hook returns megatron's [b, s] cross entropy (rtol 1e-6), leaves the fp32 logits unchanged
+    and never allocates more than one fp32 chunk of them (no full clone)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(SEQ, MICRO_BATCH, VOCAB, generator=generator) * 3.0
+    labels = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
+    expected = vocab_parallel_cross_entropy(logits.clone(), labels.t().contiguous()).t()
+    logits.requires_grad_()  # the output layer's logits, as the hook receives them in training
+    chunk_bytes = 5 * VOCAB * 4  # _build's loss_chunk_size, fp32
+    logged = _build(ParallelLayout(), DistillConfig(skip_lm_loss=True))
+    in_objective = _build(ParallelLayout(), DistillConfig(skip_lm_loss=False))
+    logged.train()
+    in_objective.eval()
+    for case, model, grad in (
+        ("training, only logged", logged, True),
+        ("no_grad", in_objective, False),
+    ):
+        before = logits.detach().clone()
+        with torch.set_grad_enabled(grad):
+            loss, largest = _lm_loss_call(model, logits, labels)
+        assert torch.equal(logits.detach(), before), case
+        assert loss.shape == (MICRO_BATCH, SEQ) and not loss.requires_grad, case
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0, msg=case)
+        assert largest <= chunk_bytes < logits.numel() * 4, (case, largest)
+
+
+def test_lm_loss_in_the_objective_keeps_megatron_and_its_gradient(single_rank):
+    """skip_lm_loss=False, training: the hook is megatron's cross entropy with its gradient, the
+    fp32 logits the KD criterion reads stay unchanged."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    generator = torch.Generator().manual_seed(4)
+    logits = (torch.randn(SEQ, MICRO_BATCH, VOCAB, generator=generator) * 3.0).requires_grad_()
+    labels = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
+    model = _build(ParallelLayout(), DistillConfig(skip_lm_loss=False))
+    model.train()
+    before = logits.detach().clone()
+    loss = model.compute_language_model_loss(labels, logits)
+    assert torch.equal(logits.detach(), before)
+    reference_logits = before.clone().requires_grad_()
+    reference = vocab_parallel_cross_entropy(reference_logits.clone(), labels.t().contiguous()).t()
+    assert torch.equal(loss, reference)
+    weights = torch.rand(MICRO_BATCH, SEQ, generator=generator)
+    (loss * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.equal(logits.grad, reference_logits.grad)
+
+
 def test_projection_only_when_hidden_sizes_differ(single_rank):
     """Intermediate pairs get a Linear projection for different widths and Identity otherwise."""
     distill = DistillConfig(

@@ -14,8 +14,9 @@ from kd_module.losses import (
     KDLogitsCriterion,
     LogitsKDLoss,
     reference_logits_kd_loss,
+    vocab_parallel_cross_entropy_no_grad,
 )
-from kd_module.testing import run_distributed
+from kd_module.testing import largest_new_allocation, run_distributed
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -279,6 +280,72 @@ def test_all_problems_reported_at_once_and_forward_checks() -> None:
         LogitsKDLoss(top_k=5)(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
 
 
+# ---------------------------------------------------------------- LM cross entropy (no grad)
+
+
+def _megatron_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """megatron's vocab_parallel_cross_entropy, on a copy (it overwrites fp32 logits)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits.clone(), target)
+
+
+def _cross_entropy_inputs(seed: int, shape: tuple[int, ...] = (7, 3, 40)) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=generator) * 4.0
+    target = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    return logits, target
+
+
+def test_cross_entropy_no_grad_equals_megatron_and_a_hand_computation(single_rank) -> None:
+    """fp32 and bf16 values equal megatron's vocab_parallel_cross_entropy (TP=1, rtol 1e-6); a
+    uniform row gives log(vocab); no autograd graph."""
+    logits, target = _cross_entropy_inputs(30)
+    logits.requires_grad_(True)
+    loss = vocab_parallel_cross_entropy_no_grad(logits, target, chunk_size=4)
+    assert loss.dtype == torch.float32 and loss.shape == target.shape and not loss.requires_grad
+    torch.testing.assert_close(
+        loss, _megatron_cross_entropy(logits.detach(), target), rtol=1e-6, atol=0
+    )
+    half = logits.detach().bfloat16()
+    torch.testing.assert_close(
+        vocab_parallel_cross_entropy_no_grad(half, target, chunk_size=5),
+        _megatron_cross_entropy(half, target),
+        rtol=1e-6,
+        atol=0,
+    )
+    uniform = torch.zeros(2, 1, 8)
+    hand = vocab_parallel_cross_entropy_no_grad(uniform, torch.tensor([[3], [7]]))
+    torch.testing.assert_close(hand, torch.full((2, 1), math.log(8.0)), rtol=1e-6, atol=0)
+
+
+def test_cross_entropy_no_grad_leaves_logits_alone_and_copies_one_chunk() -> None:
+    """The logits are unchanged afterwards, and the largest buffer made is one fp32 chunk, not a
+    copy of the logits (megatron's cross entropy on a clone makes one)."""
+    logits, target = _cross_entropy_inputs(31, shape=(64, 2, 50))
+    before = logits.clone()
+    chunk_size = 8
+    loss, largest = largest_new_allocation(
+        lambda: vocab_parallel_cross_entropy_no_grad(logits, target, chunk_size=chunk_size)
+    )
+    assert torch.equal(logits, before)
+    assert largest <= chunk_size * 50 * 4
+    reference = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 50), target.reshape(-1), reduction="none"
+    ).reshape(target.shape)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    _, clone_largest = largest_new_allocation(lambda: logits.clone())
+    assert clone_largest == logits.numel() * 4 > chunk_size * 50 * 4  # what the bound rules out
+
+
+def test_cross_entropy_no_grad_checks_shapes_and_empty_input() -> None:
+    """A target that is not the logits' token shape is refused; no tokens give an empty loss."""
+    with pytest.raises(ValueError, match=r"target must be the logits' shape"):
+        vocab_parallel_cross_entropy_no_grad(torch.zeros(4, 2, 8), torch.zeros(2, 4).long())
+    empty = vocab_parallel_cross_entropy_no_grad(torch.zeros(0, 2, 8), torch.zeros(0, 2).long())
+    assert empty.shape == (0, 2)
+
+
 def tp2_rank_checks() -> dict:
     """One TP=2 rank: each loss on this rank's vocab shard, next to the full-vocab reference."""
     from kd_module.runtime import initialize_distributed
@@ -312,20 +379,31 @@ def tp2_rank_checks() -> dict:
             loss_type, hidden_states, weight, teacher_full, weights, shard=shard
         )
         results[(loss_type, "fused")] = (*fused, *reference)
+    # The logged LM loss: this rank's shard against megatron's TP=2 cross entropy on the shard.
+    logits, target = _cross_entropy_inputs(14)
+    logits_shard = logits[..., shard].contiguous()
+    before = logits_shard.clone()
+    ours = vocab_parallel_cross_entropy_no_grad(logits_shard, target, chunk_size=4)
+    assert torch.equal(logits_shard, before)
+    results[("cross_entropy", "megatron")] = (ours, _megatron_cross_entropy(logits_shard, target))
     return results
 
 
 @pytest.mark.multirank
 @pytest.mark.timeout(240)
 def test_tensor_parallel_matches_single_rank_reference() -> None:
-    """At TP=2 each loss (top-k, k above a shard, fused projection) equals the TP=1 reference."""
+    """At TP=2 each loss (top-k, k above a shard, fused projection) equals the TP=1 reference,
+    and the no-grad LM cross entropy equals megatron's TP=2 vocab_parallel_cross_entropy."""
     ranks = run_distributed(tp2_rank_checks, 2, timeout=200)
     for rank_results in ranks:
-        assert len(rank_results) == 12
+        assert len(rank_results) == 13
         for key, values in rank_results.items():
             half = len(values) // 2
             atol = 1e-5 if key[1] == "fused" else ATOL  # fused: matmul summation order differs
+            rtol = RTOL
+            if key[0] == "cross_entropy":  # the same steps as megatron's: fp32-close
+                rtol, atol = 1e-6, 0.0
             for ours, reference in zip(values[:half], values[half:], strict=True):
-                torch.testing.assert_close(ours, reference, rtol=RTOL, atol=atol, msg=str(key))
+                torch.testing.assert_close(ours, reference, rtol=rtol, atol=atol, msg=str(key))
     for key in ranks[0]:
         assert torch.equal(ranks[0][key][0], ranks[1][key][0]), key
