@@ -107,23 +107,78 @@ def skip_optimizer_update(optimizer: Any) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- teacher integrity
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes."""
+HASH_CHUNK_BYTES = 64 * 1024 * 1024
+"""Host buffer for hashing tensors that are not on the CPU: copied this many bytes at a time."""
+
+
+def tensor_sha256(
+    tensor: torch.Tensor,
+    chunk_bytes: int = HASH_CHUNK_BYTES,
+    host_buffer: torch.Tensor | None = None,
+) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: ``f"{dtype}|{shape}|"`` then the raw bytes.
+
+    A CPU tensor is hashed where it lies (hashlib reads the tensor's memory through the buffer
+    protocol, no copy); any other is copied to the host at most ``chunk_bytes`` at a time into
+    one reused buffer, so hashing an 8B teacher never holds a host copy of it.
+
+    Args:
+        tensor: any dtype, shape and device.
+        chunk_bytes: size of the host buffer for a device tensor.
+        host_buffer: a 1-D uint8 CPU tensor to use as that buffer (``teacher_digests`` shares
+            one across tensors); made here when ``None``.
+
+    Returns:
+        64 hex digits.
+    """
     import torch
 
-    data = tensor.detach().contiguous().cpu()
+    data = tensor.detach()
     digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
     if data.numel():
-        digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+        raw = data.contiguous().view(-1).view(torch.uint8)
+        if raw.device.type == "cpu":
+            digest.update(raw.numpy())
+        else:
+            if host_buffer is None:
+                host_buffer = _host_buffer(min(chunk_bytes, raw.numel()), raw.device)
+            _update_through_host(digest, raw, host_buffer)
     return digest.hexdigest()
 
 
-def teacher_digests(model: torch.nn.Module) -> dict[str, str]:
-    """SHA-256 of every parameter and floating-point buffer of this rank's model stage, by name."""
-    digests = {name: tensor_sha256(param) for name, param in model.named_parameters()}
+def _host_buffer(size: int, device: torch.device) -> torch.Tensor:
+    """A uint8 host buffer for copies from ``device`` (page-locked for CUDA: faster copies)."""
+    import torch
+
+    return torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+def _update_through_host(digest: Any, raw: torch.Tensor, host_buffer: torch.Tensor) -> None:
+    """Feed the bytes of ``raw`` (1-D uint8, any device) to ``digest`` through ``host_buffer``."""
+    step = host_buffer.numel()
+    for start in range(0, raw.numel(), step):
+        part = host_buffer[: min(step, raw.numel() - start)]
+        part.copy_(raw[start : start + step])
+        digest.update(part.numpy())
+
+
+def teacher_digests(model: torch.nn.Module, chunk_bytes: int = HASH_CHUNK_BYTES) -> dict[str, str]:
+    """SHA-256 of every parameter and floating-point buffer of this rank's model stage, by name.
+
+    Tensors off the CPU share one host buffer of at most ``chunk_bytes``.
+    """
+    tensors = dict(model.named_parameters())
     for name, buffer in model.named_buffers():
         if buffer is not None and buffer.is_floating_point():
-            digests[name] = tensor_sha256(buffer)
+            tensors[name] = buffer
+    off_cpu = [tensor for tensor in tensors.values() if tensor.device.type != "cpu"]
+    host_buffer = None
+    if off_cpu:
+        largest = max(tensor.nbytes for tensor in off_cpu)
+        host_buffer = _host_buffer(min(chunk_bytes, largest), off_cpu[0].device)
+    digests = {
+        name: tensor_sha256(tensor, chunk_bytes, host_buffer) for name, tensor in tensors.items()
+    }
     return dict(sorted(digests.items()))
 
 
