@@ -16,7 +16,8 @@ On profiled steps it times, summed over the step's micro-batches:
 - ``other``: the rest of the Lightning step (gradient zeroing, logging, LR schedule, and
   the hooks of callbacks listed after this one: list the profiler first).
 
-Marks are CUDA events on GPU (resolved once per profiled step after one synchronization) and
+Marks are CUDA events on GPU, recorded on the module device's current stream (resolved once per
+profiled step, after the step's last event and one synchronization of that device), and
 ``time.perf_counter`` on CPU, where kernels are synchronous. Hooks and wrappers observe only:
 they return nothing and change no tensor, so a profiled fit computes what an unprofiled one does.
 
@@ -36,6 +37,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from kd_module.timing import synchronize
 
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
 ALONE_REPEATS = 3
@@ -82,6 +85,7 @@ class LatencyProfiler(L.Callback):
         self.warmup_steps = warmup_steps
         self.slowdown_threshold = float(slowdown_threshold)
         self._cuda = False
+        self._device: torch.device = torch.device("cpu")
         self._active = False
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, str]] = []
@@ -99,7 +103,7 @@ class LatencyProfiler(L.Callback):
     def _mark(self) -> Any:
         if self._cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self._device))
             return event
         return time.perf_counter()
 
@@ -109,12 +113,12 @@ class LatencyProfiler(L.Callback):
         return (end - start) * 1000.0
 
     def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
+        synchronize(self._device)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._cuda = pl_module.device.type == "cuda"
+        self._device = pl_module.device
+        self._cuda = self._device.type == "cuda"
         student = pl_module.core_model
         teacher = getattr(student, "teacher_model", None)
         self._add_forward_hooks(student, "forward")
@@ -199,8 +203,9 @@ class LatencyProfiler(L.Callback):
     ) -> None:
         if not self._active:
             return
-        self._sync()
+        # The end mark first, then the wait: an event's time can only be read once it completed.
         step_end = self._mark()
+        self._sync()
         self._active = False
         totals: dict[str, float] = defaultdict(float)
         teacher_share = 0.0

@@ -18,7 +18,6 @@ Logged every step (on the progress bar too): ``kd_loss`` (the objective), ``logi
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +34,7 @@ from kd_module.optim import (
     build_lr_scheduler,
     build_megatron_optimizer,
 )
+from kd_module.timing import synchronized_perf_counter
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,9 @@ class GPTModule(L.LightningModule):
         if not batches:
             return None
         optimizer = self.optimizers()
-        start = time.perf_counter()
+        # On CUDA the clock is read once the device is idle, at both ends: otherwise it would
+        # time kernel launches, and queued work would land in the neighbouring step.
+        start = synchronized_perf_counter(self.device)
         self.module.zero_grad_buffer()
         optimizer.zero_grad()
         report = forward_backward(
@@ -275,7 +277,7 @@ class GPTModule(L.LightningModule):
 
             with skip_optimizer_update(optimizer.optimizer):
                 optimizer.step()
-        elapsed = time.perf_counter() - start
+        elapsed = synchronized_perf_counter(self.device) - start
         self.step_times.append(elapsed)
         adapter = optimizer.optimizer
         grad_norm = adapter.last_step.get("grad_norm")

@@ -320,5 +320,22 @@ def largest_new_allocation(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, mode.largest
 
 
+def gpu_sleep(milliseconds: float) -> None:
+    """Queue about ``milliseconds`` of work on the current CUDA stream, without waiting for it.
+
+    A spinning kernel (``torch.cuda._sleep``) calibrated against CUDA events: what GPU tests use
+    to check that a measurement waits for asynchronous device work.
+    """
+    import torch
+
+    calibration = 20_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(calibration)
+    end.record()
+    end.synchronize()
+    torch.cuda._sleep(int(calibration * milliseconds / start.elapsed_time(end)))
+
+
 if __name__ == "__main__":
     sys.exit(_rank_main(sys.argv[1:]))

@@ -85,3 +85,59 @@ def test_profiler_uses_cuda_events_and_reports_slowdown():
     _gpu_fit([profiler], max_steps=10)
     summary = profiler.summary()
     assert summary["student_forward_slowdown"] > 0
+
+
+def _optimizer_step_queuing(milliseconds):
+    """A callback that makes each optimizer step queue ``milliseconds`` of GPU work at its end
+    (after the step's last implicit synchronization); listed first, inside any profiler's
+    wrapper. The work is a spinning kernel: a stand-in for asynchronous optimizer kernels."""
+    import lightning as L
+
+    from kd_module.testing import gpu_sleep
+
+    class QueueAfterOptimizerStep(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            for optimizer in trainer.optimizers:
+                original = optimizer.step
+
+                def step(*args, _original=original, **kwargs):
+                    result = _original(*args, **kwargs)
+                    gpu_sleep(milliseconds)
+                    return result
+
+                optimizer.step = step
+
+        def on_fit_end(self, trainer, pl_module):
+            for optimizer in trainer.optimizers:
+                optimizer.__dict__.pop("step", None)
+
+    return QueueAfterOptimizerStep()
+
+
+@pytest.mark.gpu
+def test_step_time_and_tokens_per_s_include_queued_gpu_work():
+    """tokens_per_s is measured over the step's GPU work: 500 ms queued at the end of each
+    optimizer step are inside every step's time (an unsynchronized clock misses them, or pushes
+    them into the next step's time: the first step shows it)."""
+    _, module = _gpu_fit([_optimizer_step_queuing(500.0)], max_steps=4)
+    assert len(module.step_times) == 4
+    assert min(module.step_times) >= 0.5 * 0.9, module.step_times
+    tokens = 4 * SEQ  # global batch x sequence length
+    assert module.last_train_metrics["tokens_per_s"] == pytest.approx(
+        tokens / module.step_times[-1], rel=1e-6
+    )
+
+
+@pytest.mark.gpu
+def test_profiler_attributes_queued_gpu_work_to_its_phase():
+    """With CUDA events, 500 ms of GPU work queued by the optimizer step count in the optimizer
+    phase and in the step, and the phases still add up to the step."""
+    from callbacks import LatencyProfiler
+
+    profiler = LatencyProfiler(every_n_steps=1, warmup_steps=1)
+    _gpu_fit([_optimizer_step_queuing(500.0), profiler], max_steps=4)
+    summary = profiler.summary()
+    assert summary["device"] == "cuda" and summary["profiled_steps"] == 3
+    assert summary["phases_ms"]["optimizer"] >= 500.0 * 0.9, summary
+    assert summary["step_ms"] >= summary["phases_ms"]["optimizer"]
+    assert sum(summary["phases_ms"].values()) == pytest.approx(summary["step_ms"], rel=1e-6)

@@ -1,0 +1,40 @@
+"""kd_module.timing: the clock waits for a CUDA device's queued work, and only for CUDA."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kd_module.testing import gpu_sleep
+from kd_module.timing import synchronize, synchronized_perf_counter
+
+
+def test_cpu_devices_never_touch_cuda(monkeypatch):
+    """On a CPU device (object or string) nothing CUDA is called and the clock is perf_counter's."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.cuda.synchronize called for a CPU device")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", refuse)
+    synchronize(torch.device("cpu"))
+    synchronize("cpu")
+    before = time.perf_counter()
+    assert before <= synchronized_perf_counter(torch.device("cpu")) <= time.perf_counter()
+
+
+@pytest.mark.gpu
+def test_cuda_clock_waits_for_queued_work():
+    """After 200 ms of queued GPU work, the synchronized clock reads at least ~200 ms later than
+    an unsynchronized read, and an event queued behind the work has completed."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    synchronize(device)
+    gpu_sleep(200.0)
+    after_work = torch.cuda.Event()
+    after_work.record()
+    launched = time.perf_counter()
+    assert not after_work.query()  # still queued: perf_counter alone would not have waited
+    finished = synchronized_perf_counter(device)
+    assert after_work.query()
+    assert finished - launched >= 0.15
