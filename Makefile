@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both install first (idempotent).
+# `make gpu-check` is for a lent GPU machine (see README, "GPU"); it uses that machine's Python.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,10 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint clean
+# The GPU machine's own Python (torch with CUDA, lightning, pytest), not .venv.
+GPU_PYTHON ?= python3
+
+.PHONY: install test demo lint clean gpu-check
 
 install: $(STAMP)
 
@@ -31,6 +35,10 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# DRYRUN=1: list the checks and which wheels are missing, install and run nothing.
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check $(if $(DRYRUN),--dry-run)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
