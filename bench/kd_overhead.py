@@ -125,7 +125,11 @@ QUICK_CASE = dict(
 
 
 def _now() -> tuple[float, float]:
-    """Wall time and this process's CPU time (all threads)."""
+    """Wall time and this process's CPU time (all threads), after the GPU's queued work."""
+    from kd_module import runtime
+
+    if runtime.uses_cuda():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -197,7 +201,10 @@ class _Bench:
         from kd_module.testing import init_weights_by_global_key
 
         self.case = case
-        self.batches = make_batches(case)
+        from kd_module import runtime
+
+        device = torch.device("cuda", torch.cuda.current_device()) if runtime.uses_cuda() else "cpu"
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(case)]
         self.kd = build_distillation_model(
             case.student,
             case.teacher,
