@@ -1,6 +1,15 @@
-"""Callbacks on a GPU: device-memory growth detection and measurements (skipped without CUDA)."""
+"""Callbacks on a GPU: device-memory growth with and without manual GC over 500 micro-batches, a
+leak detected, and the student-forward slowdown measured with CUDA events (skipped without CUDA).
+
+These check the two known issues Megatron-LM lists for distillation (README, "Restrictions and
+known issues") on the hardware they were reported for. With ``KD_MEASUREMENTS=<file>`` each test
+appends its measurements there as a JSON line (``make gpu-check`` puts them in its summary).
+"""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
@@ -12,6 +21,31 @@ STUDENT = GPTModelConfig(
     num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, vocab_size=512
 )
 TEACHER = STUDENT.replace(num_layers=4, hidden_size=128)
+MICRO_BATCHES_PER_STEP = 2  # global batch 4 of micro-batches of 2
+LONG_RUN_STEPS = 250  # 500 micro-batches
+_MB = 1024 * 1024
+
+
+def _record(test: str, **values) -> None:
+    path = os.environ.get("KD_MEASUREMENTS")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"test": test, **values}) + "\n")
+
+
+def _device_memory_recorder():
+    import lightning as L
+
+    class DeviceMemory(L.Callback):
+        """``torch.cuda.memory_allocated`` after every step, in MB."""
+
+        def __init__(self):
+            self.samples = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.samples.append((trainer.global_step, torch.cuda.memory_allocated() / _MB))
+
+    return DeviceMemory()
 
 
 def _gpu_fit(callbacks, max_steps, leak_mb=0.0):
@@ -27,15 +61,15 @@ def _gpu_fit(callbacks, max_steps, leak_mb=0.0):
 
         def on_train_batch_end(self, *args):
             if leak_mb:
-                self.kept.append(torch.ones(int(leak_mb * 1024 * 1024) // 4, device="cuda"))
+                self.kept.append(torch.ones(int(leak_mb * _MB) // 4, device="cuda"))
 
     module = DistillationModule(STUDENT, TEACHER)
     data = GPTDataModule(
         mock=True,
         seq_length=SEQ,
         micro_batch_size=2,
-        global_batch_size=4,
-        num_train_samples=max_steps * 4,
+        global_batch_size=2 * MICRO_BATCHES_PER_STEP,
+        num_train_samples=max_steps * 2 * MICRO_BATCHES_PER_STEP,
     )
     trainer = L.Trainer(
         accelerator="gpu",
@@ -45,6 +79,7 @@ def _gpu_fit(callbacks, max_steps, leak_mb=0.0):
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[*callbacks, DeviceLeaker()],
@@ -64,80 +99,54 @@ def test_device_memory_leak_is_detected_on_gpu():
     growth = manual_gc.growth
     assert growth is not None and growth["memory"] == "gpu", growth
     assert growth["mb_per_step"] == pytest.approx(32.0, rel=0.2)
+    _record("leak_detected", mb_per_step=growth["mb_per_step"])
 
 
 @pytest.mark.gpu
-def test_distillation_does_not_grow_device_memory_with_manual_gc():
-    """Distillation under manual GC (no collections) keeps device memory flat on GPU."""
+@pytest.mark.parametrize("garbage_collection", ["manual_no_collection", "automatic"])
+def test_distillation_device_memory_stays_flat_over_500_microbatches(garbage_collection):
+    """500 distillation micro-batches, under ManualGC with no collection at all (Megatron-LM's
+    known issue: a few MB per micro-batch that only the collector frees) and under Python's
+    automatic GC: allocated device memory grows less than 0.05 MB per micro-batch."""
     from callbacks import ManualGC
+    from callbacks.manual_gc import least_squares_slope
 
-    manual_gc = ManualGC(gc_interval=0, window=20, growth_threshold_mb_per_step=0.5)
-    _gpu_fit([manual_gc], max_steps=60)
-    assert manual_gc.growth is None, manual_gc.growth_rates()
+    memory = _device_memory_recorder()
+    callbacks = [memory]
+    manual_gc = None
+    if garbage_collection == "manual_no_collection":
+        manual_gc = ManualGC(gc_interval=0, window=50, growth_threshold_mb_per_step=0.5)
+        callbacks.append(manual_gc)
+    _gpu_fit(callbacks, max_steps=LONG_RUN_STEPS)
+    samples = memory.samples[len(memory.samples) // 2 :]  # after lazy first-step allocations
+    steps = [float(step) for step, _ in samples]
+    per_step = least_squares_slope(steps, [mb for _, mb in samples])
+    per_microbatch = per_step / MICRO_BATCHES_PER_STEP
+    _record(
+        f"device_memory_{garbage_collection}",
+        microbatches=len(memory.samples) * MICRO_BATCHES_PER_STEP,
+        mb_per_microbatch=per_microbatch,
+        allocated_mb_first=memory.samples[0][1],
+        allocated_mb_last=memory.samples[-1][1],
+    )
+    assert len(memory.samples) == LONG_RUN_STEPS
+    assert per_microbatch < 0.05, (per_microbatch, samples[:3], samples[-3:])
+    if manual_gc is not None:
+        assert manual_gc.growth is None, manual_gc.growth_rates()
 
 
 @pytest.mark.gpu
 def test_profiler_uses_cuda_events_and_reports_slowdown():
-    """On GPU the profiler's phases are measured and the student slowdown ratio is reported."""
+    """On GPU the profiler measures each phase with CUDA events, and the student's forward beside
+    the teacher is less than Megatron-LM's reported 40% slower than alone."""
     from callbacks import LatencyProfiler
 
-    profiler = LatencyProfiler(every_n_steps=2, warmup_steps=2)
-    _gpu_fit([profiler], max_steps=10)
+    profiler = LatencyProfiler(every_n_steps=2, warmup_steps=4)
+    _gpu_fit([profiler], max_steps=24)
     summary = profiler.summary()
-    assert summary["student_forward_slowdown"] > 0
-
-
-def _optimizer_step_queuing(milliseconds):
-    """A callback that makes each optimizer step queue ``milliseconds`` of GPU work at its end
-    (after the step's last implicit synchronization); listed first, inside any profiler's
-    wrapper. The work is a spinning kernel: a stand-in for asynchronous optimizer kernels."""
-    import lightning as L
-
-    from kd_module.testing import gpu_sleep
-
-    class QueueAfterOptimizerStep(L.Callback):
-        def on_fit_start(self, trainer, pl_module):
-            for optimizer in trainer.optimizers:
-                original = optimizer.step
-
-                def step(*args, _original=original, **kwargs):
-                    result = _original(*args, **kwargs)
-                    gpu_sleep(milliseconds)
-                    return result
-
-                optimizer.step = step
-
-        def on_fit_end(self, trainer, pl_module):
-            for optimizer in trainer.optimizers:
-                optimizer.__dict__.pop("step", None)
-
-    return QueueAfterOptimizerStep()
-
-
-@pytest.mark.gpu
-def test_step_time_and_tokens_per_s_include_queued_gpu_work():
-    """tokens_per_s is measured over the step's GPU work: 500 ms queued at the end of each
-    optimizer step are inside every step's time (an unsynchronized clock misses them, or pushes
-    them into the next step's time: the first step shows it)."""
-    _, module = _gpu_fit([_optimizer_step_queuing(500.0)], max_steps=4)
-    assert len(module.step_times) == 4
-    assert min(module.step_times) >= 0.5 * 0.9, module.step_times
-    tokens = 4 * SEQ  # global batch x sequence length
-    assert module.last_train_metrics["tokens_per_s"] == pytest.approx(
-        tokens / module.step_times[-1], rel=1e-6
-    )
-
-
-@pytest.mark.gpu
-def test_profiler_attributes_queued_gpu_work_to_its_phase():
-    """With CUDA events, 500 ms of GPU work queued by the optimizer step count in the optimizer
-    phase and in the step, and the phases still add up to the step."""
-    from callbacks import LatencyProfiler
-
-    profiler = LatencyProfiler(every_n_steps=1, warmup_steps=1)
-    _gpu_fit([_optimizer_step_queuing(500.0), profiler], max_steps=4)
-    summary = profiler.summary()
-    assert summary["device"] == "cuda" and summary["profiled_steps"] == 3
-    assert summary["phases_ms"]["optimizer"] >= 500.0 * 0.9, summary
-    assert summary["step_ms"] >= summary["phases_ms"]["optimizer"]
-    assert sum(summary["phases_ms"].values()) == pytest.approx(summary["step_ms"], rel=1e-6)
+    _record("latency_profiler", **summary)
+    assert summary["device"] == "cuda"
+    assert summary["profiled_steps"] >= 5
+    phases = {k: v for k, v in summary["phases_ms"].items() if k != "other"}
+    assert all(value is not None and value >= 0 for value in phases.values()), phases
+    assert 0 < summary["student_forward_slowdown"] < 1.4, summary

@@ -44,6 +44,9 @@ def _fit(
     sequence_parallel=False,
     use_distributed_optimizer=False,
     root_dir=None,
+    accelerator="cpu",
+    precision="fp32",
+    callbacks=(),
 ):
     """One fit of a tiny pair on mock data; returns per-step metrics and final metrics."""
     import lightning as L
@@ -71,13 +74,14 @@ def _fit(
     )
     recorder = _Recorder()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=MegatronStrategy(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             sequence_parallel=sequence_parallel,
             use_distributed_optimizer=use_distributed_optimizer,
+            precision=precision,
         ),
         max_steps=max_steps,
         logger=False,
@@ -87,7 +91,7 @@ def _fit(
         num_sanity_val_steps=0,
         limit_val_batches=2 if val_check_interval else 0,
         val_check_interval=val_check_interval,
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
         default_root_dir=root_dir,
     )
     trainer.fit(module, datamodule=data)
@@ -315,32 +319,68 @@ def test_strategy_refuses_bad_arguments():
         MegatronStrategy(precision="fp8")
 
 
+class _MixedPrecisionState:
+    """Records, at the end of training, the dtypes and devices of the student's parameters and
+    of megatron's optimizer groups (a plain Lightning callback)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class MixedPrecisionState(L.Callback):
+            def __init__(self):
+                self.state = {}
+
+            def on_train_end(self, trainer, module):
+                megatron_optimizer = trainer.optimizers[0].megatron_optimizer
+                # get_megatron_optimizer returns a ChainedOptimizer of one optimizer per
+                # model-chunk group; with bf16 each is a Float16OptimizerWithFloat16Params.
+                inner = getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+                student = module.distillation_model
+                teacher_ids = {id(p) for p in student.teacher_model.parameters()}
+                self.state = {
+                    "optimizers": [type(o).__name__ for o in inner],
+                    "model_params": [
+                        (p.dtype, p.device.type)
+                        for o in inner
+                        for group in o.float16_groups
+                        for p in group
+                    ],
+                    "main_params": [
+                        (p.dtype, p.device.type)
+                        for o in inner
+                        for group in o.fp32_from_float16_groups
+                        for p in group
+                    ],
+                    "student_dtypes": {
+                        p.dtype
+                        for p in student.parameters()
+                        if p.requires_grad and id(p) not in teacher_ids
+                    },
+                }
+
+        return MixedPrecisionState()
+
+
 @pytest.mark.gpu
 def test_bf16_fit_on_gpu():
-    """bf16 (megatron Float16Module, fp32 main weights) fits on one GPU and lowers kd_loss."""
-    import lightning as L
-
-    from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.strategy import MegatronStrategy
-
-    module = DistillationModule(STUDENT, TEACHER)
-    data = GPTDataModule(
-        mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, num_train_samples=80
-    )
-    trainer = L.Trainer(
+    """bf16 on one GPU (megatron's Float16Module): kd_loss falls over 30 steps, the student's
+    weights are bf16 on the GPU and megatron's optimizer updates fp32 main copies of them."""
+    mixed_precision = _MixedPrecisionState()
+    result = _fit(
         accelerator="gpu",
-        devices=1,
-        strategy=MegatronStrategy(precision="bf16"),
-        max_steps=20,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        precision="bf16",
+        max_steps=30,
+        callbacks=[mixed_precision],
     )
-    trainer.fit(module, datamodule=data)
-    assert module.last_train_metrics["kd_loss"] < 10
-    assert next(module.distillation_model.parameters()).dtype == torch.bfloat16
+    curve = _curve(result)
+    assert len(curve) == 30 and torch.isfinite(curve).all(), curve
+    assert curve[-3:].mean() < 0.8 * curve[:3].mean(), curve
+    state = mixed_precision.state
+    assert state["optimizers"] == ["Float16OptimizerWithFloat16Params"], state["optimizers"]
+    assert state["student_dtypes"] == {torch.bfloat16}, state["student_dtypes"]
+    assert state["model_params"] and set(state["model_params"]) == {(torch.bfloat16, "cuda")}
+    assert len(state["main_params"]) == len(state["model_params"])
+    assert set(state["main_params"]) == {(torch.float32, "cuda")}, set(state["main_params"])
 
 
 def test_readme_documents_exactly_the_logged_metrics():
