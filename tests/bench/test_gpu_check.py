@@ -52,7 +52,6 @@ def test_dry_run_lists_every_check_and_installs_nothing(tmp_path):
     assert [c["name"] for c in listing["checks"]] == [c.name for c in gpu_check.CHECKS]
     assert sum(c.budget_s for c in gpu_check.CHECKS) <= gpu_check.BUDGET_S
     assert not (tmp_path / "none").exists()
-    assert "megatron" not in sys.modules or True  # the dry run ran in its own process
 
 
 def test_every_gpu_test_named_by_a_check_exists():
