@@ -86,9 +86,16 @@ def build_megatron_optimizer(
     use_distributed_optimizer: bool = False,
     params_dtype: Any = torch.float32,
 ) -> Any:
-    """megatron-core's optimizer (``get_megatron_optimizer``) for a DDP-wrapped model chunk."""
+    """megatron-core's optimizer (``get_megatron_optimizer``) for a DDP-wrapped model chunk.
+
+    megatron's gloo process groups exist only for CPU runs (see
+    :func:`kd_module.runtime.initialize_distributed`); the optimizer is told so, as it would
+    otherwise ask for groups a CUDA run never created.
+    """
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
+
+    from kd_module import runtime
 
     megatron_config = MegatronOptimizerConfig(
         optimizer="adam",
@@ -104,7 +111,9 @@ def build_megatron_optimizer(
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
     )
-    return get_megatron_optimizer(megatron_config, [model])
+    return get_megatron_optimizer(
+        megatron_config, [model], use_gloo_process_groups=runtime.gloo_process_groups()
+    )
 
 
 def build_lr_scheduler(config: OptimizerConfig, optimizer: Any, max_steps: int) -> Any:

@@ -1,9 +1,12 @@
 """Distributed runtime: process groups, megatron parallel state, RNG, and the CPU bridge.
 
-megatron-core 0.16 assumes CUDA in a handful of places. On a machine without CUDA this module
-bridges exactly those places, and nothing else, so that the real megatron-core runs on CPU with
-the gloo backend. With CUDA present every bridge is inert (``install_cpu_bridges`` returns
-``False`` and touches nothing).
+megatron-core 0.16 assumes CUDA in a handful of places. For a run on the CPU this module bridges
+exactly those places, and nothing else, so that the real megatron-core runs on CPU with the gloo
+backend. Which device a run uses is decided once, by :func:`initialize_distributed` (the
+strategy passes Lightning's accelerator; the default is CUDA when it exists), and
+:func:`uses_cuda` is the one answer every other module asks. A CPU run on a machine that has a
+GPU installs the bridges too; a CUDA run removes them again (notebooks and tests run both in one
+process), so a CUDA run always sees megatron exactly as shipped.
 
 The bridge has three parts, each applied only to the megatron modules listed next to it:
 
@@ -124,11 +127,61 @@ _FACTORIES = (
 
 _CPU = torch.device("cpu")
 _bridges_installed = False
+# What install_cpu_bridges changed, to undo it: (function, original code object) pairs and the
+# RNG tracker megatron had before.
+_replaced_code: list[tuple[types.FunctionType, types.CodeType]] = []
+_replaced_tracker: tuple[Any, bool] | None = None
+_run_device: torch.device | None = None
+_gloo_process_groups = False
 
 
-def cuda_available() -> bool:
-    """Whether this process runs on CUDA (the bridges are inert then)."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a run on this process uses.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device``, or ``None`` for CUDA
+            when it exists (this process's ``LOCAL_RANK`` picks the GPU) and the CPU otherwise.
+
+    Raises:
+        ValueError: for an unknown device type, or CUDA asked for where there is none.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device (use 'cpu' or 'cuda')") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported (use 'cpu' or 'cuda')")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available; use 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def uses_cuda() -> bool:
+    """Whether this process's run uses CUDA: the one source of truth for every module.
+
+    It is the device :func:`initialize_distributed` chose; before any run is initialized, whether
+    CUDA exists.
+    """
+    if _run_device is not None:
+        return _run_device.type == "cuda"
     return torch.cuda.is_available()
+
+
+def run_device() -> torch.device:
+    """The device of this process's run (see :func:`uses_cuda`)."""
+    if _run_device is not None:
+        return _run_device
+    return resolve_device(None)
+
+
+def gloo_process_groups() -> bool:
+    """Whether megatron's gloo process groups exist (created for CPU runs only)."""
+    return _gloo_process_groups
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -255,14 +308,20 @@ def _functions_of(module: types.ModuleType) -> Iterator[types.FunctionType]:
                     yield fn
 
 
+def _replace_code(fn: types.FunctionType, code: types.CodeType) -> None:
+    if code is not fn.__code__:
+        _replaced_code.append((fn, fn.__code__))
+        fn.__code__ = code
+
+
 def install_cpu_bridges() -> bool:
-    """Make megatron-core usable without CUDA. Idempotent; inert when CUDA is available.
+    """Make megatron-core run on the CPU. Idempotent; inert when this run uses CUDA.
 
     Returns:
-        ``True`` when the bridges are (or already were) installed, ``False`` on a CUDA machine.
+        ``True`` when the bridges are (or already were) installed, ``False`` for a CUDA run.
     """
-    global _bridges_installed
-    if cuda_available():
+    global _bridges_installed, _replaced_tracker
+    if uses_cuda():
         return False
     if _bridges_installed:
         return True
@@ -275,19 +334,53 @@ def install_cpu_bridges() -> bool:
             module.torch = view
     for name in _TYPE_STRING_MODULES:
         for fn in _functions_of(importlib.import_module(name)):
-            fn.__code__ = _rewrite_code_constants(fn.__code__, _TYPE_STRINGS)
+            _replace_code(fn, _rewrite_code_constants(fn.__code__, _TYPE_STRINGS))
 
     for (module_name, qualname), mapping in _NAME_REWRITES.items():
         owner: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             owner = getattr(owner, part)
-        owner.__code__ = _rewrite_code_names(owner.__code__, mapping)
+        _replace_code(owner, _rewrite_code_names(owner.__code__, mapping))
 
     from megatron.core.tensor_parallel import random as mp_random
 
+    _replaced_tracker = (
+        mp_random._CUDA_RNG_STATE_TRACKER,
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+    )
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _bridges_installed = True
+    return True
+
+
+def remove_cpu_bridges() -> bool:
+    """Undo :func:`install_cpu_bridges`: megatron as shipped, for a CUDA run after a CPU one.
+
+    Returns:
+        ``True`` when bridges were removed, ``False`` when none were installed.
+    """
+    global _bridges_installed, _replaced_tracker
+    if not _bridges_installed:
+        return False
+    import importlib
+
+    for name in _BRIDGED_MODULES:
+        module = importlib.import_module(name)
+        if isinstance(getattr(module, "torch", None), _CpuTorchView):
+            module.torch = torch
+    while _replaced_code:
+        fn, code = _replaced_code.pop()
+        fn.__code__ = code
+    from megatron.core.tensor_parallel import random as mp_random
+
+    if _replaced_tracker is not None:
+        (
+            mp_random._CUDA_RNG_STATE_TRACKER,
+            mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+        ) = _replaced_tracker
+        _replaced_tracker = None
+    _bridges_installed = False
     return True
 
 
@@ -369,7 +462,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if cuda_available():
+    if uses_cuda():
         mp_tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     from megatron.core.tensor_parallel import random as mp_random
@@ -401,13 +494,15 @@ def initialize_distributed(
     virtual_pipeline_model_parallel_size: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 10,
+    device: str | torch.device | None = None,
 ) -> None:
     """Initialize torch.distributed, megatron's parallel state and the RNG tracker.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) it joins the launched group; otherwise it starts
     a single in-process rank on a free local port, so notebooks and plain scripts work. The
-    backend is NCCL with CUDA and gloo without it. Calling it again with the same layout is a
-    no-op; with a different layout it rebuilds megatron's groups.
+    device decides the rest: a CUDA run uses NCCL and megatron as shipped; a CPU run (also on a
+    machine with a GPU) uses gloo, megatron's gloo groups and the CPU bridges. Calling it again
+    with the same layout is a no-op; with a different layout it rebuilds megatron's groups.
 
     Args:
         tensor_model_parallel_size: ranks a layer's weights are split across.
@@ -416,14 +511,31 @@ def initialize_distributed(
         virtual_pipeline_model_parallel_size: interleaved pipeline chunks per rank, or ``None``.
         seed: base seed for torch and megatron's named RNG states.
         timeout_minutes: collective timeout, so a dead peer fails the job instead of hanging it.
+        device: the run's device, see :func:`resolve_device` (``None``: CUDA when it exists).
 
     Raises:
-        ValueError: when the world size is not divisible by TP x PP x CP.
+        ValueError: for a device that cannot be used, or a world size not divisible by
+            TP x PP x CP.
     """
-    global _owns_process_group
+    global _owns_process_group, _run_device, _gloo_process_groups
     import torch.distributed as dist
 
-    install_cpu_bridges()
+    device = resolve_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized() and dist.get_backend() != backend:
+        if not _owns_process_group:
+            raise ValueError(
+                f"device={str(device)!r} needs the {backend} backend, but this process already "
+                f"joined a {dist.get_backend()} process group; one launched process runs on "
+                "one kind of device"
+            )
+        destroy_distributed()
+    _run_device = device
+    if device.type == "cuda":
+        remove_cpu_bridges()
+        torch.cuda.set_device(device)
+    else:
+        install_cpu_bridges()
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             single = {
@@ -437,9 +549,6 @@ def initialize_distributed(
                 if key not in os.environ or key == "MASTER_PORT":
                     os.environ[key] = value
                     _env_set_here.append(key)
-        backend = "nccl" if cuda_available() else "gloo"
-        if cuda_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )
@@ -469,6 +578,7 @@ def initialize_distributed(
             and parallel_state.get_context_parallel_world_size() == context_parallel_size
             and parallel_state.get_virtual_pipeline_model_parallel_world_size()
             == virtual_pipeline_model_parallel_size
+            and _gloo_process_groups == (device.type == "cpu")
         )
         if not same:
             parallel_state.destroy_model_parallel()
@@ -479,8 +589,12 @@ def initialize_distributed(
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
-            create_gloo_process_groups=not cuda_available(),
+            # megatron's gloo groups serve CPU-side collectives; a CUDA run does not need them.
+            # The optimizer must be told the same (optim.build_megatron_optimizer asks
+            # gloo_process_groups()).
+            create_gloo_process_groups=device.type == "cpu",
         )
+        _gloo_process_groups = device.type == "cpu"
     seed_everything(seed)
 
 
@@ -490,12 +604,13 @@ def destroy_distributed() -> None:
     After this, :func:`initialize_distributed` can be called again in the same process (tests
     and notebooks run several fits one after another).
     """
-    global _owns_process_group
+    global _owns_process_group, _run_device, _gloo_process_groups
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _gloo_process_groups = False
     from megatron.core.tensor_parallel import random as mp_random
 
     tracker = mp_random._CUDA_RNG_STATE_TRACKER
@@ -506,6 +621,7 @@ def destroy_distributed() -> None:
         _owns_process_group = False
         while _env_set_here:
             os.environ.pop(_env_set_here.pop(), None)
+    _run_device = None
 
 
 def is_initialized() -> bool:

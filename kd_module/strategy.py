@@ -103,7 +103,6 @@ class MegatronStrategy(DDPStrategy):
             logger.warning("sequence_parallel has no effect with tensor_model_parallel_size=1")
         if problems:
             raise ValueError("MegatronStrategy: " + "; ".join(problems))
-        kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
         super().__init__(**kwargs)
         self.layout = ParallelLayout(
             tensor_model_parallel_size=tensor_model_parallel_size,
@@ -158,6 +157,8 @@ class MegatronStrategy(DDPStrategy):
     def setup_distributed(self) -> None:
         self.set_world_ranks()
         problems = self.layout_problems(self.world_size)
+        if self.precision_name == "bf16" and self.root_device.type != "cuda":
+            problems.append("precision='bf16' needs accelerator='gpu'; use 'fp32' on CPU")
         if problems:
             raise ValueError("parallel layout: " + "; ".join(problems))
         if self.world_size > 1 or "RANK" in os.environ:
@@ -174,6 +175,7 @@ class MegatronStrategy(DDPStrategy):
             virtual_pipeline_model_parallel_size=self.layout.virtual_pipeline_model_parallel_size,
             seed=self.seed,
             timeout_minutes=self.timeout_minutes,
+            device=self.root_device,
         )
 
     def _configure_launcher(self) -> None:
@@ -185,10 +187,11 @@ class MegatronStrategy(DDPStrategy):
         super()._configure_launcher()
 
     @property
-    def root_device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+    def process_group_backend(self) -> str | None:
+        """NCCL for a CUDA run, gloo for a CPU one (the runtime creates the group)."""
+        if self.parallel_devices is None:
+            return None
+        return "nccl" if self.root_device.type == "cuda" else "gloo"
 
     def model_to_device(self) -> None:
         pass  # megatron builds the model on its device
@@ -277,5 +280,15 @@ class MegatronStrategy(DDPStrategy):
         return tensor  # metrics are reduced by the module across megatron's groups
 
     def teardown(self) -> None:
-        super().teardown()
+        """Release megatron's state; the model stays where it is.
+
+        Lightning's default teardown moves the LightningModule (and the optimizer state) to the
+        CPU. For a megatron model on a GPU that would split it: parameters on the host while
+        megatron DDP's contiguous gradient buffers and the optimizer's fp32 main parameters stay
+        on the device. The model is left on its device instead (a notebook can keep using it).
+        """
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
         runtime.destroy_distributed()
