@@ -104,6 +104,7 @@ def check_inputs(
     """Every problem with the run's inputs, raised as one ValueError before any model is built."""
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
     from kd_module.distillation import check_virtual_pipeline
+    from kd_module.models import implementation_problems
     from kd_module.strategy import MegatronStrategy
 
     problems: list[str] = []
@@ -128,6 +129,13 @@ def check_inputs(
             layout.tensor_model_parallel_size,
             layout.pipeline_model_parallel_size,
             layout.context_parallel_size,
+            who=who,
+        )
+        problems += implementation_problems(
+            config,
+            layout.context_parallel_size,
+            reset_attention_mask=data.reset_attention_mask,
+            cuda=strategy.root_device.type == "cuda",
             who=who,
         )
         try:
@@ -521,7 +529,7 @@ def build_teacher_cache(
 
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
     from kd_module.data.tokenizers import padded_vocab_size
-    from kd_module.models import GPTModelConfig
+    from kd_module.models import GPTModelConfig, implementation_problems
     from kd_module.offline import (
         CACHE_DTYPES,
         TeacherCache,
@@ -573,6 +581,13 @@ def build_teacher_cache(
         problems += teacher.layout_problems(
             tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
         )
+        if accelerator in ("gpu", "cpu"):
+            problems += implementation_problems(
+                teacher,
+                reset_attention_mask=data.reset_attention_mask,
+                cuda=accelerator == "gpu",
+                who="teacher",
+            )
         try:
             check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
         except ValueError as error:
@@ -612,10 +627,11 @@ def build_teacher_cache(
     from kd_module.models import ParallelLayout, build_model
     from kd_module.offline import cache_teacher
 
-    if accelerator == "gpu":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     runtime.initialize_distributed(
-        tensor_model_parallel_size, pipeline_model_parallel_size, seed=seed
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        seed=seed,
+        device="cuda" if accelerator == "gpu" else "cpu",
     )
     try:
         layout = ParallelLayout(
@@ -624,8 +640,6 @@ def build_teacher_cache(
         )
         params_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = build_model(teacher, layout, vocab, params_dtype)
-        if accelerator == "gpu":
-            model = model.cuda()
         if teacher_checkpoint is not None:
             from kd_module.checkpoint import make_teacher_loader
 

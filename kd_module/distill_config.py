@@ -227,14 +227,45 @@ def check_module_names(model: torch.nn.Module, names: list[str], who: str) -> li
     Returns:
         One message per missing name with up to three close matches, e.g.
         ``student has no submodule 'decoder.layer.0.input_layernorm' (did you mean
-        'decoder.layers.0.input_layernorm'?)``; empty when all exist.
+        'decoder.layers.0.input_layernorm'?)``, and one per name whose module is an identity
+        (see :func:`identity_module_problem`); empty when all exist and compute something.
     """
     modules = dict(model.named_modules())
-    return [
-        f"{who} has no submodule {name!r}" + close_matches(name, modules)
-        for name in names
-        if name not in modules
-    ]
+    problems = []
+    for name in names:
+        if name not in modules:
+            problems.append(f"{who} has no submodule {name!r}" + close_matches(name, modules))
+        elif _is_identity(modules[name]):
+            problems.append(identity_module_problem(name, modules[name], who))
+    return problems
+
+
+IDENTITY_MODULES = ("IdentityOp", "IdentityFuncOp", "Identity")
+"""Class names of modules that return their input (megatron's spec placeholders, torch's)."""
+
+
+def _is_identity(module: Any) -> bool:
+    return type(module).__name__ in IDENTITY_MODULES
+
+
+def identity_module_problem(name: str, module: Any, who: str) -> str:
+    """Why distilling the output of an identity module is refused, and what to name instead.
+
+    megatron's Transformer Engine layer spec fuses the input and pre-MLP layernorms into
+    ``linear_qkv`` / ``linear_fc1`` and leaves ``input_layernorm`` / ``pre_mlp_layernorm`` as
+    ``IdentityOp``: hooking them would capture the raw residual stream on a GPU while the local
+    spec (CPU) captures the normalized one. Other identity placeholders (``q_layernorm``
+    without ``qk_layernorm``) capture nothing of their own either.
+    """
+    index = layer_index(name)
+    layer = f"'decoder.layers.{index}'" if index is not None else "a 'decoder.layers.N'"
+    return (
+        f"{who} submodule {name!r} is an identity ({type(module).__name__}) in this model's "
+        "layer spec: its output is its input, e.g. the un-normalized residual stream where "
+        "Transformer Engine fuses the input / pre-MLP layernorm into linear_qkv / linear_fc1; "
+        f"name a module that computes something: the layer output {layer} or "
+        "'decoder.final_layernorm'"
+    )
 
 
 def layer_index(name: str) -> int | None:

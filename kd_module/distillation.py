@@ -36,7 +36,12 @@ import torch
 from modelopt.torch.distill.plugins import megatron as mtd_megatron
 
 from kd_module.distill_config import DistillConfig, check_module_names, check_pipeline_placement
-from kd_module.models import GPTModelConfig, ParallelLayout, build_model
+from kd_module.models import (
+    GPTModelConfig,
+    ParallelLayout,
+    build_model,
+    implementation_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +98,21 @@ def _layer_offset(model: Any) -> int:
     return TransformerLayer._get_layer_offset(model.config)
 
 
+def _projection_layer(student: Any, teacher: Any) -> torch.nn.Module:
+    """ModelOpt's student-to-teacher projection, on the student's device and in its dtype.
+
+    One projection is shared by all intermediate pairs (identity when the hidden sizes match),
+    as in ModelOpt. It is made after the student, so neither ``build_model``'s move to the run's
+    device nor the student's ``params_dtype`` reached it; and it is initialized on the CPU
+    (explicitly, even under Lightning's ``torch.device("cuda")`` init context) so that its
+    initial weights come from the same generator, and are the same, on every device.
+    """
+    reference = next(student.parameters())
+    with torch.device("cpu"):
+        projection = mtd_megatron.ProjectionLayer(student.config, teacher.config)
+    return projection.to(device=reference.device, dtype=student.config.params_dtype)
+
+
 def build_criterion(
     distill: DistillConfig, student: Any, teacher: Any, chunk_size: int = 1024
 ) -> dict[tuple[str, str], torch.nn.Module]:
@@ -110,8 +130,7 @@ def build_criterion(
         tuple(distill.logit_layers): KDLogitsCriterion(student.config, logits_loss)
     }
     if distill.intermediate_layer_pairs:
-        # One projection shared by all pairs (identity when hidden sizes match), as in ModelOpt.
-        projection = mtd_megatron.ProjectionLayer(student.config, teacher.config)
+        projection = _projection_layer(student, teacher)
         student_offset, teacher_offset = _layer_offset(student), _layer_offset(teacher)
         losses = {"cosine": mtd_megatron.HiddenStateCosineLoss, "mse": mtd_megatron.MSELoss}
         for pair in distill.intermediate_layer_pairs:
@@ -278,16 +297,23 @@ def build_distillation_model(
     )
     if problems:
         raise ValueError("parallel layout: " + "; ".join(problems))
+    problems = implementation_problems(
+        student_config, layout.context_parallel_size, who="student"
+    ) + implementation_problems(teacher_config, layout.context_parallel_size, who="teacher")
+    if problems:
+        raise ValueError("model config: " + "; ".join(problems))
 
     student = build_model(student_config, layout, student_vocab, params_dtype)
+    built_teacher = teacher is None
+    if built_teacher:
+        teacher = build_model(teacher_config, layout, teacher_vocab, params_dtype)
+    # Names are checked on the built modules, before any weights are read.
+    validate_modules(distill, student, teacher, student_config, teacher_config, layout)
     if student_init is not None:
         student_init(student)
-    if teacher is None:
-        teacher = build_model(teacher_config, layout, teacher_vocab, params_dtype)
-        if teacher_loader is not None:
-            teacher_loader(teacher)
+    if built_teacher and teacher_loader is not None:
+        teacher_loader(teacher)
     freeze(teacher)
-    validate_modules(distill, student, teacher, student_config, teacher_config, layout)
 
     is_last = parallel_state.is_pipeline_last_stage()
     criterion = build_criterion(distill, student, teacher, loss_chunk_size) if is_last else {}

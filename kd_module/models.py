@@ -168,7 +168,40 @@ class GPTModelConfig:
                 f"seq_length={self.seq_length} is larger than "
                 f"max_position_embeddings={self.max_position_embeddings}"
             )
+        if self.model_type == "mamba" and not out:
+            out += self._mamba_shape_problems()
         return out
+
+    def mamba_heads_and_groups(self) -> tuple[int | None, int]:
+        """Mamba's SSM heads and groups as megatron's ``MambaMixer`` derives them.
+
+        ``mamba_num_heads`` (else ``2 * hidden_size / mamba_head_dim``: the mixer's expand is 2)
+        and ``mamba_num_groups``, from ``extra`` or megatron-core 0.16.1's defaults (head dim 64,
+        8 groups). Heads are ``None`` when the inner width does not divide into heads.
+        """
+        head_dim = self.extra.get("mamba_head_dim", 64)
+        groups = self.extra.get("mamba_num_groups", 8)
+        heads = self.extra.get("mamba_num_heads")
+        if heads is None:
+            inner = 2 * self.hidden_size
+            heads = inner // head_dim if inner % head_dim == 0 else None
+        return heads, groups
+
+    def _mamba_shape_problems(self) -> list[str]:
+        heads, groups = self.mamba_heads_and_groups()
+        head_dim = self.extra.get("mamba_head_dim", 64)
+        if heads is None:
+            return [
+                f"mamba: 2 x hidden_size={2 * self.hidden_size} is not divisible by "
+                f"mamba_head_dim={head_dim} (set extra.mamba_head_dim or extra.mamba_num_heads)"
+            ]
+        if heads % groups:
+            return [
+                f"mamba: {heads} SSM heads (2 x hidden_size / mamba_head_dim) are not divisible "
+                f"by mamba_num_groups={groups} (megatron asserts this when it builds the layer; "
+                "set extra.mamba_num_groups or extra.mamba_head_dim)"
+            ]
+        return []
 
     def layout_problems(
         self,
@@ -191,6 +224,13 @@ class GPTModelConfig:
                 f"{who}: num_query_groups={groups} is not divisible by "
                 f"tensor_model_parallel_size={tp}"
             )
+        if self.model_type == "mamba" and not self._mamba_shape_problems():
+            heads, groups = self.mamba_heads_and_groups()
+            if heads % tp or groups % tp:
+                out.append(
+                    f"{who}: mamba heads={heads} and mamba_num_groups={groups} must both be "
+                    f"divisible by tensor_model_parallel_size={tp}"
+                )
         if self.num_layers % pp:
             out.append(
                 f"{who}: num_layers={self.num_layers} is not divisible by "
@@ -223,26 +263,76 @@ class ParallelLayout:
     virtual_pipeline_model_parallel_size: int | None = None
 
 
-def uses_transformer_engine(config: GPTModelConfig) -> bool:
-    """Resolve ``transformer_impl``: TE needs both the package and CUDA."""
-    import torch
+def transformer_engine_installed() -> bool:
+    """Whether Transformer Engine's PyTorch package can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def uses_transformer_engine(config: GPTModelConfig, cuda: bool | None = None) -> bool:
+    """Resolve ``transformer_impl``: TE needs both the package and a CUDA run.
+
+    Args:
+        config: the architecture.
+        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.runtime.uses_cuda`.
+    """
+    from kd_module import runtime
 
     if config.transformer_impl == "local":
         return False
-    try:
-        import transformer_engine  # noqa: F401
+    cuda = runtime.uses_cuda() if cuda is None else cuda
+    available = cuda and transformer_engine_installed()
+    if config.transformer_impl == "transformer_engine" and not available:
+        raise ValueError(
+            "model config: transformer_impl='transformer_engine' needs Transformer Engine and "
+            "CUDA (pip install 'megatron-kd[te]' on a GPU machine); use 'local' or 'auto'"
+        )
+    return available
 
-        have_te = True
-    except ImportError:
-        have_te = False
-    if config.transformer_impl == "transformer_engine":
-        if not (have_te and torch.cuda.is_available()):
-            raise ValueError(
-                "model config: transformer_impl='transformer_engine' needs Transformer Engine and "
-                "CUDA (pip install 'megatron-kd[te]' on a GPU machine); use 'local' or 'auto'"
-            )
-        return True
-    return have_te and torch.cuda.is_available()
+
+def implementation_problems(
+    config: GPTModelConfig,
+    context_parallel_size: int = 1,
+    reset_attention_mask: bool = False,
+    cuda: bool | None = None,
+    who: str = "model",
+) -> list[str]:
+    """What cannot work with the layer implementation ``config`` resolves to on this run.
+
+    Checked before any model is built; each of these would otherwise fail inside megatron (an
+    assertion at construction) or, worse, run and compute something else.
+
+    Args:
+        config: the architecture.
+        context_parallel_size: ranks the sequence is split across.
+        reset_attention_mask: whether batches carry document-boundary attention masks.
+        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.runtime.uses_cuda`.
+        who: ``student`` / ``teacher`` in messages.
+    """
+    from kd_module import runtime
+
+    cuda = runtime.uses_cuda() if cuda is None else cuda
+    if config.model_type == "mamba":
+        return [f"{who}: {problem}" for problem in mamba_problems(cuda)]
+    try:
+        te = uses_transformer_engine(config, cuda)
+    except ValueError as error:
+        return [f"{who}: {str(error).removeprefix('model config: ')}"]
+    out: list[str] = []
+    if context_parallel_size > 1 and not te:
+        out.append(
+            f"{who}: context_parallel_size={context_parallel_size} needs Transformer Engine "
+            "attention (megatron's local attention cannot split a sequence across ranks), which "
+            "needs CUDA and the te extra; use context_parallel_size=1 here"
+        )
+    if reset_attention_mask and te:
+        out.append(
+            f"{who}: reset_attention_mask=True under Transformer Engine: TE's causal attention "
+            "ignores the per-document mask, so attention would cross document boundaries; use "
+            "reset_attention_mask=False or transformer_impl='local'"
+        )
+    return out
 
 
 def _activation_fields(activation: str) -> dict[str, Any]:
@@ -276,9 +366,11 @@ def transformer_config(
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from kd_module import runtime
+
     layout = layout or ParallelLayout()
     params_dtype = params_dtype or torch.float32
-    on_cuda = torch.cuda.is_available()
+    on_cuda = runtime.uses_cuda()
     kwargs: dict[str, Any] = dict(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -345,8 +437,9 @@ def build_model(
     Returns:
         A megatron-core ``GPTModel`` (or ``MambaModel``) on the current device.
     """
-    import torch
     from megatron.core import parallel_state
+
+    from kd_module import runtime
 
     vocab = config.vocab_size or vocab_size
     if vocab is None:
@@ -384,9 +477,7 @@ def build_model(
         rope_scaling=config.rope_scaling,
         rope_scaling_factor=config.rope_scaling_factor,
     )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    return model
+    return model.to(runtime.run_device())
 
 
 class LocalNorm:
@@ -442,34 +533,52 @@ def local_block_spec(tconfig: Any, qk_layernorm: bool = False) -> Any:
     )
 
 
-def mamba_available() -> bool:
-    """Whether megatron's MambaModel can run here (mamba-ssm kernels and CUDA)."""
+def mamba_problems(cuda: bool | None = None) -> list[str]:
+    """Why megatron's MambaModel cannot run here: it needs a CUDA run, the mamba-ssm and
+    causal-conv1d kernels, and Transformer Engine (megatron's Mamba layer spec is built from TE
+    modules)."""
     import importlib.util
 
-    import torch
+    from kd_module import runtime
 
-    return (
-        torch.cuda.is_available()
-        and importlib.util.find_spec("mamba_ssm") is not None
-        and importlib.util.find_spec("causal_conv1d") is not None
-    )
+    cuda = runtime.uses_cuda() if cuda is None else cuda
+    missing = [] if cuda else ["a CUDA run"]
+    missing += [
+        package
+        for package, module in (
+            ("mamba-ssm", "mamba_ssm"),
+            ("causal-conv1d", "causal_conv1d"),
+            ("transformer-engine", "transformer_engine"),
+        )
+        if importlib.util.find_spec(module) is None
+    ]
+    if not missing:
+        return []
+    return [
+        "model_type='mamba' needs CUDA, Transformer Engine and the mamba-ssm and causal-conv1d "
+        f"kernels (missing: {', '.join(missing)}; pip install 'megatron-kd[te]' mamba-ssm "
+        "causal-conv1d on a GPU machine); use model_type='gpt' here"
+    ]
+
+
+def mamba_available() -> bool:
+    """Whether megatron's MambaModel can run here (see :func:`mamba_problems`)."""
+    return not mamba_problems()
 
 
 def check_mamba_available() -> None:
     """Raise the configuration-time error for Mamba models on a machine that cannot run them."""
-    if not mamba_available():
-        raise ValueError(
-            "model config: model_type='mamba' needs CUDA and the mamba-ssm and causal-conv1d "
-            "kernels (pip install mamba-ssm causal-conv1d on a GPU machine); "
-            "use model_type='gpt' here"
-        )
+    problems = mamba_problems()
+    if problems:
+        raise ValueError("model config: " + "; ".join(problems))
 
 
 def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, post: bool) -> Any:
     check_mamba_available()
-    import torch
     from megatron.core.models.mamba import MambaModel
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    from kd_module import runtime
 
     model = MambaModel(
         config=tconfig,
@@ -484,4 +593,4 @@ def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, po
         rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
     )
-    return model.cuda(torch.cuda.current_device())
+    return model.to(runtime.run_device())

@@ -120,11 +120,29 @@ class GPTModule(L.LightningModule):
             return make_student_init(self.student_checkpoint, self.student_ckpt_format)
         return self.student_init_fn
 
+    def check_implementation(self, configs: dict[str, GPTModelConfig | None]) -> None:
+        """Refuse what the layer implementation of this run cannot do (before building)."""
+        from kd_module.models import implementation_problems
+
+        layout = self.trainer.strategy.layout
+        problems: list[str] = []
+        for who, config in configs.items():
+            if config is not None:
+                problems += implementation_problems(
+                    config,
+                    layout.context_parallel_size,
+                    reset_attention_mask=getattr(self.data, "reset_attention_mask", False),
+                    who=who,
+                )
+        if problems:
+            raise ValueError("model config: " + "; ".join(problems))
+
     def configure_model(self) -> None:
         if self.module is not None:
             return
         from kd_module.models import build_model
 
+        self.check_implementation({"model": self.student_config})
         strategy = self.trainer.strategy
         reseed(strategy)
         model = build_model(
@@ -456,6 +474,7 @@ class DistillationModule(GPTModule):
     def configure_model(self) -> None:
         if self.module is not None:
             return
+        self.check_implementation({"student": self.student_config, "teacher": self.teacher_config})
         strategy = self.trainer.strategy
         reseed(strategy)
         teacher_loader = self.teacher_init_fn

@@ -175,8 +175,12 @@ def token_fingerprint(tokens: Tensor) -> Tensor:
     """
     seq_length = tokens.shape[-1]
     if seq_length not in _FINGERPRINT_WEIGHTS:
-        generator = torch.Generator().manual_seed(0x5EED)
-        weights = torch.randint(1, 2**62, (seq_length,), generator=generator, dtype=torch.int64)
+        # The device is explicit: under Lightning's torch.device("cuda") init context a CPU
+        # generator would otherwise be asked for a CUDA tensor.
+        generator = torch.Generator(device="cpu").manual_seed(0x5EED)
+        weights = torch.randint(
+            1, 2**62, (seq_length,), generator=generator, dtype=torch.int64, device="cpu"
+        )
         _FINGERPRINT_WEIGHTS[seq_length] = weights | 1
     weights = _FINGERPRINT_WEIGHTS[seq_length].to(tokens.device)
     return (tokens.long() * weights).sum(dim=-1)

@@ -219,8 +219,13 @@ def init_weights_by_global_key(model: Any, seed: int = 0, std: float = 0.02) -> 
         for sh in items:
             if sh.data is None or sh.data.numel() == 0:
                 continue
-            generator = torch.Generator().manual_seed(_key_seed(sh.key, seed))
-            full = torch.randn(sh.global_shape, generator=generator, dtype=torch.float32) * std
+            # Drawn on the CPU whatever the default device (Lightning builds models under a
+            # torch.device("cuda") context), so every device gets the same weights.
+            generator = torch.Generator(device="cpu").manual_seed(_key_seed(sh.key, seed))
+            full = torch.randn(
+                sh.global_shape, generator=generator, dtype=torch.float32, device="cpu"
+            )
+            full *= std
             if "layernorm" in sh.key or "norm.weight" in sh.key:
                 full += 1.0
             index = tuple(
@@ -270,7 +275,7 @@ def assemble_global(per_rank: list[dict[str, list[Any]]]) -> dict[str, Any]:
     full: dict[str, Any] = {}
     for shards in per_rank:
         for key, (global_shape, pieces) in shards.items():
-            target = full.setdefault(key, torch.zeros(global_shape))
+            target = full.setdefault(key, torch.zeros(global_shape, device="cpu"))
             for offset, local_shape, tensor in pieces:
                 index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
                 target[index] = tensor.reshape(local_shape)

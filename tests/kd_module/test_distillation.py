@@ -533,6 +533,8 @@ def test_mamba_hybrid_student_distills_on_gpu(single_rank):
         hybrid_override_pattern="M*M-",
         position_embedding_type="none",
         hidden_size=64,
+        # 2 x 64 / head dim 64 = 2 SSM heads: megatron needs heads % groups == 0 (default 8).
+        extra={"mamba_num_groups": 2},
     )
     parts = build_distillation_model(student, TEACHER, params_dtype=torch.bfloat16)
     batches = [{k: v.cuda() for k, v in b.items()} for b in _batches()]
