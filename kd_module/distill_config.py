@@ -51,7 +51,7 @@ class DistillConfig:
 
             logit_layers: ["output_layer", "output_layer"]
             intermediate_layer_pairs:
-              - ["decoder.layers.1.input_layernorm", "decoder.layers.3.input_layernorm"]
+              - ["decoder.layers.1", "decoder.layers.3"]  # layer outputs: same on every spec
             skip_lm_loss: true
             logit_kl_temperature: 2.0
 
