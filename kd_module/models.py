@@ -439,7 +439,6 @@ def build_model(
     """
     from megatron.core import parallel_state
 
-    from kd_module import runtime
 
     vocab = config.vocab_size or vocab_size
     if vocab is None:
@@ -477,7 +476,20 @@ def build_model(
         rope_scaling=config.rope_scaling,
         rope_scaling_factor=config.rope_scaling_factor,
     )
-    return model.to(runtime.run_device())
+    return _place(model, tconfig.params_dtype)
+
+
+def _place(model: Any, params_dtype: Any) -> Any:
+    """The model on the run's device, every floating-point tensor in ``params_dtype``.
+
+    megatron leaves a few modules in fp32 whatever ``params_dtype`` says (the learned position
+    embedding is a plain ``torch.nn.Embedding``) and relies on ``Float16Module`` to cast the
+    whole model. A model used without that wrapper (the teacher cache, notebooks) would feed fp32
+    activations into bf16 layers; casting here makes the built model what ``params_dtype`` says.
+    """
+    from kd_module import runtime
+
+    return model.to(device=runtime.run_device(), dtype=params_dtype)
 
 
 class LocalNorm:
@@ -578,7 +590,6 @@ def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, po
     from megatron.core.models.mamba import MambaModel
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
-    from kd_module import runtime
 
     model = MambaModel(
         config=tconfig,
@@ -593,4 +604,4 @@ def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, po
         rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
     )
-    return model.to(runtime.run_device())
+    return _place(model, tconfig.params_dtype)

@@ -216,6 +216,38 @@ def test_projection_layer_takes_the_students_dtype(single_rank):
     assert projections[0](student_hidden).shape == (SEQ, 2, 64)
 
 
+def test_bf16_models_are_bf16_throughout_without_float16module(single_rank):
+    """megatron builds the learned position embedding in fp32 whatever params_dtype says and
+    relies on Float16Module to cast it; models used without that wrapper (the bf16 teacher cache)
+    fed fp32 activations into bf16 layers and failed at the first norm. A bf16 KD step with an
+    intermediate pair now runs on the CPU, every floating tensor in bf16."""
+    from kd_module.distill_config import DistillConfig
+    from kd_module.distillation import build_distillation_model, forward_backward
+    from kd_module.models import build_model
+
+    model = build_model(STUDENT, params_dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+    distill = DistillConfig(
+        intermediate_layer_pairs=[["decoder.layers.1", "decoder.layers.3"]], skip_lm_loss=False
+    )
+    parts = build_distillation_model(
+        STUDENT, TEACHER, distill, params_dtype=torch.bfloat16, vocab_size=256
+    )
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=generator)
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(2, SEQ),
+        "position_ids": torch.arange(SEQ).expand(2, SEQ),
+    }
+    report = forward_backward(parts.model, iter([batch]), 1, SEQ, 2)
+    means = {key: float(value[0] / value[1]) for key, value in report.items()}
+    assert all(torch.isfinite(torch.tensor(v)) for v in means.values()), means
+    assert means["intermediate_loss"] > 0 and means["lm_loss"] > 0
+
+
 def test_projection_init_does_not_depend_on_the_default_device(single_rank):
     """The projection is initialized on the CPU even under a default-device context (Lightning
     builds models under torch.device('cuda')), so every device starts from the same weights."""
