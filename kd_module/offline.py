@@ -82,13 +82,16 @@ def cache_bytes_per_token(k: int, dtype: str) -> int:
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of this rank's parameters (names, shapes, dtypes and bytes), in name order.
 
-    Reads every parameter once; cheap for the sizes a cache run can afford to run forward anyway.
+    Each parameter is hashed as the teacher-integrity check hashes it (in place on the CPU,
+    streamed through one bounded host buffer from a GPU: never a host copy of the model).
     """
+    from kd_module.reliability import teacher_digests
+
+    digests = teacher_digests(model)
+    names = sorted(name for name, _ in model.named_parameters())
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        tensor = param.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    for name in names:
+        digest.update(f"{name}:{digests[name]}".encode())
     return digest.hexdigest()
 
 
