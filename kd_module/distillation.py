@@ -93,9 +93,9 @@ def _local_layer_name(name: str, layer_offset: int) -> str:
 
 
 def _layer_offset(model: Any) -> int:
-    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    return TransformerLayer._get_layer_offset(model.config)
+    return get_transformer_layer_offset(model.config)
 
 
 def _projection_layer(student: Any, teacher: Any) -> torch.nn.Module:

@@ -33,7 +33,12 @@ from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.distill_config import DistillConfig
 from kd_module.models import GPTModelConfig
 from kd_module.optim import OptimizerConfig
+from kd_module.quiet import quiet_third_party
 from kd_module.strategy import MegatronStrategy
+
+# This module is the command line: hide the known third-party notices before the task imports
+# megatron or ModelOpt or nemo-run builds a Trainer (``-v`` / ``KD_DEBUG=1`` shows them).
+quiet_third_party()
 
 NAMESPACE = "kd"
 """The ``nemo`` sub-command this module provides."""

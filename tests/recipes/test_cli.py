@@ -56,6 +56,12 @@ def test_cli_distill_tiny_cpu_runs_for_real_with_overrides(tiny_teacher, tmp_pat
     assert summary["val_loss"] > 0 and summary["teacher_val_loss"] > 0
     rows = (tmp_path / "runs" / "cli" / "metrics.csv").read_text().splitlines()
     assert "kd_loss" in rows[0]
+    # No third-party notice the user did not cause (kd_module.quiet): megatron's TE/Apex
+    # fallbacks, ModelOpt's transformers notice, Lightning's tip and dataloader_iter advice.
+    output = result.stdout + result.stderr
+    for noise in ("Apex", "is not tested with current version of modelopt", "litlogger",
+                  "dataloader_iter", "sync_dist=True", "deprecated", "MockGPTDataset"):
+        assert noise not in output, noise
 
 
 def test_cli_dryrun_prints_the_recipe_without_megatron_or_modelopt(tmp_path):
