@@ -105,3 +105,42 @@ def test_download_command_pins_every_wheel_for_the_python_version(tmp_path, vers
     assert command[command.index("--abi") + 1] == "cp" + version.replace(".", "")
     assert command[command.index("-d") + 1] == str(tmp_path)
     assert command[-len(gpu_check.WHEELS) :] == [f"{w.name}=={w.version}" for w in gpu_check.WHEELS]
+
+
+def _covers(check: gpu_check.Check, nodeid: str) -> bool:
+    """Whether ``check``'s pytest selection runs the gpu test ``nodeid``."""
+    selection = [arg for arg in check.argv if arg.startswith("tests/")]
+    path = nodeid.split("::")[0]
+    # A file runs all its tests (a ``-m gpu`` filter keeps the gpu ones, which ``nodeid`` is).
+    return any(nodeid == arg or nodeid.startswith(arg + "[") or arg == path for arg in selection)
+
+
+def test_every_gpu_marked_test_is_run_or_listed_as_not_verified():
+    """A new ``gpu`` test that no check runs would never run anywhere: collect them and match."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    nodeids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert len(nodeids) >= 13, result.stdout[-3000:] + result.stderr[-3000:]
+    not_verified = {node for _, node, _ in gpu_check.NOT_VERIFIED}
+    uncovered = [
+        nodeid
+        for nodeid in nodeids
+        if nodeid.split("[")[0] not in not_verified
+        and not any(_covers(check, nodeid) for check in gpu_check.CHECKS)
+    ]
+    assert uncovered == []
