@@ -38,7 +38,7 @@ lint: install
 
 # DRYRUN=1: list the checks and which wheels are missing, install and run nothing.
 gpu-check:
-	$(GPU_PYTHON) -m bench.gpu_check $(if $(DRYRUN),--dry-run)
+	$(GPU_PYTHON) -m bench.gpu_check $(if $(DRYRUN),--dry-run) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -144,3 +144,18 @@ def test_every_gpu_marked_test_is_run_or_listed_as_not_verified():
         and not any(_covers(check, nodeid) for check in gpu_check.CHECKS)
     ]
     assert uncovered == []
+
+
+def test_only_refuses_an_unknown_check_by_name():
+    """``--only`` names checks; a typo is refused with the allowed names before anything runs."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--only", "bf16_fit", "bf16_fits"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--only: unknown check(s) bf16_fits; allowed: runtime_nccl_and_bridge_inertness" in (
+        result.stderr
+    )

@@ -26,8 +26,9 @@ def test_cpu_devices_never_touch_cuda(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_clock_waits_for_queued_work():
-    """After 200 ms of queued GPU work, the synchronized clock reads at least ~200 ms later than
-    an unsynchronized read, and an event queued behind the work has completed."""
+    """With 200 ms of GPU work queued, an event behind it is pending; the synchronized clock
+    returns only once that event has completed, well after an unsynchronized read (at least 50 ms:
+    the spin's length follows the GPU's clock, which an H200 changes under load)."""
     device = torch.device("cuda", torch.cuda.current_device())
     synchronize(device)
     gpu_sleep(200.0)
@@ -37,4 +38,4 @@ def test_cuda_clock_waits_for_queued_work():
     assert not after_work.query()  # still queued: perf_counter alone would not have waited
     finished = synchronized_perf_counter(device)
     assert after_work.query()
-    assert finished - launched >= 0.15
+    assert finished - launched >= 0.05
