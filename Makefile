@@ -31,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 demo: install
-	$(BIN)/python -m kd_module.demo
+	$(BIN)/python -m examples.demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ For each vocabulary size, token count and tensor-parallel size it runs forward +
 backward) on the same bf16 vocab-parallel logits, and reports the peak memory each adds (MB, see
 :mod:`bench._common`), their wall times, and the largest absolute difference of the per-token
 losses and of the student gradients. TP=2 cases run on two gloo ranks through
-``kd_module.testing.run_distributed``; a case's memory and time are the worst rank's. Cases run
+``tests.helpers.run_distributed``; a case's memory and time are the worst rank's. Cases run
 one at a time.
 
 The last line of stdout is one JSON object::
@@ -73,7 +73,7 @@ def run_case(vocab: int, tokens: int, tp: int, rank: int = 0) -> dict[str, Any]:
     """Measure one case on this rank (under TP, megatron must already be initialized)."""
     from modelopt.torch.distill.plugins.megatron import LogitsKLLoss
 
-    from kd_module.losses import LogitsKDLoss
+    from kd_module.distillation.losses import LogitsKDLoss
 
     device = _device()
     local_vocab = vocab // tp
@@ -123,7 +123,7 @@ def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0)
     Inputs are bf16 hidden states [tokens, 1, hidden] (the same on every rank) and this rank's
     output weight shard [vocab / tp, hidden]; both paths produce gradients for both.
     """
-    from kd_module.losses import LogitsKDLoss
+    from kd_module.distillation.losses import LogitsKDLoss
 
     device = _device()
     local_vocab = vocab // tp
@@ -183,7 +183,7 @@ def _case(vocab: int, tokens: int, tp: int, fused_hidden: int, rank: int = 0) ->
 
 def tp_rank_cases(cases: list[tuple[int, int]], tp: int, fused_hidden: int) -> list[dict[str, Any]]:
     """One rank of a TP run: every (vocab, tokens) case in turn."""
-    from kd_module.runtime import initialize_distributed
+    from kd_module.parallel.runtime import initialize_distributed
 
     initialize_distributed(tensor_model_parallel_size=tp)
     rank = torch.distributed.get_rank()
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 print(f"[bench.kd_loss] {results[-1]}", file=sys.stderr, flush=True)
         else:
-            from kd_module.testing import run_distributed
+            from tests.helpers import run_distributed
 
             # By name: under ``python -m`` this module is ``__main__``, which ranks cannot import.
             target = "bench.kd_loss:tp_rank_cases"

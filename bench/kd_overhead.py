@@ -5,7 +5,7 @@ In one process, on the same micro-batches, it times three things in interleaved 
 medians:
 
 - ``kd_step_s``: a KD training step on the ``DistillationModel`` (megatron's forward-backward
-  schedule through ``kd_module.distillation.forward_backward(loss="kd")``, then an Adam step);
+  schedule through ``kd_module.distillation.model.forward_backward(loss="kd")``, then an Adam step);
 - ``student_step_s``: the same step for the student alone (``loss="lm"``, same weights, same
   optimizer);
 - ``teacher_forward_s``: the teacher's forward alone (no grad, eval), as the KD step runs it.
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from bench._common import machine_description
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 OVERHEAD_TARGET = 1.05
 SLOWDOWN_TARGET = 1.05
@@ -126,7 +126,7 @@ QUICK_CASE = dict(
 
 def _now() -> tuple[float, float]:
     """Wall time and this process's CPU time (all threads), after the GPU's queued work."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     if runtime.uses_cuda():
         torch.cuda.synchronize()
@@ -196,12 +196,12 @@ class _Bench:
     """The three models, their optimizers and the stopwatches hooked into them."""
 
     def __init__(self, case: OverheadCase) -> None:
-        from kd_module.distillation import build_distillation_model
-        from kd_module.models import build_model
-        from kd_module.testing import init_weights_by_global_key
+        from kd_module.distillation.model import build_distillation_model
+        from kd_module.models.gpt import build_model
+        from tests.helpers import init_weights_by_global_key
 
         self.case = case
-        from kd_module import runtime
+        from kd_module.parallel import runtime
 
         device = torch.device("cuda", torch.cuda.current_device()) if runtime.uses_cuda() else "cpu"
         self.batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(case)]
@@ -251,7 +251,7 @@ class _Bench:
         model.register_forward_hook(self.watches[name].stop)
 
     def _train_step(self, model: Any, optimizer: Any, loss: str) -> tuple[Any, Any]:
-        from kd_module.distillation import forward_backward
+        from kd_module.distillation.model import forward_backward
 
         case = self.case
         optimizer.zero_grad(set_to_none=True)
@@ -521,8 +521,8 @@ def _case_settings(case: OverheadCase) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print its JSON summary as the last line of stdout."""
-    from kd_module.api import package_versions
-    from kd_module.runtime import destroy_distributed, initialize_distributed
+    from kd_module.parallel.runtime import destroy_distributed, initialize_distributed
+    from kd_module.versions import package_versions
 
     parser = argparse.ArgumentParser(prog="python -m bench.kd_overhead", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI (seconds)")

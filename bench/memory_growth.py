@@ -49,7 +49,7 @@ _MB = 1024 * 1024
 
 
 def _configs() -> tuple[Any, Any]:
-    from kd_module.models import GPTModelConfig
+    from kd_module.models.gpt import GPTModelConfig
 
     student = GPTModelConfig(
         num_layers=2,
@@ -115,10 +115,10 @@ def run_case(distillation: bool, manual_gc: bool, microbatches: int) -> dict[str
 
     from callbacks import ManualGC
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule, GPTModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.training.module import DistillationModule, GPTModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     student, teacher = _configs()
     optimizer = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)

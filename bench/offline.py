@@ -69,7 +69,7 @@ WARMUP_STEPS = 2
 
 
 def _configs(pair: dict[str, Any]) -> tuple[Any, Any]:
-    from kd_module.models import GPTModelConfig
+    from kd_module.models.gpt import GPTModelConfig
 
     common = {"seq_length": pair["seq_length"], "vocab_size": pair["vocab_size"]}
     return GPTModelConfig(**pair["teacher"], **common), GPTModelConfig(**pair["student"], **common)
@@ -88,13 +88,13 @@ def _data(pair: dict[str, Any], num_samples: int) -> Any:
 
 
 def _teacher_init(model: Any) -> None:
-    from kd_module.testing import init_weights_by_global_key
+    from tests.helpers import init_weights_by_global_key
 
     init_weights_by_global_key(model, seed=2, std=0.3)
 
 
 def _student_init(model: Any) -> None:
-    from kd_module.testing import init_weights_by_global_key
+    from tests.helpers import init_weights_by_global_key
 
     init_weights_by_global_key(model, seed=1)
 
@@ -105,7 +105,7 @@ def child_cache(pair: dict[str, Any], num_samples: int, out_dir: str) -> dict[st
 
     import numpy as np
 
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
 
     teacher, _ = _configs(pair)
     start = time.perf_counter()
@@ -139,13 +139,13 @@ def child_train(pair: dict[str, Any], mode: str, steps: int, cache_dir: str) -> 
     import lightning as L
 
     from bench._common import _hwm_mb, _reset_hwm, _rss_mb
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     teacher, student = _configs(pair)
     optimizer = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1)
     if mode == "online":
-        from kd_module.module import DistillationModule
+        from kd_module.training.module import DistillationModule
 
         module: Any = DistillationModule(
             student,
@@ -156,7 +156,7 @@ def child_train(pair: dict[str, Any], mode: str, steps: int, cache_dir: str) -> 
             teacher_init_fn=_teacher_init,
         )
     else:
-        from kd_module.offline_module import OfflineDistillationModule
+        from kd_module.offline.module import OfflineDistillationModule
 
         module = OfflineDistillationModule(
             student,

@@ -1,6 +1,6 @@
 """Benchmark: the teacher integrity hash, streamed (now) against whole-tensor host copies (before).
 
-``kd_module.reliability.teacher_digests`` hashes every teacher tensor when the model is built and
+``kd_module.guards.teacher_digests`` hashes every teacher tensor when the model is built and
 again at the end of training. It used to copy each tensor to the host (``.cpu()``) and copy it
 again into a ``bytes`` object (``.numpy().tobytes()``): the teacher twice on the host. Now a CPU
 tensor is hashed where it lies and a device tensor goes through one reused host buffer of
@@ -113,7 +113,7 @@ def _measure_host(fn: Callable[[], Any], device: torch.device) -> tuple[Any, flo
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print its JSON summary as the last line of stdout."""
-    from kd_module.reliability import teacher_digests
+    from kd_module.guards import teacher_digests
 
     parser = argparse.ArgumentParser(prog="python -m bench.teacher_hash", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="32 MB, for CI (a few seconds)")

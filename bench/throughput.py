@@ -1,7 +1,9 @@
 """Benchmark: tokens/s of a tiny CPU distillation fit at DP=1, DP=2, TP=2 and PP=2.
 
-Each layout is a real Lightning ``Trainer.fit`` of a :class:`~kd_module.module.DistillationModule`
-through :class:`~kd_module.strategy.MegatronStrategy` on mock data, with the same global batch
+Each layout is a real Lightning ``Trainer.fit`` of a
+:class:`~kd_module.training.module.DistillationModule`
+through :class:`~kd_module.training.strategy.MegatronStrategy` on mock data, with the same global
+batch
 and micro-batch size everywhere (so DP=2 runs half the micro-batches per rank). DP=1 runs on one
 torchrun rank; DP=2, TP=2 and PP=2 run one after the other in the same two ranks (one launch:
 each rank pays its imports once). A callback stamps the end of every training step on rank 0;
@@ -16,7 +18,7 @@ ratios compare layouts on equal hardware, not scaling to more hardware. The full
 ``dp1_1thread`` (one rank, one thread): on a busy machine two OpenMP threads can lose far more
 to oversubscription than they gain, and this row tells the two effects apart.
 
-The architectures are the demo's (``kd_module.demo``: ``TINY_TEACHER`` and ``TINY_STUDENT`` with
+The architectures are the demo's (``examples.demo``: ``TINY_TEACHER`` and ``TINY_STUDENT`` with
 2 layers instead of 1, so that PP=2 can split it).
 
 The last line of stdout is one JSON object::
@@ -42,8 +44,8 @@ from itertools import pairwise
 from typing import Any
 
 from bench._common import machine_description
-from kd_module.demo import SEQ_LENGTH, TINY_STUDENT, TINY_TEACHER
-from kd_module.models import GPTModelConfig
+from examples.demo import SEQ_LENGTH, TINY_STUDENT, TINY_TEACHER
+from kd_module.models.gpt import GPTModelConfig
 
 LAYOUTS = (
     ("dp1", 1, 1, 1, None),
@@ -149,10 +151,10 @@ def fit_layout(case: ThroughputCase, tp: int, pp: int) -> dict[str, Any]:
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     module = DistillationModule(
         case.student.replace(seq_length=case.seq_length),
@@ -204,7 +206,8 @@ def rank_fits(
     case = ThroughputCase(**case_fields)
     if not torch.distributed.is_initialized():
         # A process group made here outlives each fit: the strategy's teardown destroys only a
-        # group kd_module.runtime created, and re-creating one under the same torchrun store
+        # group kd_module.parallel.runtime created, and re-creating one under the same torchrun
+        # store
         # reads the previous group's stale addresses (gloo: connection refused).
         torch.distributed.init_process_group(backend="gloo")
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
@@ -247,8 +250,8 @@ def summarize_layout(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print its JSON summary as the last line of stdout."""
-    from kd_module.api import package_versions
-    from kd_module.testing import run_distributed
+    from kd_module.versions import package_versions
+    from tests.helpers import run_distributed
 
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **settings,
             "tokens_per_step": case.global_batch_size * case.seq_length,
             "data": "GPTDataModule(mock=True)",
-            "architectures": "kd_module.demo TINY_TEACHER / TINY_STUDENT (2 layers)"
+            "architectures": "examples.demo TINY_TEACHER / TINY_STUDENT (2 layers)"
             if not options.quick
             else "quick: 2x32 student, 2x64 teacher",
             "quick": options.quick,

@@ -1,7 +1,7 @@
-"""Run checkpoints as a Lightning callback (implemented in ``kd_module.run_checkpoint``)."""
+"""Run checkpoints as a Lightning callback (implemented in ``kd_module.checkpoints.run``)."""
 
 from __future__ import annotations
 
-from kd_module.run_checkpoint import RunCheckpoint
+from kd_module.checkpoints.run import RunCheckpoint
 
 __all__ = ["RunCheckpoint"]

@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from kd_module.timing import synchronize
+from kd_module.parallel.timing import synchronize
 
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
 ALONE_REPEATS = 3

@@ -61,7 +61,7 @@ def host_rss_mb() -> float:
 
 def _distills(pl_module: Any) -> bool:
     """Whether the module trains a ModelOpt DistillationModel (checked before it is built)."""
-    from kd_module.module import DistillationModule
+    from kd_module.training.module import DistillationModule
 
     return isinstance(pl_module, DistillationModule)
 

@@ -8,65 +8,22 @@ and writes ``summary.json`` there.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from kd_module.reliability import cli_errors, write_json_atomic
+from kd_module.guards import cli_errors, write_json_atomic
+from kd_module.rules import checkpoint_problems, tokenizer_problems
+from kd_module.versions import jsonable, package_versions
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-PACKAGES = ("torch", "lightning", "megatron-core", "nvidia-modelopt", "nemo-run", "megatron-kd")
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the stack (for summaries and benchmark results)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    out["python"] = platform.python_version()
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {k: _jsonable(v) for k, v in asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) -> list[str]:
-    """The teacher's NeMo ``tokenizer:`` section against the data's tokenizer."""
-    if not teacher_tokenizer:
-        return []
-    library = str(teacher_tokenizer.get("library") or "").lower() or None
-    aliases = {"hf": "huggingface", "megatron": "huggingface", "byte-level": "byte"}
-    library = aliases.get(library, library)
-    if library and library != data_tokenizer.library:
-        return [
-            f"tokenizer: the teacher's model_config.yaml uses library={library!r} but the data "
-            f"uses library={data_tokenizer.library!r}; teacher and student must share a tokenizer"
-        ]
-    return []
 
 
 def _placement_problems(module: Any, layout: Any, earlier: list[str]) -> list[str]:
     """Intermediate layers that do not exist or are not on the last pipeline stage."""
-    from kd_module.distill_config import check_pipeline_placement
+    from kd_module.distillation.config import check_pipeline_placement
 
     pairs = module.distill_config.intermediate_layer_pairs
     if earlier or not pairs:  # a layer count the layout cannot split is already reported
@@ -103,9 +60,9 @@ def check_inputs(
 ) -> None:
     """Every problem with the run's inputs, raised as one ValueError before any model is built."""
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
-    from kd_module.distillation import check_virtual_pipeline
-    from kd_module.models import implementation_problems
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.distillation.model import check_virtual_pipeline
+    from kd_module.models.gpt import implementation_problems
+    from kd_module.training.strategy import MegatronStrategy
 
     problems: list[str] = []
     strategy = trainer.strategy
@@ -165,8 +122,8 @@ def check_inputs(
         ("teacher_checkpoint", module.teacher_checkpoint, module.teacher_ckpt_format),
         ("student_checkpoint", module.student_checkpoint, module.student_ckpt_format),
     ):
-        problems += _checkpoint_problems(label, path, requested)
-    problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
+        problems += checkpoint_problems(label, path, requested)
+    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
     if trainer.max_steps is None or trainer.max_steps <= 0:
         problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive integer")
     if problems:
@@ -184,7 +141,7 @@ def _drop_default_checkpointing(trainer: Any) -> None:
     """Drop Lightning's default ModelCheckpoint (no dirpath); RunCheckpoint saves runs."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from kd_module.run_checkpoint import RunCheckpoint
+    from kd_module.checkpoints.run import RunCheckpoint
 
     trainer.callbacks[:] = [
         callback
@@ -225,7 +182,7 @@ def distill(
     """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
 
     Args:
-        student: the student's :class:`~kd_module.models.GPTModelConfig`.
+        student: the student's :class:`~kd_module.models.gpt.GPTModelConfig`.
         data: a :class:`~kd_module.data.GPTDataModule`.
         trainer: a Lightning ``Trainer`` with a :class:`~kd_module.MegatronStrategy`.
         teacher_checkpoint: the teacher's weights (Megatron-LM's ``--export-kd-teacher-load``).
@@ -238,7 +195,7 @@ def distill(
         student_checkpoint: initialize the student from these weights (``None``: from scratch).
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
-        optimizer: :class:`~kd_module.optim.OptimizerConfig`.
+        optimizer: :class:`~kd_module.training.optim.OptimizerConfig`.
         log_dir: root of run directories.
         name: run name; logs and ``summary.json`` go to ``<log_dir>/<name>``.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
@@ -258,7 +215,7 @@ def distill(
             instead of running a teacher; excludes ``teacher_checkpoint``. ``data`` must be the
             data the cache was made of (checked against its manifest and per sample).
         offline_loss_mode: with ``teacher_cache``: ``"tail"`` or ``"renormalized"`` (see
-            :class:`~kd_module.offline_module.OfflineDistillationModule`).
+            :class:`~kd_module.offline.module.OfflineDistillationModule`).
 
     Returns:
         The summary written to ``<log_dir>/<name>/summary.json``.
@@ -277,13 +234,13 @@ def distill(
             from recipes.tiny_cpu import tiny_cpu
             run.run(tiny_cpu(), executor=run.LocalExecutor())
     """
-    from kd_module.module import DistillationModule
-    from kd_module.teacher_config import load_teacher_model_config
+    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.training.module import DistillationModule
 
     start = time.perf_counter()
     teacher_tokenizer: dict[str, Any] = {}
     if teacher_cache is not None:
-        from kd_module.offline_module import OfflineDistillationModule
+        from kd_module.offline.module import OfflineDistillationModule
 
         if teacher_checkpoint is not None or teacher is not None:
             raise ValueError(
@@ -325,7 +282,7 @@ def distill(
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"distill: keep_last={keep_last!r} must be a positive integer")
     run_dir = Path(log_dir) / name
-    from kd_module.reliability import writable_dir_problems
+    from kd_module.guards import writable_dir_problems
 
     problems = writable_dir_problems(run_dir, "run directory")
     if checkpoint_every_n_steps is not None and not problems:
@@ -336,14 +293,14 @@ def distill(
     checkpoint_dir = run_dir / "checkpoints"
     _drop_default_checkpointing(trainer)
     if checkpoint_every_n_steps is not None:
-        from kd_module.run_checkpoint import RunCheckpoint
+        from kd_module.checkpoints.run import RunCheckpoint
 
         trainer.callbacks.append(
             RunCheckpoint(str(checkpoint_dir), checkpoint_every_n_steps, keep_last)
         )
     ckpt_path = None
     if resume:
-        from kd_module.run_checkpoint import latest_checkpoint
+        from kd_module.checkpoints.run import latest_checkpoint
 
         latest = latest_checkpoint(checkpoint_dir)
         if latest is None:
@@ -387,19 +344,19 @@ def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[s
         "step_time_breakdown": None,
         "world_size": trainer.world_size,
         "configs": {
-            "student": _jsonable(module.student_config),
-            "teacher": _jsonable(module.teacher_config),
-            "distill": _jsonable(module.distill_config),
-            "optimizer": _jsonable(module.optimizer_config),
-            "layout": _jsonable(strategy.layout),
+            "student": jsonable(module.student_config),
+            "teacher": jsonable(module.teacher_config),
+            "distill": jsonable(module.distill_config),
+            "optimizer": jsonable(module.optimizer_config),
+            "layout": jsonable(strategy.layout),
             "precision": strategy.precision_name,
             "data": {
-                "paths": _jsonable(data.paths),
+                "paths": jsonable(data.paths),
                 "mock": data.mock,
                 "seq_length": data.seq_length,
                 "micro_batch_size": data.micro_batch_size,
                 "global_batch_size": data.global_batch_size,
-                "tokenizer": _jsonable(data.tokenizer),
+                "tokenizer": jsonable(data.tokenizer),
             },
             "teacher_checkpoint": module.teacher_checkpoint,
             "teacher_cache": getattr(module, "teacher_cache", None),
@@ -414,261 +371,3 @@ def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[s
         if callable(breakdown):
             summary["step_time_breakdown"] = breakdown()
     return summary
-
-
-def _checkpoint_problems(label: str, path: str | None, requested: str) -> list[str]:
-    """The checkpoint at ``path`` exists and holds the requested format."""
-    if path is None:
-        return []
-    from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
-
-    try:
-        found = detect_checkpoint_format(resolve_checkpoint_dir(path))
-    except (ValueError, FileNotFoundError) as error:
-        return [f"{label}: {error}"]
-    if requested not in ("auto", "torch_dist", "torch"):
-        return [f"{label}: ckpt_format={requested!r} is not one of auto, torch_dist, torch"]
-    if requested not in ("auto", found):
-        return [
-            f"{label}: ckpt_format={requested!r} was requested but {path} holds a "
-            f"{found} checkpoint; use 'auto' or {found!r}"
-        ]
-    return []
-
-
-def _launch_problems(num_nodes: Any, devices: Any) -> list[str]:
-    """``num_nodes x devices`` against the ranks this process was launched with."""
-    from kd_module.launch import positive_int_problems
-
-    problems = positive_int_problems(num_nodes=num_nodes, devices=devices)
-    if problems:
-        return problems
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if num_nodes * devices != world_size:
-        how = (
-            "this process was not launched with torchrun; run the recipe with "
-            f"kd_module.launch.local_executor(devices={devices})"
-            if "WORLD_SIZE" not in os.environ
-            else f"the launch has {world_size} ranks"
-        )
-        return [f"num_nodes x devices = {num_nodes * devices} ranks are expected but {how}"]
-    return []
-
-
-@cli_errors
-def build_teacher_cache(
-    data: Any,
-    out_dir: str,
-    teacher_checkpoint: str | None = None,
-    teacher: Any = None,
-    teacher_model_config: str | None = None,
-    teacher_ckpt_format: str = "auto",
-    k: int = 64,
-    dtype: str = "bf16",
-    num_samples: int | None = None,
-    shard_size: int = 1024,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    accelerator: str = "gpu",
-    precision: str = "bf16",
-    seed: int = 1234,
-    num_nodes: int = 1,
-    devices: int = 1,
-    teacher_init_fn: Any = None,
-) -> dict[str, Any]:
-    """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
-
-    Runs on every rank of the launch (``torchrun``/nemo-run executors; one process when not
-    launched): tensor and pipeline parallelism split the teacher, the remaining ranks are data
-    parallel replicas caching disjoint shards. Interrupted, it resumes: run it again with the
-    same arguments and only incomplete shards are computed.
-
-    Args:
-        data: the :class:`~kd_module.data.GPTDataModule` the students will train on (paths,
-            split, seed, ``seq_length``, tokenizer; ``micro_batch_size`` is the teacher's).
-        out_dir: the cache directory (``teacher_cache`` of :func:`distill`).
-        teacher_checkpoint: the teacher's weights; ``None`` caches a randomly initialized
-            teacher (tests only).
-        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
-            checkpoint's ``model_config.yaml``.
-        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
-        k: top-k logits kept per token.
-        dtype: storage of the logit values: ``bf16``, ``fp16`` or ``fp32``.
-        num_samples: train samples to cache, ``0 .. num_samples-1``; ``data.num_train_samples``
-            when ``None``. Students must train on at most this many samples.
-        shard_size: samples per shard file (the unit of resuming).
-        tensor_model_parallel_size: ranks each teacher layer is split across.
-        pipeline_model_parallel_size: ranks the teacher's layers are split across.
-        accelerator: ``gpu`` or ``cpu``.
-        precision: the teacher's ``fp32`` or ``bf16`` (bf16 needs ``accelerator="gpu"``).
-        seed: seed of torch and megatron's RNG states.
-        num_nodes: machines of the launch (sizes executors, like the trainer's ``num_nodes``).
-        devices: ranks per machine (like the trainer's ``devices``); the launch must match.
-        teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
-            (tests, notebooks).
-
-    Returns:
-        The cache's manifest.
-
-    Raises:
-        ValueError: naming every problem with the inputs (or a cache in ``out_dir`` made with
-            other settings), before the teacher is built.
-
-    Examples:
-        From a shell::
-
-            nemo kd cache-teacher --factory tiny_cpu_cache out_dir=/data/tiny_cache
-
-        From Python::
-
-            build_teacher_cache(data, "/data/cache", teacher_checkpoint="/ckpt/8b", k=64,
-                                num_samples=100_000, tensor_model_parallel_size=8)
-    """
-    import torch
-
-    from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
-    from kd_module.data.tokenizers import padded_vocab_size
-    from kd_module.models import GPTModelConfig, implementation_problems
-    from kd_module.offline import (
-        CACHE_DTYPES,
-        TeacherCache,
-        dataset_manifest,
-        manifest_with_settings,
-    )
-    from kd_module.strategy import PRECISIONS
-    from kd_module.teacher_config import load_teacher_model_config
-
-    problems: list[str] = []
-    if num_samples is None:
-        num_samples = data.num_train_samples
-    for label, value in (
-        ("k", k),
-        ("shard_size", shard_size),
-        ("num_samples", num_samples),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            hint = " (or set data.num_train_samples)" if label == "num_samples" else ""
-            problems.append(f"{label}={value!r} must be a positive integer{hint}")
-    if dtype not in CACHE_DTYPES:
-        problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
-    if accelerator not in ("gpu", "cpu"):
-        problems.append(f"accelerator={accelerator!r} is not one of gpu, cpu")
-    elif accelerator == "gpu" and not torch.cuda.is_available():
-        problems.append("accelerator='gpu' but CUDA is not available; use accelerator='cpu'")
-    if precision not in PRECISIONS:
-        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    elif precision == "bf16" and accelerator == "cpu":
-        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
-    problems += _launch_problems(num_nodes, devices)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
-    if isinstance(model_parallel, int) and model_parallel > 0 and world_size % model_parallel:
-        problems.append(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size = {model_parallel}"
-        )
-    problems += _checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
-    teacher_tokenizer: dict[str, Any] = {}
-    if teacher is None and not problems:
-        resolved = load_teacher_model_config(
-            teacher_model_config, GPTModelConfig(seq_length=data.seq_length), teacher_checkpoint
-        )
-        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
-    if teacher is not None:
-        problems += teacher.layout_problems(
-            tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
-        )
-        if accelerator in ("gpu", "cpu"):
-            problems += implementation_problems(
-                teacher,
-                reset_attention_mask=data.reset_attention_mask,
-                cuda=accelerator == "gpu",
-                who="teacher",
-            )
-        try:
-            check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
-        except ValueError as error:
-            problems.append(f"teacher: {error}")
-    problems += _tokenizer_problems(data.tokenizer, teacher_tokenizer)
-    if not data.mock:
-        try:
-            check_prefixes_exist(data.prefixes())
-        except ValueError as error:
-            problems.append(str(error))
-    if problems:
-        raise ValueError("cache-teacher: " + "; ".join(problems))
-
-    vocab = teacher.vocab_size or padded_vocab_size(
-        data.tokenizer.build().vocab_size,
-        teacher.make_vocab_size_divisible_by,
-        tensor_model_parallel_size,
-    )
-    manifest = {
-        "teacher": {
-            "checkpoint": None
-            if teacher_checkpoint is None
-            else os.path.realpath(teacher_checkpoint),
-            "config": _jsonable(teacher),
-        },
-        "tokenizer": data.tokenizer.to_dict(),
-        "dataset": dataset_manifest(data, num_samples),
-        "seq_length": data.seq_length,
-        "vocab_size": vocab,
-    }
-    if (Path(out_dir) / "manifest.json").exists():  # a restart: same settings, before any work
-        TeacherCache(out_dir).check_manifest(
-            manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
-        )
-
-    from kd_module import runtime
-    from kd_module.models import ParallelLayout, build_model
-    from kd_module.offline import cache_teacher
-
-    runtime.initialize_distributed(
-        tensor_model_parallel_size,
-        pipeline_model_parallel_size,
-        seed=seed,
-        device="cuda" if accelerator == "gpu" else "cpu",
-    )
-    try:
-        layout = ParallelLayout(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-        )
-        params_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = build_model(teacher, layout, vocab, params_dtype)
-        if teacher_checkpoint is not None:
-            from kd_module.checkpoint import make_teacher_loader
-
-            make_teacher_loader(teacher_checkpoint, teacher_ckpt_format)(model)
-        elif teacher_init_fn is not None:
-            teacher_init_fn(model)
-        else:
-            logger.warning("cache-teacher: no teacher_checkpoint, caching a random teacher")
-        model.requires_grad_(False)
-        data.num_train_samples = num_samples
-        data.setup("fit")
-        start = time.perf_counter()
-        final = cache_teacher(
-            model,
-            data.train_dataset,
-            out_dir,
-            k=k,
-            manifest=manifest,
-            num_samples=num_samples,
-            micro_batch_size=data.micro_batch_size,
-            dtype=dtype,
-            shard_size=shard_size,
-        )
-        logger.info(
-            "cache-teacher: %d samples cached in %s (%.1f s)",
-            num_samples,
-            out_dir,
-            time.perf_counter() - start,
-        )
-    finally:
-        runtime.destroy_distributed()
-    return final

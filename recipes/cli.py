@@ -26,15 +26,16 @@ from typing import Any
 import nemo_run as run
 from nemo_run.cli.cli_parser import type_parser
 
-from kd_module.api import build_teacher_cache, distill
+from kd_module.api import distill
+from kd_module.cli.quiet import quiet_third_party
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.prepare import prepare_data_cli
 from kd_module.data.tokenizers import TokenizerConfig
-from kd_module.distill_config import DistillConfig
-from kd_module.models import GPTModelConfig
-from kd_module.optim import OptimizerConfig
-from kd_module.quiet import quiet_third_party
-from kd_module.strategy import MegatronStrategy
+from kd_module.distillation.config import DistillConfig
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.offline.job import build_teacher_cache
+from kd_module.training.optim import OptimizerConfig
+from kd_module.training.strategy import MegatronStrategy
 
 # This module is the command line: hide the known third-party notices before the task imports
 # megatron or ModelOpt or nemo-run builds a Trainer (``-v`` / ``KD_DEBUG=1`` shows them).

@@ -17,9 +17,9 @@ from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.launch import positive_int_problems
-from kd_module.models import GPTModelConfig
-from kd_module.optim import OptimizerConfig
-from kd_module.strategy import PRECISIONS, MegatronStrategy
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.training.optim import OptimizerConfig
+from kd_module.training.strategy import PRECISIONS, MegatronStrategy
 
 ACCELERATORS = ("gpu", "cpu")
 """Values of ``accelerator``."""
@@ -62,7 +62,8 @@ def trainer_config(
     callbacks: list[run.Config] | None = None,
     default_root_dir: str | None = None,
 ) -> run.Config[lightning.Trainer]:
-    """A Lightning ``Trainer`` with :class:`~kd_module.strategy.MegatronStrategy`, as config.
+    """A Lightning ``Trainer`` with :class:`~kd_module.training.strategy.MegatronStrategy`, as
+    config.
 
     ``logger=False`` because :func:`~kd_module.api.distill` attaches a CSV logger at
     ``<log_dir>/<name>``; Lightning's ``ModelCheckpoint`` is off because distill saves run
@@ -77,10 +78,10 @@ def trainer_config(
         val_check_interval: steps between validations; ``None`` validates once per "epoch".
         limit_val_batches: validation batches per validation (0 turns validation off).
         log_every_n_steps: steps between logged rows.
-        tensor_model_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
-        pipeline_model_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
-        context_parallel_size: see :class:`~kd_module.strategy.MegatronStrategy`.
-        sequence_parallel: see :class:`~kd_module.strategy.MegatronStrategy`.
+        tensor_model_parallel_size: see :class:`~kd_module.training.strategy.MegatronStrategy`.
+        pipeline_model_parallel_size: see :class:`~kd_module.training.strategy.MegatronStrategy`.
+        context_parallel_size: see :class:`~kd_module.training.strategy.MegatronStrategy`.
+        sequence_parallel: see :class:`~kd_module.training.strategy.MegatronStrategy`.
         precision: ``fp32`` or ``bf16`` (the strategy's; bf16 needs CUDA).
         seed: the strategy's seed of torch and megatron's RNG states.
         callbacks: ``run.Config`` of Lightning callbacks.
@@ -415,13 +416,13 @@ def cache_teacher_recipe(
             ranks beyond TP x PP are data-parallel replicas caching disjoint shards.
 
     Returns:
-        ``run.Partial(kd_module.api.build_teacher_cache, ...)``; size its executor with
+        ``run.Partial(kd_module.offline.job.build_teacher_cache, ...)``; size its executor with
         :func:`kd_module.launch.recipe_devices`.
 
     Examples:
         ``nemo kd cache-teacher --factory tiny_cpu out_dir=/data/tiny_cache``
     """
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
 
     problems: list[str] = []
     if teacher_config is not None:

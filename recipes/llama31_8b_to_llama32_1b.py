@@ -11,8 +11,9 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import build_teacher_cache, distill
-from kd_module.models import GPTModelConfig
+from kd_module.api import distill
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.offline.job import build_teacher_cache
 from recipes.distill_recipe import gpu_pair_cache_recipe, gpu_pair_recipe
 
 NAME = "llama31_8b_to_llama32_1b"
@@ -192,7 +193,7 @@ def llama31_8b_to_llama32_1b_cache(
         k: top-k logits kept per token (bf16 values).
 
     Returns:
-        ``run.Partial(kd_module.api.build_teacher_cache, ...)``.
+        ``run.Partial(kd_module.offline.job.build_teacher_cache, ...)``.
 
     Examples:
         CLI::

@@ -11,8 +11,9 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import build_teacher_cache, distill
-from kd_module.models import GPTModelConfig
+from kd_module.api import distill
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.offline.job import build_teacher_cache
 from recipes.distill_recipe import gpu_pair_cache_recipe, gpu_pair_recipe
 
 NAME = "qwen3_8b_to_qwen3_1p7b"
@@ -188,7 +189,7 @@ def qwen3_8b_to_qwen3_1p7b_cache(
         k: top-k logits kept per token (bf16 values).
 
     Returns:
-        ``run.Partial(kd_module.api.build_teacher_cache, ...)``.
+        ``run.Partial(kd_module.offline.job.build_teacher_cache, ...)``.
 
     Examples:
         CLI::

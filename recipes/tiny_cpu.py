@@ -1,7 +1,7 @@
 """A tiny teacher -> student pair on the embedded corpus, on CPU: the recipe that runs anywhere.
 
 The data is the standard library's own source (:func:`kd_module.data.corpus.embedded_corpus`),
-tokenized with the byte tokenizer; the teacher is the one ``python -m kd_module.demo`` trains and
+tokenized with the byte tokenizer; the teacher is the one ``python -m examples.demo`` trains and
 caches. A recipe does no I/O, so both are referenced lazily: :func:`embedded_corpus_paths` and
 :func:`demo_teacher_checkpoint` are ``run.Config`` values that nemo-run calls when it builds the
 task on its rank, not when the recipe is made, dry-run or exported.
@@ -15,10 +15,11 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import build_teacher_cache, distill
+from kd_module.api import distill
 from kd_module.data.corpus import CACHE_ENV
-from kd_module.distill_config import DistillConfig
-from kd_module.models import GPTModelConfig
+from kd_module.distillation.config import DistillConfig
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.offline.job import build_teacher_cache
 from recipes.distill_recipe import cache_teacher_recipe, distill_recipe
 
 NAME = "tiny_cpu"
@@ -48,7 +49,7 @@ def embedded_corpus_paths(cache_dir: str | None = None, max_bytes: int = 4_000_0
 
 
 def demo_teacher_checkpoint(cache_root: str | None = None) -> str:
-    """The newest teacher checkpoint cached by ``python -m kd_module.demo``.
+    """The newest teacher checkpoint cached by ``python -m examples.demo``.
 
     Args:
         cache_root: ``$KD_CACHE_DIR`` or ``~/.cache/megatron-kd`` when ``None``.
@@ -67,7 +68,7 @@ def demo_teacher_checkpoint(cache_root: str | None = None) -> str:
     if not records:
         raise FileNotFoundError(
             f"tiny_cpu: no cached demo teacher under {root} ({TEACHER_DIR_PATTERN}/teacher.json); "
-            "run `python -m kd_module.demo` once, or give teacher_path=<checkpoint>"
+            "run `python -m examples.demo` once, or give teacher_path=<checkpoint>"
         )
     return str(records[-1].parent / "checkpoint")
 
@@ -215,7 +216,7 @@ def tiny_cpu_cache(
         pipeline_model_parallel_size: ranks the teacher's layers are split across.
 
     Returns:
-        ``run.Partial(kd_module.api.build_teacher_cache, ...)``.
+        ``run.Partial(kd_module.offline.job.build_teacher_cache, ...)``.
     """
     if mock_data and data_paths is not None:
         raise ValueError(

@@ -67,7 +67,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 @pytest.fixture
 def single_rank():
     """megatron parallel state on one in-process gloo rank, torn down after the test."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(seed=1234)
     yield runtime

@@ -1,4 +1,4 @@
-"""The embedded demo (`python -m kd_module.demo`): quick run, teacher cache, settings."""
+"""The embedded demo (`python -m examples.demo`): quick run, teacher cache, settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_module import demo
+from examples import demo
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = (
@@ -27,11 +27,11 @@ SUMMARY_KEYS = (
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``python -m kd_module.demo --quick`` in a subprocess with a fresh cache."""
+    """``python -m examples.demo --quick`` in a subprocess with a fresh cache."""
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "KD_CACHE_DIR": str(root / "cache")}
     completed = subprocess.run(
-        [sys.executable, "-m", "kd_module.demo", "--quick", "--out", str(root / "out")],
+        [sys.executable, "-m", "examples.demo", "--quick", "--out", str(root / "out")],
         cwd=REPO,
         env=env,
         capture_output=True,

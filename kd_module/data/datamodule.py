@@ -9,7 +9,7 @@ Batches are dicts of CPU tensors, one micro-batch of this data-parallel rank at 
 - ``attention_mask`` ``[b, 1, s, s]`` bool, True = masked, present only when
   ``reset_attention_mask`` (otherwise the model's causal mask applies);
 - ``sample_index`` ``[b]`` int64: each row's index in its split's megatron dataset (what an
-  offline teacher cache is keyed by, :mod:`kd_module.offline`).
+  offline teacher cache is keyed by, :mod:`kd_module.offline.cache`).
 
 ``b`` is ``micro_batch_size``; ``global_batch_size / (micro_batch_size * data_parallel_size)``
 consecutive micro-batches make one optimizer step.
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_module.data.sampler import MegatronPretrainingSampler
 from kd_module.data.tokenizers import TokenizerConfig
-from kd_module.models import close_matches
+from kd_module.models.gpt import close_matches
 
 SPLITS = ("train", "validation", "test")
 """Keys of a per-split ``paths`` dict."""

@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 # Large enough that compute, not the step's fixed bookkeeping (logging, zeroing, ~3 ms on CPU),
 # fills the step: the profiler's phases must cover it within 10%.
@@ -64,10 +64,10 @@ def _fit(callbacks, max_steps, root_dir, ckpt_path=None):
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     module = DistillationModule(
         STUDENT,

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 SEQ = 64
 STUDENT = GPTModelConfig(
@@ -52,8 +52,8 @@ def _gpu_fit(callbacks, max_steps, leak_mb=0.0):
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.strategy import MegatronStrategy
 
     class DeviceLeaker(L.Callback):
         def __init__(self):

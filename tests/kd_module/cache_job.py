@@ -17,11 +17,11 @@ def main() -> None:
     parser.add_argument("--kill-after-shards", type=int)
     args = parser.parse_args()
 
-    from kd_module import offline
-    from kd_module.api import build_teacher_cache
     from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import GPTModelConfig
+    from kd_module.offline import cache as offline
+    from kd_module.offline.job import build_teacher_cache
+    from tests.helpers import init_weights_by_global_key
 
     if args.kill_after_shards is not None:
         real_write = offline.write_json_atomic

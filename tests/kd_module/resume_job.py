@@ -16,7 +16,7 @@ from pathlib import Path
 def job_models_and_data(steps: int = 8):
     """The job's student and teacher architectures and its data module."""
     from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
+    from kd_module.models.gpt import GPTModelConfig
 
     student = GPTModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=512
@@ -47,8 +47,8 @@ def main() -> None:
     import lightning as L
 
     from kd_module.api import distill
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     run_dir = Path(args.log_dir) / args.name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig, ParallelLayout
-from kd_module.testing import run_distributed
+from kd_module.models.gpt import GPTModelConfig, ParallelLayout
+from tests.helpers import run_distributed
 
 SEQ, VOCAB, BATCH = 16, 128, 2
 
@@ -33,8 +33,8 @@ def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(config: GPTModelConfig, seed: int | None = None, layout: ParallelLayout | None = None):
-    from kd_module.models import build_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import build_model
+    from tests.helpers import init_weights_by_global_key
 
     model = build_model(config, layout or ParallelLayout())
     init_weights_by_global_key(model, seed if seed is not None else 99)
@@ -87,10 +87,10 @@ def _error(fn) -> str:
 
 def _save_teacher_tp2(root: str) -> dict:
     """At TP=2: save the teacher as torch_dist (iteration layout) and as legacy torch."""
-    from kd_module import runtime
-    from kd_module.checkpoint import export_student, save_model_checkpoint
-    from kd_module.distillation import build_distillation_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.checkpoints.model import export_student, save_model_checkpoint
+    from kd_module.distillation.model import build_distillation_model
+    from kd_module.parallel import runtime
+    from tests.helpers import init_weights_by_global_key
 
     runtime.initialize_distributed(2, 1, seed=3)
     model = _build(TEACHER, TEACHER_SEED, ParallelLayout(2, 1))
@@ -130,8 +130,8 @@ def _save_teacher_tp2(root: str) -> dict:
 
 def _load_teacher_pp2(root: str) -> dict:
     """At PP=2: load the TP=2 torch_dist teacher; the errors every rank must raise."""
-    from kd_module import runtime
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(1, 2, seed=3)
     layout = ParallelLayout(1, 2)
@@ -154,7 +154,7 @@ def _load_teacher_pp2(root: str) -> dict:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Teacher checkpoints saved at TP=2 (2 ranks) and the TP=1 reference logits."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     root = tmp_path_factory.mktemp("teacher")
     ranks = run_distributed(_save_teacher_tp2, 2, str(root), timeout=300)
@@ -168,7 +168,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture
 def single_rank():
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(seed=3)
     yield runtime
@@ -181,7 +181,7 @@ def single_rank():
 @pytest.mark.multirank
 def test_tp2_teacher_loads_at_tp1_with_identical_logits(saved, single_rank):
     """A torch_dist teacher saved at TP=2 loads at TP=1 bit-identical to the TP=1 reference."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     model = _build(TEACHER, seed=1234)
     assert not torch.equal(_logits(model), saved["reference"])
@@ -213,8 +213,8 @@ def test_tp2_teacher_loads_at_pp2_and_errors_reach_every_rank(saved):
 @pytest.mark.multirank
 def test_layout_files_and_model_config_of_an_iteration_save(saved):
     """Megatron-LM layout: iter_0000003 with metadata.json, tracker '3', model_config.yaml."""
-    from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
-    from kd_module.teacher_config import load_teacher_model_config
+    from kd_module.checkpoints.model import detect_checkpoint_format, resolve_checkpoint_dir
+    from kd_module.nemo_format.model_config import load_teacher_model_config
 
     root = saved["root"] / "dist_tp2"
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
@@ -238,7 +238,7 @@ def test_layout_files_and_model_config_of_an_iteration_save(saved):
 
 def test_legacy_torch_teacher_in_iteration_layout_loads_identically(single_rank, tmp_path):
     """A legacy torch teacher in Megatron-LM's iter layout reloads with identical logits."""
-    from kd_module.checkpoint import (
+    from kd_module.checkpoints.model import (
         detect_checkpoint_format,
         load_model_checkpoint,
         save_model_checkpoint,
@@ -261,7 +261,7 @@ def test_legacy_torch_teacher_in_iteration_layout_loads_identically(single_rank,
 @pytest.mark.multirank
 def test_legacy_tp2_checkpoint_refused_at_tp1(saved, single_rank):
     """A legacy checkpoint saved at TP=2 is refused at TP=1 with the torch_dist suggestion."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     with pytest.raises(ValueError, match=r"saved at TP=2, PP=1 cannot be loaded at TP=1, PP=1.*"):
         load_model_checkpoint(_build(TEACHER), saved["root"] / "legacy_tp2")
@@ -273,7 +273,7 @@ def test_legacy_tp2_checkpoint_refused_at_tp1(saved, single_rank):
 @pytest.fixture
 def dist_teacher(single_rank, tmp_path):
     """A TP=1 torch_dist teacher checkpoint and its model."""
-    from kd_module.checkpoint import save_model_checkpoint
+    from kd_module.checkpoints.model import save_model_checkpoint
 
     teacher = _build(TEACHER, TEACHER_SEED)
     save_model_checkpoint(teacher, tmp_path / "teacher", model_config=TEACHER)
@@ -282,7 +282,7 @@ def dist_teacher(single_rank, tmp_path):
 
 def test_missing_and_unexpected_keys_are_named(dist_teacher):
     """Untied checkpoint into a tied model: unexpected output_layer; the reverse: missing."""
-    from kd_module.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint, save_model_checkpoint
 
     path, teacher = dist_teacher
     tied = _build(TEACHER.replace(share_embeddings_and_output_weights=True), seed=1)
@@ -295,7 +295,7 @@ def test_missing_and_unexpected_keys_are_named(dist_teacher):
 
 def test_non_strict_load_skips_unexpected_keys(dist_teacher):
     """strict=False loads the shared tensors and leaves the rest (a warning, no error)."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     path, teacher = dist_teacher
     tied = _build(TEACHER.replace(share_embeddings_and_output_weights=True), seed=1)
@@ -308,7 +308,7 @@ def test_non_strict_load_skips_unexpected_keys(dist_teacher):
 
 def test_shape_mismatch_names_tensor_and_both_shapes(dist_teacher):
     """A teacher config with another hidden size: the error names tensors and both shapes."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     path, _ = dist_teacher
     wider = _build(TEACHER.replace(hidden_size=64, ffn_hidden_size=128))
@@ -322,7 +322,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(dist_teacher):
 
 def test_loading_never_modifies_the_checkpoint(dist_teacher):
     """Files and their bytes are the same after a successful and a failed load."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     path, _ = dist_teacher
     before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
@@ -337,7 +337,7 @@ def test_loading_never_modifies_the_checkpoint(dist_teacher):
 
 def test_resolve_and_detect_formats(tmp_path):
     """Tracker files (number, release), iter dirs, NeMo 2 weights/ and both formats resolve."""
-    from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
+    from kd_module.checkpoints.model import detect_checkpoint_format, resolve_checkpoint_dir
 
     (tmp_path / "release" / "mp_rank_00").mkdir(parents=True)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release\n")
@@ -358,7 +358,7 @@ def test_resolve_and_detect_formats(tmp_path):
 
 def test_format_errors_name_the_path(tmp_path):
     """Missing, empty, neither-format, file, bad tracker and dangling tracker are explained."""
-    from kd_module.checkpoint import detect_checkpoint_format, resolve_checkpoint_dir
+    from kd_module.checkpoints.model import detect_checkpoint_format, resolve_checkpoint_dir
 
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=f"checkpoint {missing}: no such directory"):
@@ -384,7 +384,7 @@ def test_format_errors_name_the_path(tmp_path):
 
 def test_requested_format_must_match_the_directory(dist_teacher):
     """ckpt_format='torch' on a torch_dist directory is refused; an unknown format too."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     path, _ = dist_teacher
     with pytest.raises(ValueError, match="ckpt_format='torch' was requested .* torch_dist"):
@@ -400,7 +400,7 @@ def _truncate(path: Path) -> None:
 
 def test_truncated_files_name_the_path(dist_teacher):
     """Truncated torch_dist shards/metadata and a truncated legacy file are reported by path."""
-    from kd_module.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint, save_model_checkpoint
 
     path, teacher = dist_teacher
     broken = path.parent / "broken_shard"
@@ -431,7 +431,7 @@ def test_failed_save_keeps_the_previous_checkpoint(dist_teacher, monkeypatch):
     """A save that raises midway leaves the old checkpoint intact and no temporary directory."""
     from megatron.core import dist_checkpointing
 
-    from kd_module.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint, save_model_checkpoint
 
     path, teacher = dist_teacher
     before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
@@ -482,7 +482,7 @@ def test_save_failing_on_one_rank_raises_everywhere_and_keeps_the_checkpoint(sav
 @pytest.mark.multirank
 def test_student_exported_at_tp2_loads_at_tp1(saved, single_rank):
     """A student exported from a TP=2 DistillationModel loads at TP=1 with the same weights."""
-    from kd_module.checkpoint import load_model_checkpoint
+    from kd_module.checkpoints.model import load_model_checkpoint
 
     reference = _build(STUDENT, STUDENT_SEED)
     model = _build(STUDENT, seed=1234)
@@ -494,12 +494,16 @@ def test_exported_student_is_a_plain_model_and_the_next_teacher(single_rank, tmp
     """Export: plain GPT keys only, the DistillationModel student's logits, next teacher."""
     from megatron.core import dist_checkpointing
 
-    from kd_module.checkpoint import export_student, load_model_checkpoint, make_teacher_loader
-    from kd_module.distill_config import DistillConfig
-    from kd_module.distillation import build_distillation_model
-    from kd_module.models import build_model
-    from kd_module.teacher_config import load_teacher_model_config
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.checkpoints.model import (
+        export_student,
+        load_model_checkpoint,
+        make_teacher_loader,
+    )
+    from kd_module.distillation.config import DistillConfig
+    from kd_module.distillation.model import build_distillation_model
+    from kd_module.models.gpt import build_model
+    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from tests.helpers import init_weights_by_global_key
 
     distill = DistillConfig(
         intermediate_layer_pairs=[["decoder.final_layernorm", "decoder.final_layernorm"]]
@@ -543,9 +547,9 @@ def test_exported_student_is_a_plain_model_and_the_next_teacher(single_rank, tmp
 
 def test_export_in_legacy_format_holds_only_student_tensors(single_rank, tmp_path):
     """ckpt_format='torch' export: exactly the plain GPTModel state-dict keys."""
-    from kd_module.checkpoint import export_student
-    from kd_module.distillation import build_distillation_model
-    from kd_module.models import build_model
+    from kd_module.checkpoints.model import export_student
+    from kd_module.distillation.model import build_distillation_model
+    from kd_module.models.gpt import build_model
 
     distill_model = build_distillation_model(STUDENT, TEACHER).model
     export_student(distill_model, tmp_path, STUDENT, ckpt_format="torch")
@@ -556,7 +560,7 @@ def test_export_in_legacy_format_holds_only_student_tensors(single_rank, tmp_pat
 
 def test_make_student_init_none_means_from_scratch():
     """make_student_init(None) is None, so build_distillation_model keeps random weights."""
-    from kd_module.checkpoint import make_student_init
+    from kd_module.checkpoints.model import make_student_init
 
     assert make_student_init(None) is None
     assert make_student_init("/ckpt/x").keywords == {

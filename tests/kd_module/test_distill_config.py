@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from kd_module.distill_config import (
+from kd_module.distillation.config import (
     DistillConfig,
     check_module_names,
     check_pipeline_placement,
@@ -30,8 +30,8 @@ logit_kl_temperature: 1.0
 @pytest.fixture(scope="module")
 def tiny_gpt():
     """A real 2-layer megatron GPTModel on one in-process gloo rank."""
-    from kd_module import runtime
-    from kd_module.models import GPTModelConfig, build_model
+    from kd_module.models.gpt import GPTModelConfig, build_model
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(1, 1)
     try:

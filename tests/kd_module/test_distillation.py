@@ -7,9 +7,9 @@ import contextlib
 import pytest
 import torch
 
-from kd_module.distill_config import DistillConfig
-from kd_module.models import GPTModelConfig, ParallelLayout
-from kd_module.testing import assemble_global, global_shards, run_distributed
+from kd_module.distillation.config import DistillConfig
+from kd_module.models.gpt import GPTModelConfig, ParallelLayout
+from tests.helpers import assemble_global, global_shards, run_distributed
 
 SEQ, VOCAB, MICRO_BATCH, MICRO_BATCHES = 16, 128, 2, 2
 
@@ -62,8 +62,8 @@ def _init_projection(model, seed: int = 11) -> None:
 
 
 def _build(layout, distill=LAYOUT_DISTILL, student=STUDENT, teacher=TEACHER, params_dtype=None):
-    from kd_module.distillation import build_distillation_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.distillation.model import build_distillation_model
+    from tests.helpers import init_weights_by_global_key
 
     parts = build_distillation_model(
         student,
@@ -83,8 +83,8 @@ def _layout_step(tp: int, pp: int, sequence_parallel: bool = False) -> dict:
     """One KD forward-backward at (tp, pp[, sp]): loss report and student gradients."""
     from megatron.core import parallel_state
 
-    from kd_module import runtime
-    from kd_module.distillation import forward_backward
+    from kd_module.distillation.model import forward_backward
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(tp, pp, seed=5)
     model = _build(ParallelLayout(tp, pp, sequence_parallel=sequence_parallel))
@@ -106,7 +106,7 @@ def _layout_step(tp: int, pp: int, sequence_parallel: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     try:
         return _layout_step(1, 1)
@@ -181,8 +181,8 @@ def test_kd_terms_match_a_hand_computation(single_rank):
     """logits/intermediate/lm/kd terms equal a direct computation with the documented formula."""
     import torch.nn.functional as F
 
-    from kd_module.distillation import forward_backward
-    from kd_module.losses import reference_logits_kd_loss
+    from kd_module.distillation.losses import reference_logits_kd_loss
+    from kd_module.distillation.model import forward_backward
 
     distill = DistillConfig(
         intermediate_layer_pairs=[["decoder.final_layernorm", "decoder.final_layernorm"]],
@@ -219,7 +219,7 @@ def test_kd_terms_match_a_hand_computation(single_rank):
 
 def test_skip_lm_loss_makes_objective_pure_kd(single_rank):
     """skip_lm_loss (default): kd_loss = logits_loss + intermediate_loss; lm_loss still logged."""
-    from kd_module.distillation import forward_backward
+    from kd_module.distillation.model import forward_backward
 
     model = _build(ParallelLayout(), DistillConfig())
     report = forward_backward(model, iter(_batches()), 2, SEQ, MICRO_BATCH, forward_only=True)
@@ -231,7 +231,7 @@ def test_skip_lm_loss_makes_objective_pure_kd(single_rank):
 
 def _lm_loss_call(model, logits, labels):
     """The model's LM loss hook on ``logits``: (loss, largest new buffer in bytes)."""
-    from kd_module.testing import largest_new_allocation
+    from tests.helpers import largest_new_allocation
 
     return largest_new_allocation(lambda: model.compute_language_model_loss(labels, logits))
 
@@ -302,7 +302,7 @@ def test_projection_only_when_hidden_sizes_differ(single_rank):
 
 def test_teacher_is_frozen_and_bit_identical_after_training(single_rank):
     """Teacher: eval, no grads, not in the optimizer, bit-identical weights after 3 Adam steps."""
-    from kd_module.distillation import forward_backward
+    from kd_module.distillation.model import forward_backward
 
     model = _build(ParallelLayout())
     teacher = model.teacher_model
@@ -359,7 +359,7 @@ def test_logit_layer_missing_on_teacher(single_rank):
 
 def test_intermediate_layer_not_on_last_stage_is_refused(single_rank):
     """With PP=2 an intermediate layer on the first stage is refused before any criterion exists."""
-    from kd_module.distillation import validate_modules
+    from kd_module.distillation.model import validate_modules
 
     distill = DistillConfig(
         intermediate_layer_pairs=[
@@ -375,7 +375,7 @@ def test_intermediate_layer_not_on_last_stage_is_refused(single_rank):
 
 def test_vocab_mismatch_names_both_sizes(single_rank):
     """Different teacher and student vocabularies are refused naming both sizes."""
-    from kd_module.distillation import build_distillation_model
+    from kd_module.distillation.model import build_distillation_model
 
     with pytest.raises(
         ValueError, match=r"teacher vocab_size 256 differs from student vocab_size 128"
@@ -405,7 +405,7 @@ def test_vocab_mismatch_names_both_sizes(single_rank):
 )
 def test_layout_problems_are_refused_before_building(layout, message):
     """Layouts the models cannot take are refused before any model is built."""
-    from kd_module.distillation import build_distillation_model
+    from kd_module.distillation.model import build_distillation_model
 
     with pytest.raises(ValueError, match=message):
         build_distillation_model(STUDENT, TEACHER, layout=layout)
@@ -413,7 +413,7 @@ def test_layout_problems_are_refused_before_building(layout, message):
 
 def test_mamba_without_kernels_fails_at_configuration():
     """model_type='mamba' on a machine without mamba-ssm/CUDA says what to install."""
-    from kd_module.models import check_mamba_available, mamba_available
+    from kd_module.models.gpt import check_mamba_available, mamba_available
 
     if mamba_available():
         pytest.skip("mamba kernels present")
@@ -423,7 +423,7 @@ def test_mamba_without_kernels_fails_at_configuration():
 
 def test_transformer_engine_requested_without_it_is_refused():
     """transformer_impl='transformer_engine' without TE+CUDA is a configuration error."""
-    from kd_module.models import uses_transformer_engine
+    from kd_module.models.gpt import uses_transformer_engine
 
     if torch.cuda.is_available():
         pytest.skip("CUDA machine")
@@ -460,7 +460,7 @@ def _tf32_off():
 
 def _mean_report(model, device) -> dict[str, float]:
     """One KD forward-backward on ``_batches()`` on ``device``: each term's per-token mean."""
-    from kd_module.distillation import forward_backward
+    from kd_module.distillation.model import forward_backward
 
     batches = [{k: v.to(device) for k, v in b.items()} for b in _batches()]
     report = forward_backward(model, iter(batches), MICRO_BATCHES, SEQ, MICRO_BATCH)
@@ -492,7 +492,7 @@ def test_transformer_engine_spec_distills_on_gpu(single_rank):
 def test_kd_losses_on_gpu_match_cpu():
     """The same weights and batches give the same kd/logits/intermediate/lm losses on CUDA and on
     the CPU in one process (local spec, fp32, TF32 off, rtol 1e-4)."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     student = STUDENT.replace(transformer_impl="local")
     teacher = TEACHER.replace(transformer_impl="local")
@@ -523,8 +523,8 @@ def test_kd_losses_on_gpu_match_cpu():
 @pytest.mark.gpu
 def test_mamba_hybrid_student_distills_on_gpu(single_rank):
     """A hybrid Mamba student distills from a GPT teacher on GPU (needs mamba-ssm)."""
-    from kd_module.distillation import build_distillation_model, forward_backward
-    from kd_module.models import mamba_available
+    from kd_module.distillation.model import build_distillation_model, forward_backward
+    from kd_module.models.gpt import mamba_available
 
     if not mamba_available():
         pytest.skip("mamba-ssm kernels not installed")
@@ -550,8 +550,8 @@ def _context_parallel_step(cp: int) -> dict:
     """
     from megatron.core import parallel_state
 
-    from kd_module import runtime
-    from kd_module.distillation import forward_backward
+    from kd_module.distillation.model import forward_backward
+    from kd_module.parallel import runtime
 
     runtime.initialize_distributed(context_parallel_size=cp, seed=5, device="cuda")
     te = {"transformer_impl": "transformer_engine", "position_embedding_type": "rope"}

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig, ParallelLayout
+from kd_module.models.gpt import GPTModelConfig, ParallelLayout
 
 SEQ = 32
 STUDENT = GPTModelConfig(
@@ -31,10 +31,10 @@ def test_optimizer_builds_when_gloo_groups_are_absent_as_on_cuda(single_rank, mo
     the fix: AssertionError 'Intra partial data parallel group is not initialized')."""
     from megatron.core import parallel_state
 
-    from kd_module import runtime
-    from kd_module.models import build_model
-    from kd_module.optim import OptimizerConfig, build_megatron_optimizer
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.models.gpt import build_model
+    from kd_module.parallel import runtime
+    from kd_module.training.optim import OptimizerConfig, build_megatron_optimizer
+    from kd_module.training.strategy import MegatronStrategy
 
     # Rebuild megatron's groups the way initialize_distributed does for device="cuda".
     parallel_state.destroy_model_parallel()
@@ -57,7 +57,7 @@ def test_cpu_runs_create_gloo_groups_and_say_so(single_rank):
     """The runtime records whether it created megatron's gloo groups (CPU runs do)."""
     from megatron.core import parallel_state
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     assert runtime.gloo_process_groups() is True
     assert parallel_state.get_data_parallel_group_gloo() is not None
@@ -73,13 +73,13 @@ _CPU_RUN_ON_A_GPU_MACHINE = textwrap.dedent(
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: 1
     import lightning as L
-    from kd_module import runtime
-    from kd_module.api import build_teacher_cache
+    from kd_module.parallel import runtime
+    from kd_module.offline.job import build_teacher_cache
     from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
-    from kd_module.module import DistillationModule
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import GPTModelConfig
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     student = GPTModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
                              seq_length=32, vocab_size=256)
@@ -154,7 +154,7 @@ def test_cpu_accelerator_runs_on_cpu_on_a_machine_with_cuda():
 
 def test_device_argument_is_checked():
     """initialize_distributed's device: CUDA refused where there is none, unknown types named."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     with pytest.raises(ValueError, match=r"device='tpu' is not a device|'tpu' is not supported"):
         runtime.resolve_device("tpu")
@@ -172,7 +172,7 @@ def test_bridges_come_off_for_a_cuda_run_and_back_on_for_a_cpu_run(single_rank):
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     assert runtime.bridges_installed() and schedules.torch is not torch
     clip_code = clip_grads.clip_grad_by_total_norm_fp32.__code__
@@ -198,8 +198,8 @@ def test_projection_layer_takes_the_students_dtype(single_rank):
     """ModelOpt's projection (student width 32 -> teacher 64) is made after the student; with
     bf16 parameters it was left in fp32 and the first intermediate loss failed on the dtype
     (outside Lightning, where no Float16Module casts the whole model afterwards)."""
-    from kd_module.distill_config import DistillConfig
-    from kd_module.distillation import build_distillation_model
+    from kd_module.distillation.config import DistillConfig
+    from kd_module.distillation.model import build_distillation_model
 
     distill = DistillConfig(
         intermediate_layer_pairs=[["decoder.final_layernorm", "decoder.final_layernorm"]]
@@ -221,9 +221,9 @@ def test_bf16_models_are_bf16_throughout_without_float16module(single_rank):
     relies on Float16Module to cast it; models used without that wrapper (the bf16 teacher cache)
     fed fp32 activations into bf16 layers and failed at the first norm. A bf16 KD step with an
     intermediate pair now runs on the CPU, every floating tensor in bf16."""
-    from kd_module.distill_config import DistillConfig
-    from kd_module.distillation import build_distillation_model, forward_backward
-    from kd_module.models import build_model
+    from kd_module.distillation.config import DistillConfig
+    from kd_module.distillation.model import build_distillation_model, forward_backward
+    from kd_module.models.gpt import build_model
 
     model = build_model(STUDENT, params_dtype=torch.bfloat16)
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
@@ -251,8 +251,8 @@ def test_bf16_models_are_bf16_throughout_without_float16module(single_rank):
 def test_projection_init_does_not_depend_on_the_default_device(single_rank):
     """The projection is initialized on the CPU even under a default-device context (Lightning
     builds models under torch.device('cuda')), so every device starts from the same weights."""
-    from kd_module.distillation import _projection_layer
-    from kd_module.models import build_model
+    from kd_module.distillation.model import _projection_layer
+    from kd_module.models.gpt import build_model
 
     student = build_model(STUDENT)
     teacher = build_model(TEACHER)
@@ -269,9 +269,9 @@ def test_cpu_generators_work_under_a_default_device_context(single_rank):
     """init_weights_by_global_key and the cache's token fingerprint draw from CPU generators;
     under a default-device context (Lightning's torch.device('cuda'); 'meta' here) they must
     still draw on the CPU and give the same numbers."""
-    from kd_module import offline
-    from kd_module.models import build_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import build_model
+    from kd_module.offline import cache as offline
+    from tests.helpers import init_weights_by_global_key
 
     tokens = torch.randint(0, 256, (2, 48))
     offline._FINGERPRINT_WEIGHTS.pop(48, None)
@@ -296,8 +296,8 @@ def test_teardown_leaves_the_model_where_it_is():
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.strategy import MegatronStrategy
 
     module = DistillationModule(STUDENT, TEACHER, teacher_init_fn=lambda m: None)
     moved = []
@@ -318,7 +318,7 @@ def test_teardown_leaves_the_model_where_it_is():
     )
     trainer.fit(module, datamodule=data)
     assert moved == []
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     assert not runtime.is_initialized()  # megatron's state is still released
 
@@ -328,8 +328,8 @@ def test_distilling_an_identity_module_is_refused(single_rank):
     """Under the TE spec input_layernorm is an IdentityOp (the norm is fused into linear_qkv):
     a pair naming it would distill the raw residual stream. Any name resolving to an identity is
     refused, naming a module that computes something instead."""
-    from kd_module.distill_config import DistillConfig
-    from kd_module.distillation import build_distillation_model
+    from kd_module.distillation.config import DistillConfig
+    from kd_module.distillation.model import build_distillation_model
 
     # The local spec's q_layernorm is an IdentityOp without qk_layernorm.
     distill = DistillConfig(
@@ -337,9 +337,12 @@ def test_distilling_an_identity_module_is_refused(single_rank):
             ["decoder.layers.1.self_attention.q_layernorm", "decoder.layers.3.input_layernorm"]
         ]
     )
-    with pytest.raises(ValueError, match=r"student submodule 'decoder\.layers\.1\.self_attention"
-                       r"\.q_layernorm' is an identity \(IdentityOp\).*'decoder\.layers\.1' or "
-                       r"'decoder\.final_layernorm'"):
+    with pytest.raises(
+        ValueError,
+        match=r"student submodule 'decoder\.layers\.1\.self_attention"
+        r"\.q_layernorm' is an identity \(IdentityOp\).*'decoder\.layers\.1' or "
+        r"'decoder\.final_layernorm'",
+    ):
         build_distillation_model(STUDENT, TEACHER, distill, vocab_size=256)
 
 
@@ -348,8 +351,8 @@ def test_te_shaped_layer_with_identity_input_layernorm_is_refused(single_rank):
     elsewhere) built on the CPU: naming its input_layernorm is refused, its layer output is not."""
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from kd_module.distill_config import check_module_names
-    from kd_module.models import build_model
+    from kd_module.distillation.config import check_module_names
+    from kd_module.models.gpt import build_model
 
     model = build_model(STUDENT)
     layer = model.decoder.layers[0]
@@ -367,10 +370,13 @@ def test_te_shaped_layer_with_identity_input_layernorm_is_refused(single_rank):
 # ---------------------------------------------------------------------- 5. refusals
 def test_context_parallel_without_te_attention_is_refused_before_building(single_rank):
     """CP > 1 needs TE attention (megatron's local attention asserts CP == 1 when built)."""
-    from kd_module.distillation import build_distillation_model
+    from kd_module.distillation.model import build_distillation_model
 
-    with pytest.raises(ValueError, match=r"student: context_parallel_size=2 needs Transformer "
-                       r"Engine attention.*teacher: context_parallel_size=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"student: context_parallel_size=2 needs Transformer "
+        r"Engine attention.*teacher: context_parallel_size=2",
+    ):
         build_distillation_model(
             STUDENT, TEACHER, layout=ParallelLayout(context_parallel_size=2), vocab_size=256
         )
@@ -379,7 +385,7 @@ def test_context_parallel_without_te_attention_is_refused_before_building(single
 def test_reset_attention_mask_under_te_is_refused(monkeypatch):
     """TE's causal attention ignores a per-document mask: refused when the model resolves to TE
     (TE's presence is the one thing simulated; the decision is ours)."""
-    from kd_module import models
+    from kd_module.models import gpt as models
 
     monkeypatch.setattr(models, "transformer_engine_installed", lambda: True)
     problems = models.implementation_problems(
@@ -397,8 +403,11 @@ def test_reset_attention_mask_under_te_is_refused(monkeypatch):
 def test_mamba_shapes_megatron_would_assert_on_are_refused():
     """Mamba heads (2 x hidden / head dim) not divisible by mamba_num_groups (8 by default):
     megatron asserts when it builds the layer; the config says so up front."""
-    with pytest.raises(ValueError, match=r"mamba: 2 SSM heads .* not divisible by "
-                       r"mamba_num_groups=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"mamba: 2 SSM heads .* not divisible by "
+        r"mamba_num_groups=8",
+    ):
         STUDENT.replace(model_type="mamba", hidden_size=64)
     config = STUDENT.replace(model_type="mamba", hidden_size=64, extra={"mamba_num_groups": 2})
     assert config.mamba_heads_and_groups() == (2, 2)
@@ -411,7 +420,7 @@ def test_mamba_shapes_megatron_would_assert_on_are_refused():
 
 def test_mamba_needs_cuda_te_and_kernels():
     """The Mamba refusal names everything missing, including TE (megatron's Mamba spec is TE)."""
-    from kd_module.models import implementation_problems, mamba_problems
+    from kd_module.models.gpt import implementation_problems, mamba_problems
 
     problems = mamba_problems(cuda=False)
     assert len(problems) == 1 and "missing: a CUDA run" in problems[0]
@@ -427,7 +436,7 @@ def test_distill_refuses_context_parallel_without_te_up_front(tmp_path):
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -437,7 +446,10 @@ def test_distill_refuses_context_parallel_without_te_up_front(tmp_path):
         logger=False,
     )
     data = GPTDataModule(mock=True, seq_length=SEQ, micro_batch_size=1, global_batch_size=1)
-    with pytest.raises(ValueError, match=r"^distill: .*student: context_parallel_size=2 needs "
-                       r"Transformer Engine"):
+    with pytest.raises(
+        ValueError,
+        match=r"^distill: .*student: context_parallel_size=2 needs "
+        r"Transformer Engine",
+    ):
         distill(STUDENT, data, trainer, teacher=TEACHER, log_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())

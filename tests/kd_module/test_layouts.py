@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_module.testing import assemble_global, global_shards, run_distributed
+from tests.helpers import assemble_global, global_shards, run_distributed
 
 SEQ, VOCAB, MICRO_BATCH, MICRO_BATCHES = 16, 128, 2, 2
 
 
 def _config():
-    from kd_module.models import GPTModelConfig
+    from kd_module.models.gpt import GPTModelConfig
 
     # Untied embeddings: with PP>1 the tied copy's gradient is only summed by megatron's DDP
     # finalize step, which the Lightning strategy tests cover.
@@ -45,9 +45,9 @@ def _one_step(tp: int, pp: int) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from kd_module import runtime
-    from kd_module.models import ParallelLayout, build_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import ParallelLayout, build_model
+    from kd_module.parallel import runtime
+    from tests.helpers import init_weights_by_global_key
 
     runtime.initialize_distributed(tp, pp, seed=5)
     model = build_model(_config(), ParallelLayout(tp, pp))
@@ -79,7 +79,7 @@ def _one_step(tp: int, pp: int) -> dict:
 
 
 def _reference():
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     try:
         return _one_step(1, 1)
@@ -106,7 +106,7 @@ def _check_against_reference(results, reference, nranks):
 
 def test_tiny_gpt_trains_on_cpu(single_rank):
     """Five Adam steps of a local-spec GPTModel on CPU lower the loss on a fixed batch."""
-    from kd_module.models import build_model
+    from kd_module.models.gpt import build_model
 
     model = build_model(_config())
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig
-from kd_module.testing import run_distributed
+from kd_module.models.gpt import GPTModelConfig
+from tests.helpers import run_distributed
 
 SEQ = 32
 STUDENT = GPTModelConfig(
@@ -52,10 +52,10 @@ def _fit(
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     module = DistillationModule(
         STUDENT,
@@ -114,7 +114,7 @@ def reference():
 
 def test_single_process_fit_lowers_kd_loss_and_logs_everything():
     """30 steps in one process: kd_loss falls, every documented metric is logged."""
-    from kd_module.module import TRAIN_METRICS, VAL_METRICS
+    from kd_module.training.module import TRAIN_METRICS, VAL_METRICS
 
     result = _fit(max_steps=30, val_check_interval=15)
     curve = _curve(result)
@@ -186,7 +186,7 @@ def test_distill_writes_summary_with_documented_fields(tmp_path):
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -250,7 +250,7 @@ def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -275,9 +275,9 @@ def test_lm_only_module_trains_a_plain_gpt():
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import GPTModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.module import GPTModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     module = GPTModule(STUDENT, optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-3))
     data = GPTDataModule(
@@ -311,7 +311,7 @@ def test_lm_only_module_trains_a_plain_gpt():
 
 def test_strategy_refuses_bad_arguments():
     """MegatronStrategy names each bad argument."""
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     with pytest.raises(ValueError, match=r"tensor_model_parallel_size=0 must be a positive"):
         MegatronStrategy(tensor_model_parallel_size=0)
@@ -388,7 +388,7 @@ def test_readme_documents_exactly_the_logged_metrics():
     import re
     from pathlib import Path
 
-    from kd_module.module import TRAIN_METRICS, VAL_METRICS
+    from kd_module.training.module import TRAIN_METRICS, VAL_METRICS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Logged metrics", 1)[1].split("\n## ", 1)[0]

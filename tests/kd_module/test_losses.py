@@ -1,4 +1,4 @@
-"""Tests for the chunked, TP-aware logits KD losses in kd_module.losses."""
+"""Tests for the chunked, TP-aware logits KD losses in kd_module.distillation.losses."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 from modelopt.torch.distill.plugins.megatron import LogitsKLLoss, TopKLogitsKLLoss
 
-from kd_module.losses import (
+from kd_module.distillation.losses import (
     LOSS_TYPES,
     KDLogitsCriterion,
     LogitsKDLoss,
     reference_logits_kd_loss,
     vocab_parallel_cross_entropy_no_grad,
 )
-from kd_module.testing import largest_new_allocation, run_distributed
+from tests.helpers import largest_new_allocation, run_distributed
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -348,7 +348,7 @@ def test_cross_entropy_no_grad_checks_shapes_and_empty_input() -> None:
 
 def tp2_rank_checks() -> dict:
     """One TP=2 rank: each loss on this rank's vocab shard, next to the full-vocab reference."""
-    from kd_module.runtime import initialize_distributed
+    from kd_module.parallel.runtime import initialize_distributed
 
     initialize_distributed(tensor_model_parallel_size=2)
     from megatron.core import parallel_state

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig
-from kd_module.testing import run_distributed
+from kd_module.models.gpt import GPTModelConfig
+from tests.helpers import run_distributed
 
 SEQ, K, STEPS = 32, 8, 4
 STUDENT = GPTModelConfig(
@@ -21,13 +21,13 @@ TOPK_CONFIG = {"logit_kl_topk": K, "skip_lm_loss": False, "kd_loss_scale": 0.5}
 
 
 def _student_init(model):
-    from kd_module.testing import init_weights_by_global_key
+    from tests.helpers import init_weights_by_global_key
 
     init_weights_by_global_key(model, seed=1)
 
 
 def _teacher_init(model):
-    from kd_module.testing import init_weights_by_global_key
+    from tests.helpers import init_weights_by_global_key
 
     init_weights_by_global_key(model, seed=2, std=0.3)
 
@@ -47,7 +47,7 @@ def _data(micro_batch_size=2, **overrides):
 
 
 def _make_cache(out_dir, dtype="fp32", k=K, **kwargs):
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
 
     return build_teacher_cache(
         _data(micro_batch_size=3, global_batch_size=6),  # teacher micro-batches: any size
@@ -73,7 +73,7 @@ def cache_dir(tmp_path_factory):
 def _fit(module, data, devices=1, tp=1, pp=1, sequence_parallel=False, max_steps=STEPS):
     import lightning as L
 
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     class Recorder(L.Callback):
         def __init__(self):
@@ -105,8 +105,8 @@ def _fit(module, data, devices=1, tp=1, pp=1, sequence_parallel=False, max_steps
 
 
 def _offline_module(cache_dir, mode="renormalized", config=TOPK_CONFIG):
-    from kd_module.offline_module import OfflineDistillationModule
-    from kd_module.optim import OptimizerConfig
+    from kd_module.offline.module import OfflineDistillationModule
+    from kd_module.training.optim import OptimizerConfig
 
     return OfflineDistillationModule(
         STUDENT,
@@ -124,8 +124,8 @@ def _curve(steps, key):
 
 @pytest.fixture(scope="module")
 def online_curve():
-    from kd_module.module import DistillationModule
-    from kd_module.optim import OptimizerConfig
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.optim import OptimizerConfig
 
     module = DistillationModule(
         STUDENT,
@@ -160,8 +160,8 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
     import lightning as L
 
     from kd_module.api import distill
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     data = _data(num_train_samples=None)  # taken from the cache's manifest
     trainer = L.Trainer(
@@ -232,7 +232,7 @@ def test_distill_refuses_a_cache_that_does_not_fit(cache_dir, tmp_path, change, 
     import lightning as L
 
     from kd_module.api import distill
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
     trainer = L.Trainer(
@@ -275,7 +275,7 @@ def _layouts_fit(cache_dir: str) -> dict:
 def test_offline_dp2_tp2_pp2_fits_match_single_process(cache_dir, online_curve):
     """build_teacher_cache at PP=2 writes the single-process cache; offline DP=2, TP=2 (+SP)
     and PP=2 fits reproduce the single-process (= online) curve."""
-    from kd_module.offline import TeacherCache
+    from kd_module.offline.cache import TeacherCache
 
     results = run_distributed(_layouts_fit, 2, str(cache_dir), timeout=400)
     one, pp2 = TeacherCache(cache_dir), TeacherCache(f"{cache_dir}-pp2")
@@ -289,7 +289,7 @@ def test_offline_dp2_tp2_pp2_fits_match_single_process(cache_dir, online_curve):
 
 def test_killed_offline_run_resumes_to_identical_losses(tmp_path):
     """SIGKILLed after step 5, an offline run resumes from its step-4 checkpoint, same losses."""
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
     from tests.kd_module.resume_job import job_models_and_data
     from tests.kd_module.test_resume import _losses, _run
 
@@ -325,10 +325,10 @@ def test_bf16_cache_and_offline_fit_on_gpu(tmp_path):
     top-k curve within bf16 tolerance."""
     import lightning as L
 
-    from kd_module.api import build_teacher_cache
-    from kd_module.module import DistillationModule
-    from kd_module.offline_module import OfflineDistillationModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.offline.job import build_teacher_cache
+    from kd_module.offline.module import OfflineDistillationModule
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.strategy import MegatronStrategy
 
     build_teacher_cache(
         _data(),
@@ -411,8 +411,9 @@ def test_bad_cache_arguments_are_named_together_before_anything_is_built(tmp_pat
     distill names a teacher_cache directory without a manifest."""
     import lightning as L
 
-    from kd_module.api import build_teacher_cache, distill
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.api import distill
+    from kd_module.offline.job import build_teacher_cache
+    from kd_module.training.strategy import MegatronStrategy
 
     with pytest.raises(
         ValueError,

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *a, **k: print("WARNING", message)
-    from kd_module.quiet import quiet_third_party
+    from kd_module.cli.quiet import quiet_third_party
     print("installed", quiet_third_party(verbose=VERBOSE))
     warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch ...")
     warnings.warn("transformers 5.25.0 is not tested with current version of modelopt and may ...")

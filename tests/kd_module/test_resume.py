@@ -84,7 +84,7 @@ def test_sigkill_mid_training_resumes_to_identical_losses(uninterrupted, tmp_pat
 
 def test_sigkill_during_save_resumes_from_previous_checkpoint(uninterrupted, tmp_path):
     """Killed inside the second save (step 4), the run resumes from step 2 with identical losses."""
-    from kd_module.run_checkpoint import is_complete, latest_checkpoint
+    from kd_module.checkpoints.run import is_complete, latest_checkpoint
 
     _, reference = uninterrupted
     _run(tmp_path, "save", "--kill-during-save", "2", expect_killed=True)
@@ -103,7 +103,7 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(uninterrupted, tmp
 
 def test_resume_refuses_an_incomplete_directory(tmp_path):
     """Loading a directory that is not a complete run checkpoint names it."""
-    from kd_module.run_checkpoint import load_run_checkpoint
+    from kd_module.checkpoints.run import load_run_checkpoint
 
     with pytest.raises(ValueError, match=r"is not a complete run checkpoint"):
         load_run_checkpoint(object(), tmp_path)

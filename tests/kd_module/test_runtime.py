@@ -14,7 +14,7 @@ def test_initialize_twice_in_one_process():
     """init -> destroy -> init works in one process (notebooks and tests run fits back to back)."""
     from megatron.core import parallel_state
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     for _ in range(2):
         runtime.initialize_distributed(seed=7)
@@ -28,7 +28,7 @@ def test_initialize_twice_in_one_process():
 
 def test_world_size_not_divisible_by_layout_is_refused():
     """TP=2 on a single rank fails with a message naming the sizes."""
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     with pytest.raises(ValueError, match=r"world size 1 is not divisible by .*= 2"):
         runtime.initialize_distributed(tensor_model_parallel_size=2)
@@ -84,7 +84,7 @@ def test_bridges_are_inert_when_cuda_is_available():
         """
         import torch
         torch.cuda.is_available = lambda: True
-        from kd_module import runtime
+        from kd_module.parallel import runtime
         assert runtime.install_cpu_bridges() is False
         assert not runtime.bridges_installed()
         from megatron.core.pipeline_parallel import schedules, p2p_communication
@@ -111,7 +111,7 @@ def test_bridges_installed_on_cpu(single_rank):
     """Without CUDA the bridged megatron modules see the CPU view of torch.cuda."""
     from megatron.core.pipeline_parallel import schedules
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     assert runtime.bridges_installed()
     assert schedules.torch is not torch
@@ -124,7 +124,7 @@ def test_cuda_machine_uses_nccl_and_real_cuda(single_rank):
     """On a GPU machine the runtime uses NCCL and megatron keeps its real torch.cuda."""
     from megatron.core.pipeline_parallel import schedules
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     assert not runtime.bridges_installed()
     assert torch.distributed.get_backend() == "nccl"

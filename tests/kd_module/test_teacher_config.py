@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_module.models import GPTModelConfig
-from kd_module.teacher_config import (
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.nemo_format.model_config import (
     CONVERSION_TABLE,
     PARALLELISM_KEYS,
     TRAINING_ONLY_KEYS,
@@ -27,7 +27,7 @@ from kd_module.teacher_config import (
 DATA = Path(__file__).parent / "data_files"
 LLAMA31_8B = DATA / "llama31_8b_model_config.yaml"
 LLAMA31_8B_TRAINING = DATA / "megatron_llama31_8b_training.yaml"
-LOGGER = "kd_module.teacher_config"
+LOGGER = "kd_module.nemo_format.model_config"
 
 # A student unlike the teacher in every field the file sets, and with values the file does not
 # set (transformer_impl, init) that the teacher must inherit.
@@ -561,7 +561,7 @@ def test_converted_teacher_builds_in_megatron(single_rank):
     no biases and an untied output layer."""
     from megatron.core.models.gpt import GPTModel
 
-    from kd_module.models import build_model
+    from kd_module.models.gpt import build_model
 
     teacher = _convert(
         {

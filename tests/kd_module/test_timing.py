@@ -1,4 +1,4 @@
-"""kd_module.timing: the clock waits for a CUDA device's queued work, and only for CUDA."""
+"""kd_module.parallel.timing: the clock waits for a CUDA device's queued work, and only for CUDA."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from kd_module.testing import gpu_sleep
-from kd_module.timing import synchronize, synchronized_perf_counter
+from kd_module.parallel.timing import synchronize, synchronized_perf_counter
+from tests.helpers import gpu_sleep
 
 
 def test_cpu_devices_never_touch_cuda(monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 SEQ_LENGTH = 128
 """The ``tiny_cpu`` recipe's sequence length."""
@@ -20,11 +20,11 @@ TINY_TEACHER = GPTModelConfig(
 
 def save_tiny_teacher(path: str) -> str:
     """Build :data:`TINY_TEACHER` on one in-process rank and save it as a torch checkpoint."""
-    from kd_module import runtime
-    from kd_module.checkpoint import save_model_checkpoint
+    from kd_module.checkpoints.model import save_model_checkpoint
     from kd_module.data.tokenizers import TokenizerConfig, padded_vocab_size
-    from kd_module.models import build_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.models.gpt import build_model
+    from kd_module.parallel import runtime
+    from tests.helpers import init_weights_by_global_key
 
     vocab = padded_vocab_size(TokenizerConfig().build().vocab_size, 64)
     config = TINY_TEACHER.replace(vocab_size=vocab)

@@ -56,11 +56,18 @@ def test_cli_distill_tiny_cpu_runs_for_real_with_overrides(tiny_teacher, tmp_pat
     assert summary["val_loss"] > 0 and summary["teacher_val_loss"] > 0
     rows = (tmp_path / "runs" / "cli" / "metrics.csv").read_text().splitlines()
     assert "kd_loss" in rows[0]
-    # No third-party notice the user did not cause (kd_module.quiet): megatron's TE/Apex
+    # No third-party notice the user did not cause (kd_module.cli.quiet): megatron's TE/Apex
     # fallbacks, ModelOpt's transformers notice, Lightning's tip and dataloader_iter advice.
     output = result.stdout + result.stderr
-    for noise in ("Apex", "is not tested with current version of modelopt", "litlogger",
-                  "dataloader_iter", "sync_dist=True", "deprecated", "MockGPTDataset"):
+    for noise in (
+        "Apex",
+        "is not tested with current version of modelopt",
+        "litlogger",
+        "dataloader_iter",
+        "sync_dist=True",
+        "deprecated",
+        "MockGPTDataset",
+    ):
         assert noise not in output, noise
 
 
@@ -196,7 +203,7 @@ def test_cli_cache_teacher_dryrun_of_a_gpu_pair_imports_no_megatron(tmp_path):
         python_flags=("-X", "importtime"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Dry run for task kd_module.api:build_teacher_cache" in result.stdout
+    assert "Dry run for task kd_module.offline.job:build_teacher_cache" in result.stdout
     assert "12345" in result.stdout and "/data/cache" in result.stdout
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert [name for name in imported if name.split(".")[0] in ("megatron", "modelopt")] == []

@@ -235,9 +235,9 @@ def test_input_checks_of_distill_and_cache_work_without_nemo_run():
     script = (
         "import sys\n"
         "sys.modules['nemo_run'] = None  # importing it now raises ImportError\n"
-        "from kd_module.api import _launch_problems\n"
-        "assert _launch_problems(1, 1) == [], _launch_problems(1, 1)\n"
-        "assert _launch_problems(0, 1) == ['num_nodes=0 must be a positive integer']\n"
+        "from kd_module.rules import launch_problems\n"
+        "assert launch_problems(1, 1) == [], launch_problems(1, 1)\n"
+        "assert launch_problems(0, 1) == ['num_nodes=0 must be a positive integer']\n"
         "from kd_module.launch import local_executor\n"
         "try:\n"
         "    local_executor(devices=1)\n"

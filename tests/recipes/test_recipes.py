@@ -9,8 +9,8 @@ import pytest
 
 from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
-from kd_module.models import GPTModelConfig
-from kd_module.strategy import MegatronStrategy
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.training.strategy import MegatronStrategy
 from recipes import llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b, tiny_cpu
 from recipes.distill_recipe import distill_recipe
 
@@ -241,7 +241,7 @@ def test_demo_teacher_checkpoint_finds_the_newest_cached_teacher(tmp_path):
     """The lazy teacher reference picks the newest teacher-*/teacher.json, or says what to run."""
     import os
 
-    with pytest.raises(FileNotFoundError, match=r"run `python -m kd_module.demo` once"):
+    with pytest.raises(FileNotFoundError, match=r"run `python -m examples.demo` once"):
         tiny_cpu.demo_teacher_checkpoint(str(tmp_path))
     for index, key in enumerate(("teacher-aaa", "teacher-bbb")):
         (tmp_path / key).mkdir()
@@ -262,7 +262,7 @@ def test_every_recipe_dry_runs_and_serializes_without_building(capsys):
         run.dryrun_fn(recipe)
         text = ConfigSerializer().serialize_yaml(recipe)
         assert "_target_: kd_module.api.distill" in text
-        assert "_target_: kd_module.strategy.MegatronStrategy" in text
+        assert "_target_: kd_module.training.strategy.MegatronStrategy" in text
     out = capsys.readouterr().out
     assert out.count("Dry run for task kd_module.api:distill") == len(ALL_MODULES)
 
@@ -270,7 +270,7 @@ def test_every_recipe_dry_runs_and_serializes_without_building(capsys):
 def test_cache_recipe_matches_the_distill_recipe_data_and_is_registered():
     """tiny_cpu's cache recipe: a Partial of build_teacher_cache, found as `--factory tiny_cpu`
     of `cache-teacher`, caching the data (paths, seq_length, seed) its distill recipe reads."""
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
 
     cache = tiny_cpu.tiny_cpu_cache(out_dir="/cache", num_samples=64, k=16)
     assert cache.__fn_or_cls__ is build_teacher_cache
@@ -305,7 +305,7 @@ def test_cache_recipe_rejects_bad_arguments(kwargs, message):
 def test_pair_cache_recipes_cache_what_their_offline_students_read(module):
     """Each GPU pair has a cache-teacher factory under its name whose data, teacher and tokenizer
     are the distill recipe's; the distill recipe takes teacher_cache= and drops the teacher."""
-    from kd_module.api import build_teacher_cache
+    from kd_module.offline.job import build_teacher_cache
 
     cache_factory = getattr(module, module.NAME + "_cache")
     assert run.cli.resolve_factory(build_teacher_cache, module.NAME).wrapped is (

@@ -31,9 +31,9 @@ def main() -> None:
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.models.gpt import GPTModelConfig
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     rank = int(os.environ.get("RANK", "0"))
     run_dir = Path(args.log_dir) / args.name

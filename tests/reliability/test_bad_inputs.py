@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 32
@@ -36,10 +36,10 @@ TEACHER = STUDENT.replace(num_layers=4, hidden_size=48)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A real torch_dist teacher checkpoint (with model_config.yaml), and bad files to point at."""
-    from kd_module import runtime
-    from kd_module.checkpoint import save_model_checkpoint
-    from kd_module.models import ParallelLayout, build_model
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.checkpoints.model import save_model_checkpoint
+    from kd_module.models.gpt import ParallelLayout, build_model
+    from kd_module.parallel import runtime
+    from tests.helpers import init_weights_by_global_key
 
     root = tmp_path_factory.mktemp("bad_inputs")
     runtime.initialize_distributed(seed=1)
@@ -76,25 +76,25 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def builds(monkeypatch) -> list[Any]:
     """Records every megatron model build (the real build still runs)."""
-    import kd_module.distillation
-    import kd_module.models
+    import kd_module.distillation.model
+    import kd_module.models.gpt
 
     calls: list[Any] = []
-    real = kd_module.models.build_model
+    real = kd_module.models.gpt.build_model
 
     def recording_build_model(config, *args, **kwargs):
         calls.append(config)
         return real(config, *args, **kwargs)
 
-    monkeypatch.setattr(kd_module.models, "build_model", recording_build_model)
-    monkeypatch.setattr(kd_module.distillation, "build_model", recording_build_model)
+    monkeypatch.setattr(kd_module.models.gpt, "build_model", recording_build_model)
+    monkeypatch.setattr(kd_module.distillation.model, "build_model", recording_build_model)
     return calls
 
 
 def _trainer(devices: int = 1, max_steps: int = 1, **strategy: Any) -> Any:
     import lightning as L
 
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     return L.Trainer(
         accelerator="cpu",
@@ -137,7 +137,7 @@ def _distill_config(files: dict[str, Path], config: dict[str, Any]) -> None:
 
 
 def _teacher_yaml(files: dict[str, Path], name: str) -> None:
-    from kd_module.teacher_config import load_teacher_model_config
+    from kd_module.nemo_format.model_config import load_teacher_model_config
 
     load_teacher_model_config(str(files[name]), STUDENT)
 
@@ -355,7 +355,7 @@ CASES = [
         r"checkpoint .*truncated: loading failed .*corrupt",
         before_build=False,  # the shards are read into the built model
         checkpoint="truncated",
-        one_line=False,  # kd_module.checkpoint quotes torch's multi-line CheckpointException
+        one_line=False,  # kd_module.checkpoints.model quotes torch's multi-line CheckpointException
     ),
     # ---- data
     Case(
@@ -508,8 +508,8 @@ def _python(code: str, debug: bool) -> subprocess.CompletedProcess:
 
 
 FRIENDLY_SCRIPT = """
-from kd_module.distill_config import load_distill_config
-from kd_module.reliability import friendly_errors
+from kd_module.distillation.config import load_distill_config
+from kd_module.guards import friendly_errors
 
 with friendly_errors():
     load_distill_config({"logit_kl_temperature": -1.0})
@@ -539,7 +539,7 @@ NEMO = str(Path(sys.executable).with_name("nemo"))
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "KD_DEBUG=1"])
 def test_nemo_kd_cli_refuses_bad_input_without_traceback(debug, files, tmp_path):
     """`nemo kd distill` with a bad override: one `error:` line naming it, exit 2, no traceback;
-    KD_DEBUG=1 shows the traceback (kd_module.reliability.cli_errors around distill)."""
+    KD_DEBUG=1 shows the traceback (kd_module.guards.cli_errors around distill)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     environment.pop("KD_DEBUG", None)
     if debug:

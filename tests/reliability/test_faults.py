@@ -74,7 +74,7 @@ def _tail(log_dir: Path, name: str) -> str:
 def test_sigkill_of_one_rank_ends_every_rank_and_resume_is_exact(tmp_path):
     """DP=2: rank 1 SIGKILLed inside step 4 makes the whole launch exit (no hang, non-zero);
     resuming from the step-2 checkpoint repeats an uninterrupted run's losses exactly."""
-    from kd_module.run_checkpoint import latest_checkpoint
+    from kd_module.checkpoints.run import latest_checkpoint
 
     assert _launch(tmp_path, "full") == 0, _tail(tmp_path, "full")
     reference = {item["step"]: item for item in _losses(tmp_path, "full")}
@@ -110,8 +110,8 @@ def _distill(log_dir: Path, max_steps: int, resume: bool = False) -> dict:
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.models import GPTModelConfig
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.models.gpt import GPTModelConfig
+    from kd_module.training.strategy import MegatronStrategy
 
     student = GPTModelConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=512
@@ -151,10 +151,12 @@ def test_checkpoint_directory_under_a_file_is_refused_before_building(tmp_path, 
     Tests run as root, where chmod 0o500 does not stop writes: a file in the path simulates an
     unwritable directory.
     """
-    import kd_module.distillation
+    import kd_module.distillation.model
 
     built = []
-    monkeypatch.setattr(kd_module.distillation, "build_model", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(
+        kd_module.distillation.model, "build_model", lambda *a, **k: built.append(a)
+    )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("not a directory")
     with pytest.raises(
@@ -168,7 +170,7 @@ def test_checkpoint_directory_under_a_file_is_refused_before_building(tmp_path, 
 
 def test_unwritable_directory_message_names_it(tmp_path, monkeypatch):
     """writable_dir_problems names a read-only ancestor (os.access mocked: root bypasses modes)."""
-    from kd_module.reliability import writable_dir_problems
+    from kd_module.guards import writable_dir_problems
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert writable_dir_problems(tmp_path / "a" / "b", "checkpoint directory") == [
@@ -185,7 +187,7 @@ def test_failing_save_raises_and_the_last_good_checkpoint_resumes(tmp_path, monk
     """
     from megatron.core import dist_checkpointing
 
-    from kd_module.run_checkpoint import is_complete, latest_checkpoint
+    from kd_module.checkpoints.run import is_complete, latest_checkpoint
 
     _distill(tmp_path, max_steps=4)
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_module.models import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig
 
 SEQ = 32
 STUDENT = GPTModelConfig(
@@ -28,10 +28,10 @@ def _fit(callbacks=(), max_steps=5, teacher_seed=2, **module_kwargs):
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.module import DistillationModule
-    from kd_module.optim import OptimizerConfig
-    from kd_module.strategy import MegatronStrategy
-    from kd_module.testing import init_weights_by_global_key
+    from kd_module.training.module import DistillationModule
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import init_weights_by_global_key
 
     module = DistillationModule(
         STUDENT,
@@ -69,7 +69,7 @@ def _fit(callbacks=(), max_steps=5, teacher_seed=2, **module_kwargs):
 def poison(monkeypatch):
     """``poison(step, term, value)``: the KD loss balancer returns ``value`` for ``term`` at
     that step (global, 1-based); returns the callback that tells it the current step."""
-    from kd_module.distillation import KDLossBalancer
+    from kd_module.distillation.model import KDLossBalancer
 
     state = {"step": 0, "at": None, "term": None, "value": None}
     real_forward = KDLossBalancer.forward
@@ -116,7 +116,7 @@ def _snapshots():
 
 def test_nonfinite_helpers_name_the_terms():
     """nonfinite_terms / nonfinite_message name exactly the NaN and Inf terms, in order."""
-    from kd_module.reliability import nonfinite_message, nonfinite_terms
+    from kd_module.guards import nonfinite_message, nonfinite_terms
 
     values = {"kd_loss": math.inf, "logits_loss": 1.5, "intermediate_loss": math.nan, "lm_loss": 2}
     assert nonfinite_terms(values) == ["kd_loss", "intermediate_loss"]
@@ -158,7 +158,7 @@ def test_nan_kd_loss_with_skip_leaves_weights_unchanged_and_training_continues(p
 def test_nonfinite_term_with_stop_ends_the_run_naming_step_and_term(poison, term, value, shown):
     """on_nonfinite='stop' (the default): a NaN/Inf in one term at step 2 raises, naming the step
     and only that term."""
-    from kd_module.reliability import NonFiniteLossError
+    from kd_module.guards import NonFiniteLossError
 
     snapshot, weights, _ = _snapshots()
     with pytest.raises(NonFiniteLossError, match=rf"at step 2: {shown}; stopping the run") as err:
@@ -170,7 +170,7 @@ def test_nonfinite_term_with_stop_ends_the_run_naming_step_and_term(poison, term
 def test_teacher_sha256_is_recorded_and_identifies_the_teacher():
     """A normal fit records a 64-hex teacher_sha256 that still matches the teacher at the end;
     a teacher with other weights gets another hash."""
-    from kd_module.reliability import combined_sha256, teacher_digests
+    from kd_module.guards import combined_sha256, teacher_digests
 
     first = _fit(max_steps=2)
     other = _fit(max_steps=2, teacher_seed=5)
@@ -192,7 +192,7 @@ def _reference_sha256(tensor: torch.Tensor) -> str:
 def test_tensor_sha256_keeps_its_definition_and_known_digests():
     """Digests equal ``sha256(dtype|shape| + bytes)`` for several dtypes, an empty, a scalar and
     a transposed tensor, and two digests recorded with the previous implementation."""
-    from kd_module.reliability import tensor_sha256
+    from kd_module.guards import tensor_sha256
 
     generator = torch.Generator().manual_seed(0)
     tensors = [
@@ -219,7 +219,7 @@ def test_streaming_through_a_small_host_buffer_gives_the_same_digest():
     the copy loop is the same for any source device)."""
     import hashlib
 
-    from kd_module.reliability import _update_through_host
+    from kd_module.guards import _update_through_host
 
     tensor = torch.randn(10, 13, generator=torch.Generator().manual_seed(1))
     raw = tensor.view(-1).view(torch.uint8)
@@ -235,7 +235,7 @@ def test_hashing_a_cpu_tensor_makes_no_host_copy():
     copied it with ``.numpy().tobytes()``); teacher_digests likewise."""
     import tracemalloc
 
-    from kd_module.reliability import teacher_digests, tensor_sha256
+    from kd_module.guards import teacher_digests, tensor_sha256
 
     tensor = torch.ones(8 * 1024 * 1024)
     model = torch.nn.Linear(2048, 4096)
@@ -255,7 +255,7 @@ def test_hashing_a_cuda_tensor_streams_through_one_bounded_buffer(monkeypatch):
     most chunk_bytes, shared across teacher_digests' tensors, and no host copy of the tensor."""
     import tracemalloc
 
-    from kd_module import reliability
+    from kd_module import guards as reliability
 
     sizes = []
     make_buffer = reliability._host_buffer
@@ -281,7 +281,7 @@ def test_hashing_a_cuda_tensor_streams_through_one_bounded_buffer(monkeypatch):
 def test_teacher_modified_mid_run_fails_the_integrity_check():
     """A callback adding 1e-3 to one teacher weight at step 2 makes the end-of-training check
     raise TeacherIntegrityError naming the tensor."""
-    from kd_module.reliability import TeacherIntegrityError
+    from kd_module.guards import TeacherIntegrityError
 
     def on_train_batch_end(self, trainer, module, *rest):
         if trainer.global_step == 2:
@@ -305,7 +305,7 @@ def test_summary_json_holds_teacher_sha256_and_skipped_steps(tmp_path):
 
     from kd_module.api import distill
     from kd_module.data import GPTDataModule
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     trainer = L.Trainer(
         accelerator="cpu",

@@ -284,7 +284,7 @@ def test_parse_blend_reads_prefixes_and_weights():
 def read_shares_on_each_rank(paths, cache_dir):
     """Rank function: train tokens at DP=2 (TP=1), then at TP=2 (DP=1), from megatron's groups."""
     from kd_module.data.datamodule import data_parallel_rank_and_size
-    from kd_module.runtime import initialize_distributed
+    from kd_module.parallel.runtime import initialize_distributed
 
     result = {}
     for tensor_parallel in (1, 2):
@@ -300,7 +300,7 @@ def read_shares_on_each_rank(paths, cache_dir):
 @pytest.mark.multirank
 def test_data_parallel_ranks_read_their_share_of_a_blend(data, tmp_path):
     """Under torchrun, DP=2 ranks split each global batch of a blend and TP=2 ranks share it."""
-    from kd_module.testing import run_distributed
+    from tests.helpers import run_distributed
 
     paths = [1.0, data["varied"], 1.0, data["a"]]
     reference = _tokens(_module(paths, tmp_path, num_train_samples=64).train_dataloader())

@@ -67,7 +67,7 @@ def run_distributed(
 
     Args:
         fn: a module-level function (or ``"module:function"``); it may call
-            :func:`kd_module.runtime.initialize_distributed` itself.
+            :func:`kd_module.parallel.runtime.initialize_distributed` itself.
         nprocs: number of ranks.
         *args: positional arguments, pickled to every rank.
         timeout: seconds before the whole process group is killed and the run fails.
@@ -94,7 +94,7 @@ def run_distributed(
             f"--master_port={_free_port()}",
             "--max_restarts=0",
             "-m",
-            "kd_module.testing",
+            "tests.helpers",
             target,
             str(work),
         ]
@@ -138,7 +138,7 @@ def run_distributed(
 
 
 def _rank_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="one rank of kd_module.testing.run_distributed")
+    parser = argparse.ArgumentParser(description="one rank of tests.helpers.run_distributed")
     parser.add_argument("target")
     parser.add_argument("workdir")
     options = parser.parse_args(argv)
@@ -162,7 +162,7 @@ def _rank_main(argv: list[str]) -> int:
 
 def _teardown() -> None:
     try:
-        from kd_module import runtime
+        from kd_module.parallel import runtime
 
         if "megatron.core" in sys.modules:
             runtime.destroy_distributed()

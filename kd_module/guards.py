@@ -84,7 +84,8 @@ def nonfinite_message(step: int, values: dict[str, float], action: str) -> str:
 def skip_optimizer_update(optimizer: Any) -> Iterator[None]:
     """Within the block, ``optimizer.step()`` counts the step but leaves every parameter alone.
 
-    ``optimizer`` is the :class:`~kd_module.optim.MegatronOptimizerAdapter` Lightning wraps: its
+    ``optimizer`` is the :class:`~kd_module.training.optim.MegatronOptimizerAdapter` Lightning
+    wraps: its
     ``step`` is shadowed on the instance so that Lightning's step counter (and with it the data
     sampler and ``global_step``) still advances, as a step skipped by megatron's loss scaler
     does. ``last_step`` records ``update_successful=False``.

@@ -6,14 +6,16 @@ its own ``DistributedDataParallel`` (contiguous gradient buffers, reduce of per-
 gradients, pipeline embedding all-reduce) and its own optimizer. This strategy provides them:
 
 - ``setup_environment``: initializes torch.distributed and megatron's parallel state through
-  :func:`kd_module.runtime.initialize_distributed` (gloo on CPU, NCCL on GPU, a single in-process
+  :func:`kd_module.parallel.runtime.initialize_distributed` (gloo on CPU, NCCL on GPU, a single
+  in-process
   rank in a notebook);
 - ``setup``: wraps the module built by ``configure_model`` in megatron's DDP (and ``Float16Module``
   for bf16) and builds megatron's optimizer through ``configure_optimizers``;
 - ``teardown``: destroys megatron's state, so ``Trainer.fit`` can run again in the same process.
 
 The LightningModule drives megatron's forward-backward schedule itself (see
-:class:`kd_module.module.DistillationModule`); the strategy gives it the layout and the number of
+:class:`kd_module.training.module.DistillationModule`); the strategy gives it the layout and the
+number of
 micro-batches.
 """
 
@@ -26,8 +28,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from kd_module import runtime
-from kd_module.models import ParallelLayout
+from kd_module.models.gpt import ParallelLayout
+from kd_module.parallel import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ class MegatronStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     # Run checkpoints are megatron distributed checkpoints of the student, its optimizer, the LR
-    # schedule and RNG (kd_module.run_checkpoint), written by every rank together. Lightning's own
+    # schedule and RNG (kd_module.checkpoints.run), written by every rank together. Lightning's own
     # state (loops, callbacks, data position) travels inside them.
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -259,12 +261,12 @@ class MegatronStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
-        from kd_module.run_checkpoint import save_run_checkpoint
+        from kd_module.checkpoints.run import save_run_checkpoint
 
         save_run_checkpoint(self.lightning_module, checkpoint, filepath)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
-        from kd_module.run_checkpoint import load_run_checkpoint
+        from kd_module.checkpoints.run import load_run_checkpoint
 
         return load_run_checkpoint(self.lightning_module, checkpoint_path)
 
@@ -272,7 +274,7 @@ class MegatronStrategy(DDPStrategy):
         pass  # loaded with the optimizer in load_checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        from kd_module.run_checkpoint import remove_run_checkpoint
+        from kd_module.checkpoints.run import remove_run_checkpoint
 
         remove_run_checkpoint(filepath)
 

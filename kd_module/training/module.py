@@ -25,16 +25,21 @@ from typing import Any
 import lightning as L
 import torch
 
-from kd_module.distill_config import DistillConfig, load_distill_config
-from kd_module.distillation import REPORT_KEYS, build_distillation_model, forward_backward, unwrap
-from kd_module.models import GPTModelConfig
-from kd_module.optim import (
+from kd_module.distillation.config import DistillConfig, load_distill_config
+from kd_module.distillation.model import (
+    REPORT_KEYS,
+    build_distillation_model,
+    forward_backward,
+    unwrap,
+)
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.parallel.timing import synchronized_perf_counter
+from kd_module.training.optim import (
     MegatronOptimizerAdapter,
     OptimizerConfig,
     build_lr_scheduler,
     build_megatron_optimizer,
 )
-from kd_module.timing import synchronized_perf_counter
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ def reseed(strategy: Any) -> None:
     global RNG differently on different ranks (e.g. only rank 0 writes megatron's index cache).
     Seeding here gives every data-parallel replica the same initial weights, whatever ran before.
     """
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     runtime.seed_everything(strategy.seed)
 
@@ -68,7 +73,7 @@ class GPTModule(L.LightningModule):
         optimizer: :class:`OptimizerConfig`.
         student_init_fn: ``fn(model_stage)`` initializing weights (tests, notebooks).
         on_nonfinite: when a loss term is NaN or Inf, ``"stop"`` ends the run with
-            :class:`~kd_module.reliability.NonFiniteLossError` and ``"skip"`` skips that step's
+            :class:`~kd_module.guards.NonFiniteLossError` and ``"skip"`` skips that step's
             update (parameters and learning-rate schedule unchanged; the step still counts).
 
     Logged: ``lm_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``consumed_samples`` per step;
@@ -90,7 +95,7 @@ class GPTModule(L.LightningModule):
         on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
-        from kd_module.reliability import check_on_nonfinite
+        from kd_module.guards import check_on_nonfinite
 
         problems = check_on_nonfinite(on_nonfinite)
         if problems:
@@ -115,14 +120,14 @@ class GPTModule(L.LightningModule):
 
     def _student_init(self) -> Callable[[Any], None] | None:
         if self.student_checkpoint is not None:
-            from kd_module.checkpoint import make_student_init
+            from kd_module.checkpoints.model import make_student_init
 
             return make_student_init(self.student_checkpoint, self.student_ckpt_format)
         return self.student_init_fn
 
     def check_implementation(self, configs: dict[str, GPTModelConfig | None]) -> None:
         """Refuse what the layer implementation of this run cannot do (before building)."""
-        from kd_module.models import implementation_problems
+        from kd_module.models.gpt import implementation_problems
 
         layout = self.trainer.strategy.layout
         problems: list[str] = []
@@ -140,7 +145,7 @@ class GPTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.module is not None:
             return
-        from kd_module.models import build_model
+        from kd_module.models.gpt import build_model
 
         self.check_implementation({"model": self.student_config})
         strategy = self.trainer.strategy
@@ -291,7 +296,7 @@ class GPTModule(L.LightningModule):
             optimizer.step()
             self.lr_scheduler.step(increment=1)
         else:
-            from kd_module.reliability import skip_optimizer_update
+            from kd_module.guards import skip_optimizer_update
 
             with skip_optimizer_update(optimizer.optimizer):
                 optimizer.step()
@@ -321,7 +326,7 @@ class GPTModule(L.LightningModule):
         """
         from lightning.pytorch.utilities import rank_zero_warn
 
-        from kd_module.reliability import NonFiniteLossError, nonfinite_message, nonfinite_terms
+        from kd_module.guards import NonFiniteLossError, nonfinite_message, nonfinite_terms
 
         terms = {key: float(values[i, 0]) for i, key in enumerate(self.report_keys)}
         if not nonfinite_terms(terms):
@@ -344,7 +349,7 @@ class GPTModule(L.LightningModule):
         """Export the trained model as a plain megatron GPT checkpoint (all ranks together)."""
         if self.export_dir is None:
             return
-        from kd_module.checkpoint import export_student
+        from kd_module.checkpoints.model import export_student
 
         export_student(
             self.module, self.export_dir, self.student_config, tokenizer=self.export_tokenizer
@@ -413,7 +418,7 @@ class DistillationModule(GPTModule):
         on_nonfinite: ``"stop"`` or ``"skip"`` a step whose loss terms are NaN/Inf
             (see :class:`GPTModule`).
         check_teacher_integrity: hash the teacher's weights when built (``teacher_sha256``) and
-            raise :class:`~kd_module.reliability.TeacherIntegrityError` at the end of training
+            raise :class:`~kd_module.guards.TeacherIntegrityError` at the end of training
             if they changed.
 
     Examples:
@@ -462,7 +467,7 @@ class DistillationModule(GPTModule):
         self.teacher_init_fn = teacher_init_fn
         self.teacher_model_config_path = teacher_model_config
         if teacher is None:
-            from kd_module.teacher_config import load_teacher_model_config
+            from kd_module.nemo_format.model_config import load_teacher_model_config
 
             teacher = load_teacher_model_config(
                 teacher_model_config, student, teacher_checkpoint
@@ -479,7 +484,7 @@ class DistillationModule(GPTModule):
         reseed(strategy)
         teacher_loader = self.teacher_init_fn
         if self.teacher_checkpoint is not None:
-            from kd_module.checkpoint import make_teacher_loader
+            from kd_module.checkpoints.model import make_teacher_loader
 
             teacher_loader = make_teacher_loader(self.teacher_checkpoint, self.teacher_ckpt_format)
         elif teacher_loader is None:
@@ -507,7 +512,7 @@ class DistillationModule(GPTModule):
         """Wrap (which may cast the teacher to bf16), then hash the teacher as it will run."""
         super().wrap_for_training(strategy)
         if self.check_teacher_integrity:
-            from kd_module.reliability import combined_sha256, teacher_digests
+            from kd_module.guards import combined_sha256, teacher_digests
 
             self._teacher_digests = teacher_digests(self.distillation_model.teacher_model)
             self.teacher_sha256 = combined_sha256(self._teacher_digests)
@@ -515,7 +520,7 @@ class DistillationModule(GPTModule):
     def on_train_end(self) -> None:
         """Check the teacher's weights are the ones loaded, then export the student."""
         if self.teacher_sha256 is not None:
-            from kd_module.reliability import check_teacher_integrity
+            from kd_module.guards import check_teacher_integrity
 
             check_teacher_integrity(
                 self.distillation_model.teacher_model, self._teacher_digests, self.teacher_sha256

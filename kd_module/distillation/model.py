@@ -35,8 +35,12 @@ import modelopt.torch.distill as mtd
 import torch
 from modelopt.torch.distill.plugins import megatron as mtd_megatron
 
-from kd_module.distill_config import DistillConfig, check_module_names, check_pipeline_placement
-from kd_module.models import (
+from kd_module.distillation.config import (
+    DistillConfig,
+    check_module_names,
+    check_pipeline_placement,
+)
+from kd_module.models.gpt import (
     GPTModelConfig,
     ParallelLayout,
     build_model,
@@ -117,7 +121,7 @@ def build_criterion(
     distill: DistillConfig, student: Any, teacher: Any, chunk_size: int = 1024
 ) -> dict[tuple[str, str], torch.nn.Module]:
     """ModelOpt criterion dict for the last pipeline stage: logits pair plus intermediate pairs."""
-    from kd_module.losses import KDLogitsCriterion, LogitsKDLoss
+    from kd_module.distillation.losses import KDLogitsCriterion, LogitsKDLoss
 
     logits_loss = LogitsKDLoss(
         loss_type=distill.logit_loss,
@@ -150,13 +154,14 @@ def _lm_loss_keeping_logits(self: Any, labels: torch.Tensor, logits: torch.Tenso
     logits that is the output layer's own tensor, which the KD hook captured, so the KD loss
     would read softmax probabilities instead of logits. When no gradient is wanted (with
     ``skip_lm_loss`` the LM loss is only logged; evaluation runs without grad) the loss comes
-    from :func:`~kd_module.losses.vocab_parallel_cross_entropy_no_grad`, which only reads the
+    from :func:`~kd_module.distillation.losses.vocab_parallel_cross_entropy_no_grad`, which only
+    reads the
     logits, one chunk of tokens at a time. When it enters the objective, megatron's own loss
     runs, on a copy for fp32 logits (for bf16/fp16 ``.float()`` already copies).
     """
     only_logged = self.training and not getattr(self, "_lm_loss_in_objective", True)
     if only_logged or not torch.is_grad_enabled():
-        from kd_module.losses import vocab_parallel_cross_entropy_no_grad
+        from kd_module.distillation.losses import vocab_parallel_cross_entropy_no_grad
 
         # megatron's layout: labels [b, s], logits [s, b, v_local], loss [b, s].
         loss = vocab_parallel_cross_entropy_no_grad(
@@ -253,7 +258,7 @@ def build_distillation_model(
 
     Args:
         student_config: student architecture.
-        teacher_config: teacher architecture (see ``kd_module.teacher_config``).
+        teacher_config: teacher architecture (see ``kd_module.nemo_format.model_config``).
         distill: distillation config; ``None`` means logits-only defaults.
         layout: parallel sizes (must match megatron's parallel state).
         vocab_size: padded vocabulary size when the configs leave it unset.

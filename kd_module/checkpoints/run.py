@@ -65,7 +65,7 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     if runtime.uses_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -82,7 +82,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     if "cuda" in state and runtime.uses_cuda():
         torch.cuda.set_rng_state(state["cuda"])

@@ -1,12 +1,13 @@
 """Training a student from a teacher cache: :class:`OfflineDistillationModule`.
 
-The teacher is replaced by a cache written by :func:`kd_module.offline.cache_teacher` (``nemo kd
+The teacher is replaced by a cache written by :func:`kd_module.offline.cache.cache_teacher` (``nemo
+kd
 cache-teacher``): no teacher is built, loaded or run. Each training micro-batch carries the
 dataset's ``sample_index``; on the last pipeline stage the cached top-k logits, indices and
 log-sum-exp of those samples are read from the memory-mapped shards (after checking that the
 tokens are the ones the teacher saw) and the student's logits are compared with them.
 
-Objective per token, as in online distillation (``kd_module.distillation``)::
+Objective per token, as in online distillation (``kd_module.distillation.model``)::
 
     logits_t = offline_topk_kd_loss(student, cache, mode)   forward KL against the cached top-k
     loss_t   = logits_t                                     if skip_lm_loss
@@ -26,12 +27,12 @@ from typing import Any
 
 import torch
 
-from kd_module.distill_config import DistillConfig, load_distill_config
-from kd_module.distillation import REPORT_KEYS
-from kd_module.models import GPTModelConfig
-from kd_module.module import GPTModule
-from kd_module.offline import OFFLINE_LOSS_MODES, TeacherCache, offline_topk_kd_loss
-from kd_module.optim import OptimizerConfig
+from kd_module.distillation.config import DistillConfig, load_distill_config
+from kd_module.distillation.model import REPORT_KEYS
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.offline.cache import OFFLINE_LOSS_MODES, TeacherCache, offline_topk_kd_loss
+from kd_module.training.module import GPTModule
+from kd_module.training.optim import OptimizerConfig
 
 CACHE_KEYS = ("teacher_values", "teacher_indices", "teacher_lse")
 """Batch entries the cache adds, ``[b, s, k]``, ``[b, s, k]`` and ``[b, s]``."""
@@ -91,7 +92,7 @@ def offline_loss_func(batch: dict[str, Any], spec: OfflineLossSpec, logits: torc
         logits: the student's logits [b, s, v_local] (this rank's vocabulary shard).
 
     Returns:
-        ``(loss_sum, num_tokens, report)`` like :func:`kd_module.distillation.kd_loss_func`.
+        ``(loss_sum, num_tokens, report)`` like :func:`kd_module.distillation.model.kd_loss_func`.
     """
     mask = batch["loss_mask"].float()
     if spec.skip_lm_loss:
@@ -140,7 +141,7 @@ class OfflineDistillationModule(GPTModule):
     Args:
         student: the student's architecture.
         teacher_cache: directory written by ``nemo kd cache-teacher``
-            (:func:`kd_module.offline.cache_teacher`).
+            (:func:`kd_module.offline.cache.cache_teacher`).
         distill_config: distillation YAML path, dict or :class:`DistillConfig`: its
             ``logit_kl_temperature``, ``logit_kl_topk`` (at most the cached k; the cached k
             when unset), ``kd_loss_scale`` and ``skip_lm_loss`` apply; intermediate pairs and
@@ -233,7 +234,7 @@ class OfflineDistillationModule(GPTModule):
         megatron's sample order depends on how many samples the dataset is built for, so an
         unset ``data.num_train_samples`` becomes the cache's ``num_samples``.
         """
-        from kd_module.offline import dataset_manifest
+        from kd_module.offline.cache import dataset_manifest
 
         manifest = self.cache.manifest
         if data.num_train_samples is None:

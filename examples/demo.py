@@ -1,6 +1,6 @@
 """The default demo: distillation against an LM-only baseline, offline, on a laptop's CPU.
 
-``make demo`` (``python -m kd_module.demo``) runs these trainings on the embedded corpus (the
+``make demo`` (``python -m examples.demo``) runs these trainings on the embedded corpus (the
 Python standard library's source, byte-tokenized, with held-out files for validation):
 
 1. a small **teacher** trained with the LM loss (once; cached and reused by later runs),
@@ -22,12 +22,12 @@ Examples:
     From a shell::
 
         make demo
-        python -m kd_module.demo --out runs/demo
-        python -m kd_module.demo --quick --out /tmp/demo
+        python -m examples.demo --out runs/demo
+        python -m examples.demo --quick --out /tmp/demo
 
     From Python::
 
-        from kd_module.demo import main
+        from examples.demo import main
         exit_code = main(["--quick", "--out", "/tmp/demo"])
 """
 
@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from kd_module.data.corpus import CACHE_ENV
-from kd_module.distill_config import DistillConfig
-from kd_module.models import GPTModelConfig
+from kd_module.distillation.config import DistillConfig
+from kd_module.models.gpt import GPTModelConfig
 
 SEQ_LENGTH = 128
 """Tokens (bytes) per training sample."""
@@ -81,9 +81,9 @@ TINY_STUDENT = GPTModelConfig(
 TINY_DISTILL = DistillConfig(logit_kl_temperature=1.0, skip_lm_loss=False, kd_loss_scale=1.0)
 """Logit KD (forward KL) added to the student's LM loss."""
 TEACHER_OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.01}
-"""Keyword arguments of :class:`~kd_module.optim.OptimizerConfig` for the teacher."""
+"""Keyword arguments of :class:`~kd_module.training.optim.OptimizerConfig` for the teacher."""
 STUDENT_OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "weight_decay": 0.01}
-"""Keyword arguments of :class:`~kd_module.optim.OptimizerConfig` for both students."""
+"""Keyword arguments of :class:`~kd_module.training.optim.OptimizerConfig` for both students."""
 
 SUMMARY_FILE = "demo_summary.json"
 PLOT_FILE = "demo_curves.png"
@@ -222,7 +222,7 @@ def _checkpoint_saver(path: Path, config: GPTModelConfig) -> Any:
     """A callback saving the trained model while megatron's process group still exists."""
     import lightning as L
 
-    from kd_module.checkpoint import save_model_checkpoint
+    from kd_module.checkpoints.model import save_model_checkpoint
 
     class SaveAtTrainEnd(L.Callback):
         def on_train_end(self, trainer: Any, module: Any) -> None:
@@ -243,7 +243,7 @@ def _fit(
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from kd_module.strategy import MegatronStrategy
+    from kd_module.training.strategy import MegatronStrategy
 
     recorder = _recorder(run_dir.name)
     trainer = L.Trainer(
@@ -303,8 +303,8 @@ def obtain_teacher(
         ``{"checkpoint", "cached", "val_loss", "parameters", "steps", "tokens", "tokens_per_s",
         "wall_s", "curve", ...}``; the numbers are those of the teacher's (first) training.
     """
-    from kd_module.module import GPTModule
-    from kd_module.optim import OptimizerConfig
+    from kd_module.training.module import GPTModule
+    from kd_module.training.optim import OptimizerConfig
 
     directory = teacher_cache_dir(settings, corpus)
     record_path = directory / "teacher.json"
@@ -341,8 +341,8 @@ def train_student(
         "initial_weights_sum", "log_dir"}`` and, for the KD student, ``teacher_val_loss`` (the
         teacher on the same held-out batches).
     """
-    from kd_module.module import DistillationModule, GPTModule
-    from kd_module.optim import OptimizerConfig
+    from kd_module.training.module import DistillationModule, GPTModule
+    from kd_module.training.optim import OptimizerConfig
 
     optimizer = OptimizerConfig(**STUDENT_OPTIMIZER)
     if teacher_checkpoint is None:
@@ -373,10 +373,10 @@ def train_offline_student(
         What :func:`train_student` returns, plus ``cache_s`` (building the cache) and
         ``cache_bytes_per_token``.
     """
-    from kd_module.api import build_teacher_cache
-    from kd_module.offline import cache_bytes_per_token
-    from kd_module.offline_module import OfflineDistillationModule
-    from kd_module.optim import OptimizerConfig
+    from kd_module.offline.cache import cache_bytes_per_token
+    from kd_module.offline.job import build_teacher_cache
+    from kd_module.offline.module import OfflineDistillationModule
+    from kd_module.training.optim import OptimizerConfig
 
     cache_dir = out / OFFLINE_CACHE_DIR
     shutil.rmtree(cache_dir, ignore_errors=True)  # the students' data may have changed
@@ -504,7 +504,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m kd_module.demo",
+        prog="python -m examples.demo",
         description=(
             "Train a small teacher on the embedded corpus (once, cached), distill a smaller "
             "student from it, train the same student with the LM loss alone on the same tokens, "

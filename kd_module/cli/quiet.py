@@ -5,7 +5,7 @@ nothing about the user's run: fallbacks for packages a CPU machine cannot have, 
 of ModelOpt's about ``transformers``, a cloud-logging tip, and Lightning's advice about patterns
 this project uses on purpose. Each one is listed here with the reason it is noise. Everything
 else (the user's own configuration, real problems) still prints. ``-v`` / ``--verbose`` /
-``--debug`` or ``KD_DEBUG=1`` shows them all (:func:`kd_module.reliability.debug_requested`).
+``--debug`` or ``KD_DEBUG=1`` shows them all (:func:`kd_module.guards.debug_requested`).
 
 Only entry points call :func:`quiet_third_party` (the ``nemo kd`` command); importing the
 library changes no filter.
@@ -41,7 +41,7 @@ KNOWN_WARNINGS = (
     Notice(
         r"Apex is not installed\. Falling back to Torch Norm",
         "megatron-core (layer specs)",
-        "the local spec uses kd_module.norms, not Apex",
+        "the local spec uses kd_module.models.norms, not Apex",
     ),
     Notice(
         r"transformers \S+ is not tested with current version of modelopt",
@@ -114,14 +114,14 @@ def quiet_third_party(verbose: bool | None = None) -> bool:
 
     Args:
         verbose: show everything; ``None`` asks
-            :func:`kd_module.reliability.debug_requested` (``-v``, ``--debug``, ``KD_DEBUG=1``).
+            :func:`kd_module.guards.debug_requested` (``-v``, ``--debug``, ``KD_DEBUG=1``).
 
     Returns:
         Whether the filters are in place.
     """
     global _installed
     if verbose is None:
-        from kd_module.reliability import debug_requested
+        from kd_module.guards import debug_requested
 
         verbose = debug_requested()
     if verbose:

@@ -1,6 +1,6 @@
 """The teacher's architecture from a NeMo-style ``model_config.yaml``.
 
-As in Megatron-LM's distillation, the student's :class:`~kd_module.models.GPTModelConfig` is the
+As in Megatron-LM's distillation, the student's :class:`~kd_module.models.gpt.GPTModelConfig` is the
 starting point and the file's values override it; the result builds the teacher. The file may be
 
 - the model section of a NeMo checkpoint (architecture keys at the top level),
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kd_module.models import ACTIVATIONS, POSITION_EMBEDDINGS, GPTModelConfig, close_matches
+from kd_module.models.gpt import ACTIVATIONS, POSITION_EMBEDDINGS, GPTModelConfig, close_matches
 
 logger = logging.getLogger(__name__)
 

@@ -89,13 +89,14 @@ def build_megatron_optimizer(
     """megatron-core's optimizer (``get_megatron_optimizer``) for a DDP-wrapped model chunk.
 
     megatron's gloo process groups exist only for CPU runs (see
-    :func:`kd_module.runtime.initialize_distributed`); the optimizer is told so, as it would
+    :func:`kd_module.parallel.runtime.initialize_distributed`); the optimizer is told so, as it
+    would
     otherwise ask for groups a CUDA run never created.
     """
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     megatron_config = MegatronOptimizerConfig(
         optimizer="adam",

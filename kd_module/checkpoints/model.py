@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import yaml
 
-from kd_module.models import GPTModelConfig
-from kd_module.teacher_config import MODEL_CONFIG_FILE, to_nemo_model_config
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ plus 8 bytes per sample for the fingerprint.
 :func:`offline_topk_kd_loss` is the per-token loss of student logits against the cache, either
 renormalized over the teacher's top-k (equal to ``LogitsKDLoss(top_k=k)``) or with a tail bucket
 that keeps the teacher's probability mass outside the top-k.
-:class:`~kd_module.offline_module.OfflineDistillationModule` trains a student from a cache.
+:class:`~kd_module.offline.module.OfflineDistillationModule` trains a student from a cache.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from kd_module.data.datamodule import data_parallel_rank_and_size
-from kd_module.losses import all_gather_last_dim, resolve_tp_group, vocab_parallel_max
-from kd_module.reliability import write_json_atomic
+from kd_module.distillation.losses import all_gather_last_dim, resolve_tp_group, vocab_parallel_max
+from kd_module.guards import write_json_atomic
 
 __all__ = [
     "CACHE_DTYPES",
@@ -85,7 +85,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     Each parameter is hashed as the teacher-integrity check hashes it (in place on the CPU,
     streamed through one bounded host buffer from a GPU: never a host copy of the model).
     """
-    from kd_module.reliability import teacher_digests
+    from kd_module.guards import teacher_digests
 
     digests = teacher_digests(model)
     names = sorted(name for name, _ in model.named_parameters())

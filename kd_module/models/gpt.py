@@ -275,9 +275,9 @@ def uses_transformer_engine(config: GPTModelConfig, cuda: bool | None = None) ->
 
     Args:
         config: the architecture.
-        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.runtime.uses_cuda`.
+        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.parallel.runtime.uses_cuda`.
     """
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     if config.transformer_impl == "local":
         return False
@@ -307,10 +307,10 @@ def implementation_problems(
         config: the architecture.
         context_parallel_size: ranks the sequence is split across.
         reset_attention_mask: whether batches carry document-boundary attention masks.
-        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.runtime.uses_cuda`.
+        cuda: whether the run uses CUDA; ``None`` asks :func:`kd_module.parallel.runtime.uses_cuda`.
         who: ``student`` / ``teacher`` in messages.
     """
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     cuda = runtime.uses_cuda() if cuda is None else cuda
     if config.model_type == "mamba":
@@ -366,7 +366,7 @@ def transformer_config(
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     layout = layout or ParallelLayout()
     params_dtype = params_dtype or torch.float32
@@ -439,7 +439,6 @@ def build_model(
     """
     from megatron.core import parallel_state
 
-
     vocab = config.vocab_size or vocab_size
     if vocab is None:
         raise ValueError("model config: vocab_size is unset and no tokenizer gave one")
@@ -487,14 +486,15 @@ def _place(model: Any, params_dtype: Any) -> Any:
     whole model. A model used without that wrapper (the teacher cache, notebooks) would feed fp32
     activations into bf16 layers; casting here makes the built model what ``params_dtype`` says.
     """
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     return model.to(device=runtime.run_device(), dtype=params_dtype)
 
 
 class LocalNorm:
-    """Norm factory for the local spec: :class:`kd_module.norms.LocalLayerNorm` or
-    :class:`kd_module.norms.LocalRMSNorm`, by ``config.normalization`` (megatron's build_module
+    """Norm factory for the local spec: :class:`kd_module.models.norms.LocalLayerNorm` or
+    :class:`kd_module.models.norms.LocalRMSNorm`, by ``config.normalization`` (megatron's
+    build_module
     calls it with the norm arguments of ``WrappedTorchNorm``)."""
 
     def __new__(
@@ -506,7 +506,7 @@ class LocalNorm:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ) -> Any:
-        from kd_module.norms import LocalLayerNorm, LocalRMSNorm
+        from kd_module.models.norms import LocalLayerNorm, LocalRMSNorm
 
         norm = LocalRMSNorm if config.normalization == "RMSNorm" else LocalLayerNorm
         return norm(config, hidden_size, eps)
@@ -551,7 +551,7 @@ def mamba_problems(cuda: bool | None = None) -> list[str]:
     modules)."""
     import importlib.util
 
-    from kd_module import runtime
+    from kd_module.parallel import runtime
 
     cuda = runtime.uses_cuda() if cuda is None else cuda
     missing = [] if cuda else ["a CUDA run"]
@@ -589,7 +589,6 @@ def _build_mamba(config: GPTModelConfig, tconfig: Any, vocab: int, pre: bool, po
     check_mamba_available()
     from megatron.core.models.mamba import MambaModel
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
-
 
     model = MambaModel(
         config=tconfig,

@@ -1,0 +1,235 @@
+"""``build_teacher_cache``: the job that runs a teacher over a dataset and writes its top-k cache
+(``nemo kd cache-teacher``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kd_module.guards import cli_errors
+from kd_module.rules import checkpoint_problems, launch_problems, tokenizer_problems
+from kd_module.versions import jsonable
+
+logger = logging.getLogger(__name__)
+
+
+@cli_errors
+def build_teacher_cache(
+    data: Any,
+    out_dir: str,
+    teacher_checkpoint: str | None = None,
+    teacher: Any = None,
+    teacher_model_config: str | None = None,
+    teacher_ckpt_format: str = "auto",
+    k: int = 64,
+    dtype: str = "bf16",
+    num_samples: int | None = None,
+    shard_size: int = 1024,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    accelerator: str = "gpu",
+    precision: str = "bf16",
+    seed: int = 1234,
+    num_nodes: int = 1,
+    devices: int = 1,
+    teacher_init_fn: Any = None,
+) -> dict[str, Any]:
+    """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
+
+    Runs on every rank of the launch (``torchrun``/nemo-run executors; one process when not
+    launched): tensor and pipeline parallelism split the teacher, the remaining ranks are data
+    parallel replicas caching disjoint shards. Interrupted, it resumes: run it again with the
+    same arguments and only incomplete shards are computed.
+
+    Args:
+        data: the :class:`~kd_module.data.GPTDataModule` the students will train on (paths,
+            split, seed, ``seq_length``, tokenizer; ``micro_batch_size`` is the teacher's).
+        out_dir: the cache directory (``teacher_cache`` of :func:`distill`).
+        teacher_checkpoint: the teacher's weights; ``None`` caches a randomly initialized
+            teacher (tests only).
+        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
+            checkpoint's ``model_config.yaml``.
+        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
+        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        k: top-k logits kept per token.
+        dtype: storage of the logit values: ``bf16``, ``fp16`` or ``fp32``.
+        num_samples: train samples to cache, ``0 .. num_samples-1``; ``data.num_train_samples``
+            when ``None``. Students must train on at most this many samples.
+        shard_size: samples per shard file (the unit of resuming).
+        tensor_model_parallel_size: ranks each teacher layer is split across.
+        pipeline_model_parallel_size: ranks the teacher's layers are split across.
+        accelerator: ``gpu`` or ``cpu``.
+        precision: the teacher's ``fp32`` or ``bf16`` (bf16 needs ``accelerator="gpu"``).
+        seed: seed of torch and megatron's RNG states.
+        num_nodes: machines of the launch (sizes executors, like the trainer's ``num_nodes``).
+        devices: ranks per machine (like the trainer's ``devices``); the launch must match.
+        teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
+            (tests, notebooks).
+
+    Returns:
+        The cache's manifest.
+
+    Raises:
+        ValueError: naming every problem with the inputs (or a cache in ``out_dir`` made with
+            other settings), before the teacher is built.
+
+    Examples:
+        From a shell::
+
+            nemo kd cache-teacher --factory tiny_cpu_cache out_dir=/data/tiny_cache
+
+        From Python::
+
+            build_teacher_cache(data, "/data/cache", teacher_checkpoint="/ckpt/8b", k=64,
+                                num_samples=100_000, tensor_model_parallel_size=8)
+    """
+    import torch
+
+    from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
+    from kd_module.data.tokenizers import padded_vocab_size
+    from kd_module.models.gpt import GPTModelConfig, implementation_problems
+    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.offline.cache import (
+        CACHE_DTYPES,
+        TeacherCache,
+        dataset_manifest,
+        manifest_with_settings,
+    )
+    from kd_module.training.strategy import PRECISIONS
+
+    problems: list[str] = []
+    if num_samples is None:
+        num_samples = data.num_train_samples
+    for label, value in (
+        ("k", k),
+        ("shard_size", shard_size),
+        ("num_samples", num_samples),
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (or set data.num_train_samples)" if label == "num_samples" else ""
+            problems.append(f"{label}={value!r} must be a positive integer{hint}")
+    if dtype not in CACHE_DTYPES:
+        problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    if accelerator not in ("gpu", "cpu"):
+        problems.append(f"accelerator={accelerator!r} is not one of gpu, cpu")
+    elif accelerator == "gpu" and not torch.cuda.is_available():
+        problems.append("accelerator='gpu' but CUDA is not available; use accelerator='cpu'")
+    if precision not in PRECISIONS:
+        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    elif precision == "bf16" and accelerator == "cpu":
+        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
+    problems += launch_problems(num_nodes, devices)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if isinstance(model_parallel, int) and model_parallel > 0 and world_size % model_parallel:
+        problems.append(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    problems += checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
+    teacher_tokenizer: dict[str, Any] = {}
+    if teacher is None and not problems:
+        resolved = load_teacher_model_config(
+            teacher_model_config, GPTModelConfig(seq_length=data.seq_length), teacher_checkpoint
+        )
+        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+    if teacher is not None:
+        problems += teacher.layout_problems(
+            tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
+        )
+        if accelerator in ("gpu", "cpu"):
+            problems += implementation_problems(
+                teacher,
+                reset_attention_mask=data.reset_attention_mask,
+                cuda=accelerator == "gpu",
+                who="teacher",
+            )
+        try:
+            check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
+        except ValueError as error:
+            problems.append(f"teacher: {error}")
+    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer)
+    if not data.mock:
+        try:
+            check_prefixes_exist(data.prefixes())
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError("cache-teacher: " + "; ".join(problems))
+
+    vocab = teacher.vocab_size or padded_vocab_size(
+        data.tokenizer.build().vocab_size,
+        teacher.make_vocab_size_divisible_by,
+        tensor_model_parallel_size,
+    )
+    manifest = {
+        "teacher": {
+            "checkpoint": None
+            if teacher_checkpoint is None
+            else os.path.realpath(teacher_checkpoint),
+            "config": jsonable(teacher),
+        },
+        "tokenizer": data.tokenizer.to_dict(),
+        "dataset": dataset_manifest(data, num_samples),
+        "seq_length": data.seq_length,
+        "vocab_size": vocab,
+    }
+    if (Path(out_dir) / "manifest.json").exists():  # a restart: same settings, before any work
+        TeacherCache(out_dir).check_manifest(
+            manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
+        )
+
+    from kd_module.models.gpt import ParallelLayout, build_model
+    from kd_module.offline.cache import cache_teacher
+    from kd_module.parallel import runtime
+
+    runtime.initialize_distributed(
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        seed=seed,
+        device="cuda" if accelerator == "gpu" else "cpu",
+    )
+    try:
+        layout = ParallelLayout(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+        params_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = build_model(teacher, layout, vocab, params_dtype)
+        if teacher_checkpoint is not None:
+            from kd_module.checkpoints.model import make_teacher_loader
+
+            make_teacher_loader(teacher_checkpoint, teacher_ckpt_format)(model)
+        elif teacher_init_fn is not None:
+            teacher_init_fn(model)
+        else:
+            logger.warning("cache-teacher: no teacher_checkpoint, caching a random teacher")
+        model.requires_grad_(False)
+        data.num_train_samples = num_samples
+        data.setup("fit")
+        start = time.perf_counter()
+        final = cache_teacher(
+            model,
+            data.train_dataset,
+            out_dir,
+            k=k,
+            manifest=manifest,
+            num_samples=num_samples,
+            micro_batch_size=data.micro_batch_size,
+            dtype=dtype,
+            shard_size=shard_size,
+        )
+        logger.info(
+            "cache-teacher: %d samples cached in %s (%.1f s)",
+            num_samples,
+            out_dir,
+            time.perf_counter() - start,
+        )
+    finally:
+        runtime.destroy_distributed()
+    return final

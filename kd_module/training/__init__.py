@@ -1,0 +1,2 @@
+"""Lightning pieces: the modules (:mod:`.module`), ``MegatronStrategy`` (:mod:`.strategy`) and
+megatron's distributed optimizer (:mod:`.optim`)."""
