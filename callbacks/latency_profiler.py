@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from kd_module.parallel.timing import synchronize
+from kd_module.upstream.modelopt import discard_captured_outputs
 
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
 ALONE_REPEATS = 3
@@ -248,9 +249,7 @@ class LatencyProfiler(L.Callback):
                     del output
         finally:
             # The student's capture hooks stored outputs nothing will consume.
-            for student_layer, teacher_layer in student._layers_to_loss:
-                student_layer._intermediate_output = None
-                teacher_layer._intermediate_output = None
+            discard_captured_outputs(student)
             rng.restore()
         return statistics.median(times)
 

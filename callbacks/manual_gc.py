@@ -28,6 +28,8 @@ import psutil
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from kd_module.upstream.lightning import callback_state_key
+
 ON_GROWTH = ("warn", "stop")
 _MB = 1024 * 1024
 
@@ -132,7 +134,8 @@ class ManualGC(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return callback_state_key(
+            self,
             gc_interval=self.gc_interval,
             window=self.window,
             growth_threshold_mb_per_step=self.growth_threshold_mb_per_step,

@@ -34,6 +34,7 @@ import yaml
 
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
+from kd_module.upstream.modelopt import hidden_state_dict_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ _ITER_DIR = re.compile(r"^iter_\d{7}$")
 _EXTRA_STATE = "_extra_state"
 # Checkpoint tensors that are not model weights (Megatron-LM's optimizer state).
 _NON_MODEL_PREFIXES = ("optimizer.",)
-_HIDDEN_PREFIXES = ("_teacher_model", "_loss_modules")
+_HIDDEN_PREFIXES = hidden_state_dict_prefixes()
 _SHOWN_KEYS = 5
 
 

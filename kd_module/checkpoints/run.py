@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from kd_module.upstream import lightning as upstream_lightning
+
 logger = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".tmp-"
@@ -276,8 +278,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Save the final state unless the last interval already did."""
-        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
+        if (
+            trainer.global_step == 0
+            or upstream_lightning.last_checkpoint_step(self) == trainer.global_step
+        ):
             return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        upstream_lightning.save_checkpoint_now(self, trainer)

@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from kd_module.upstream import megatron as upstream_megatron
+
 logger = logging.getLogger(__name__)
 
 # megatron modules whose ``torch`` global is replaced by the CPU view (part 1 and 2 above).
@@ -342,14 +344,7 @@ def install_cpu_bridges() -> bool:
             owner = getattr(owner, part)
         _replace_code(owner, _rewrite_code_names(owner.__code__, mapping))
 
-    from megatron.core.tensor_parallel import random as mp_random
-
-    _replaced_tracker = (
-        mp_random._CUDA_RNG_STATE_TRACKER,
-        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
-    )
-    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _replaced_tracker = upstream_megatron.swap_rng_tracker(CpuRNGStatesTracker())
     _bridges_installed = True
     return True
 
@@ -372,13 +367,8 @@ def remove_cpu_bridges() -> bool:
     while _replaced_code:
         fn, code = _replaced_code.pop()
         fn.__code__ = code
-    from megatron.core.tensor_parallel import random as mp_random
-
     if _replaced_tracker is not None:
-        (
-            mp_random._CUDA_RNG_STATE_TRACKER,
-            mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED,
-        ) = _replaced_tracker
+        upstream_megatron.swap_rng_tracker(*_replaced_tracker)
         _replaced_tracker = None
     _bridges_installed = False
     return True
@@ -465,9 +455,7 @@ def seed_everything(seed: int) -> None:
     if uses_cuda():
         mp_tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
-    from megatron.core.tensor_parallel import random as mp_random
-
-    tracker = mp_random._CUDA_RNG_STATE_TRACKER
+    tracker = upstream_megatron.rng_tracker()
     tracker.reset()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -611,9 +599,7 @@ def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     _gloo_process_groups = False
-    from megatron.core.tensor_parallel import random as mp_random
-
-    tracker = mp_random._CUDA_RNG_STATE_TRACKER
+    tracker = upstream_megatron.rng_tracker()
     if tracker is not None:
         tracker.reset()
     if _owns_process_group and dist.is_initialized():

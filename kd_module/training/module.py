@@ -40,6 +40,7 @@ from kd_module.training.optim import (
     build_lr_scheduler,
     build_megatron_optimizer,
 )
+from kd_module.upstream.modelopt import discard_captured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -565,8 +566,7 @@ class DistillationModule(GPTModule):
             if patched is not None:
                 teacher.compute_language_model_loss = patched
             # ModelOpt's capture hooks stored the teacher's outputs; nothing will consume them.
-            for _, teacher_layer in self.distillation_model._layers_to_loss:
-                teacher_layer._intermediate_output = None
+            discard_captured_outputs(self.distillation_model, student=False)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:

@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from kd_module.models.gpt import ParallelLayout
 from kd_module.parallel import runtime
+from kd_module.upstream import lightning as upstream_lightning
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ class MegatronStrategy(DDPStrategy):
         # The data module's megatron-style sampler already splits batches across data-parallel
         # ranks; Lightning must not inject its DistributedSampler on top of it.
         module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = upstream_lightning.attached_trainer(module) if module is not None else None
         if trainer is not None:
-            trainer._accelerator_connector.use_distributed_sampler = False
+            upstream_lightning.disable_distributed_sampler(trainer)
         super().setup_environment()
 
     def setup_distributed(self) -> None:
@@ -184,7 +185,7 @@ class MegatronStrategy(DDPStrategy):
         # One in-process rank (a notebook, a plain script): nothing to launch. Lightning's DDP
         # launcher would refuse an interactive environment.
         if self.num_processes == 1 and self.num_nodes == 1:
-            self._launcher = None
+            upstream_lightning.clear_launcher(self)
             return
         super()._configure_launcher()
 

@@ -1,0 +1,45 @@
+"""Private ModelOpt internals we rely on, one named accessor each (written against 0.47.0).
+
+They concern ``modelopt.torch.distill.DistillationModel`` (``distillation_model.py``). No
+function imports ModelOpt: each takes the model it works on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def discard_captured_outputs(model: Any, *, student: bool = True, teacher: bool = True) -> None:
+    """Drop the layer outputs a ``DistillationModel``'s capture hooks stored.
+
+    ModelOpt 0.47.0 registers forward hooks on every (student layer, teacher layer) pair of its
+    private ``_layers_to_loss`` map; they store the layer's output in the layer's private
+    ``_intermediate_output``, and only ``compute_kd_loss`` clears it. A forward whose outputs no
+    KD loss will read (the teacher's own validation loss, the student's forward alone) must clear
+    them itself: stale outputs keep activations alive, and a student layer's next captured
+    forward warns about them.
+
+    Args:
+        model: the ``DistillationModel``.
+        student: clear the student layers' outputs.
+        teacher: clear the teacher layers' outputs.
+    """
+    for student_layer, teacher_layer in model._layers_to_loss:
+        if student:
+            student_layer._intermediate_output = None
+        if teacher:
+            teacher_layer._intermediate_output = None
+
+
+def hidden_state_dict_prefixes() -> tuple[str, ...]:
+    """State-dict key prefixes of the teacher and the loss modules inside a ``DistillationModel``.
+
+    ModelOpt 0.47.0 registers the teacher and the criteria with parameters (projections) as the
+    private submodules ``_teacher_model`` and ``_loss_modules``; its ``hide_teacher_model`` and
+    ``hide_loss_modules`` remove them from a state dict. The student export checks with these
+    prefixes that none of their tensors is left.
+
+    Returns:
+        The prefixes.
+    """
+    return ("_teacher_model", "_loss_modules")
