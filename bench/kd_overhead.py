@@ -237,7 +237,7 @@ class _Bench:
         self.teacher.register_forward_pre_hook(self.watches["kd_teacher_forward"].start)
         self.teacher.register_forward_hook(self.watches["kd_teacher_forward"].stop)
         self._hook(self.student, "alone_student_forward")
-        # Instance attributes shadow the methods kd_loss_func and GPTModel.forward call.
+        # Instance attributes shadow the methods KDObjective.loss_func and GPTModel.forward call.
         self.kd.compute_kd_loss = self.watches["kd_loss"].wrap(self.kd.compute_kd_loss)
         self.kd.compute_language_model_loss = self.watches["kd_lm_loss"].wrap(
             self.kd.compute_language_model_loss

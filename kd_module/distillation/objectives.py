@@ -160,12 +160,11 @@ def report(terms: dict[str, torch.Tensor], num_tokens: torch.Tensor) -> dict[str
 class Objective:
     """What a phase of training optimizes and reports (see the module docstring).
 
-    Subclasses set :attr:`name` and :attr:`report_keys` and implement :meth:`forward_step`, whose
+    Subclasses set :attr:`report_keys` and implement :meth:`forward_step`, whose
     loss function returns megatron's per-token triple ``(loss_sum, num_tokens, report)``: with
     ``calculate_per_token_loss`` megatron divides gradients by the global token count.
     """
 
-    name: str = ""
     report_keys: tuple[str, ...] = ()
 
     @property
@@ -240,7 +239,6 @@ class Objective:
 class LMObjective(Objective):
     """The model's own LM loss (teachers, LM-only baselines, validation without a teacher)."""
 
-    name = "lm"
     report_keys = ("lm_loss",)
 
     def forward_step(self, data_iterator: Any, model: Any) -> tuple:
@@ -268,7 +266,6 @@ class KDObjective(Objective):
     and ``skip_lm_loss`` (see :func:`mix_terms`).
     """
 
-    name = "kd"
     report_keys = REPORT_KEYS
 
     @property

@@ -45,7 +45,6 @@ class OfflineKDObjective(Objective):
     chunk_size: int = 1024
     """Tokens per chunk of the logged-only LM loss."""
 
-    name = "offline"
     report_keys = REPORT_KEYS
 
     @classmethod
