@@ -5,8 +5,9 @@ In one process, on the same micro-batches, it times three things in interleaved 
 medians:
 
 - ``kd_step_s``: a KD training step on the ``DistillationModel`` (megatron's forward-backward
-  schedule through ``kd_module.distillation.model.forward_backward(loss="kd")``, then an Adam step);
-- ``student_step_s``: the same step for the student alone (``loss="lm"``, same weights, same
+  schedule through ``kd_module.distillation.model.forward_backward(objective="kd")``, then an
+  Adam step);
+- ``student_step_s``: the same step for the student alone (``objective="lm"``, same weights, same
   optimizer);
 - ``teacher_forward_s``: the teacher's forward alone (no grad, eval), as the KD step runs it.
 
@@ -236,7 +237,7 @@ class _Bench:
         self.teacher.register_forward_pre_hook(self.watches["kd_teacher_forward"].start)
         self.teacher.register_forward_hook(self.watches["kd_teacher_forward"].stop)
         self._hook(self.student, "alone_student_forward")
-        # Instance attributes shadow the methods kd_loss_func and GPTModel.forward call.
+        # Instance attributes shadow the methods KDObjective.loss_func and GPTModel.forward call.
         self.kd.compute_kd_loss = self.watches["kd_loss"].wrap(self.kd.compute_kd_loss)
         self.kd.compute_language_model_loss = self.watches["kd_lm_loss"].wrap(
             self.kd.compute_language_model_loss
@@ -250,7 +251,7 @@ class _Bench:
         model.embedding.register_forward_pre_hook(self.watches[name].start)
         model.register_forward_hook(self.watches[name].stop)
 
-    def _train_step(self, model: Any, optimizer: Any, loss: str) -> tuple[Any, Any]:
+    def _train_step(self, model: Any, optimizer: Any, objective: str) -> tuple[Any, Any]:
         from kd_module.distillation.model import forward_backward
 
         case = self.case
@@ -262,7 +263,7 @@ class _Bench:
             case.num_microbatches,
             case.seq_length,
             case.micro_batch_size,
-            loss=loss,
+            objective=objective,
         )
         before_step = _now()
         optimizer.step()

@@ -6,11 +6,12 @@ on the last pipeline stage only, as ModelOpt's megatron plugin requires), applie
 megatron-core adjustments (teacher hidden from checkpoints, pipeline tensor concatenation), and
 freezes the teacher.
 
-:func:`kd_loss_func` is the per-micro-batch loss function handed to megatron's forward-backward
-schedule. It returns megatron's per-token triple ``(loss_sum, num_tokens, report)``; with
-``calculate_per_token_loss`` megatron divides gradients by the global token count (all
-micro-batches, all data-parallel and context-parallel ranks), so every term is a per-token mean
-over the global batch.
+:func:`forward_backward` runs megatron's forward-backward schedule with an objective of
+:mod:`kd_module.distillation.objectives` (:class:`~kd_module.distillation.objectives.KDObjective`
+for this model). Its loss function returns megatron's per-token triple ``(loss_sum, num_tokens,
+report)``; with ``calculate_per_token_loss`` megatron divides gradients by the global token count
+(all micro-batches, all data-parallel and context-parallel ranks), so every term is a per-token
+mean over the global batch.
 
 Objective, per token ``t`` with loss mask 1::
 
@@ -20,7 +21,8 @@ Objective, per token ``t`` with loss mask 1::
     loss_t         = kd_t                                  if skip_lm_loss
                    = lm_t + kd_loss_scale * kd_t           otherwise
 
-and ``kd_loss`` (logged) is the mean of ``loss_t``: the objective that is backpropagated.
+and ``kd_loss`` (logged) is the mean of ``loss_t``: the objective that is backpropagated
+(:func:`~kd_module.distillation.objectives.mix_terms`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ from kd_module.distillation.config import (
     check_module_names,
     check_pipeline_placement,
 )
+from kd_module.distillation.objectives import (
+    Objective,
+    cross_entropy_keeping_logits,
+    mix_terms,
+    resolve_objective,
+)
 from kd_module.models.gpt import (
     GPTModelConfig,
     ParallelLayout,
@@ -48,8 +56,6 @@ from kd_module.models.gpt import (
 )
 
 logger = logging.getLogger(__name__)
-
-REPORT_KEYS = ("kd_loss", "logits_loss", "intermediate_loss", "lm_loss")
 
 
 class KDLossBalancer(mtd.DistillationLossBalancer):
@@ -77,14 +83,9 @@ class KDLossBalancer(mtd.DistillationLossBalancer):
             intermediate_loss = sum(loss_dict.values()) / len(loss_dict)
         else:
             intermediate_loss = torch.zeros_like(logits_loss)
-        kd = logits_loss + intermediate_loss
-        total = kd if self.skip_lm_loss else lm_loss + self.kd_loss_scale * kd
-        return {
-            "kd_loss": total,
-            "logits_loss": logits_loss,
-            "intermediate_loss": intermediate_loss,
-            "lm_loss": lm_loss,
-        }
+        return mix_terms(
+            lm_loss, logits_loss, intermediate_loss, self.kd_loss_scale, self.skip_lm_loss
+        )
 
 
 def _local_layer_name(name: str, layer_offset: int) -> str:
@@ -148,31 +149,20 @@ def build_criterion(
 
 
 def _lm_loss_keeping_logits(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The student's LM loss without destroying the logits the KD criterion reads.
-
-    megatron's ``vocab_parallel_cross_entropy`` works in place on ``logits.float()``: for fp32
-    logits that is the output layer's own tensor, which the KD hook captured, so the KD loss
-    would read softmax probabilities instead of logits. When no gradient is wanted (with
-    ``skip_lm_loss`` the LM loss is only logged; evaluation runs without grad) the loss comes
-    from :func:`~kd_module.distillation.losses.vocab_parallel_cross_entropy_no_grad`, which only
-    reads the
-    logits, one chunk of tokens at a time. When it enters the objective, megatron's own loss
-    runs, on a copy for fp32 logits (for bf16/fp16 ``.float()`` already copies).
+    """The student's LM loss hook: megatron's ``compute_language_model_loss`` (no loss fusion in
+    our models) through :func:`~kd_module.distillation.objectives.cross_entropy_keeping_logits`,
+    which leaves the logits the KD criterion reads intact. The loss needs its gradient only when
+    it enters the objective (``skip_lm_loss: false``) and the model is training.
     """
-    only_logged = self.training and not getattr(self, "_lm_loss_in_objective", True)
-    if only_logged or not torch.is_grad_enabled():
-        from kd_module.distillation.losses import vocab_parallel_cross_entropy_no_grad
-
-        # megatron's layout: labels [b, s], logits [s, b, v_local], loss [b, s].
-        loss = vocab_parallel_cross_entropy_no_grad(
-            logits.detach(),
-            labels.transpose(0, 1),
-            chunk_size=getattr(self, "_lm_loss_chunk_size", 1024),
-        )
-        return loss.transpose(0, 1).contiguous()
-    if logits.dtype == torch.float32:
-        logits = logits.clone()
-    return type(self).compute_language_model_loss(self, labels, logits)
+    in_objective = not self.training or getattr(self, "_lm_loss_in_objective", True)
+    # megatron's layout: labels [b, s], logits [s, b, v_local], loss [b, s].
+    loss = cross_entropy_keeping_logits(
+        logits,
+        labels.transpose(0, 1).contiguous(),
+        in_objective=in_objective,
+        chunk_size=getattr(self, "_lm_loss_chunk_size", 1024),
+    )
+    return loss.transpose(0, 1).contiguous()
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -342,88 +332,11 @@ def build_distillation_model(
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 
 
-def _masked_sum(loss_mask: torch.Tensor) -> Any:
-    """Reduction for ModelOpt criteria: masked sum over this rank's tokens, TP-summed if flagged."""
-    from megatron.core import parallel_state
-
-    def reduce(output: Any) -> torch.Tensor:
-        if isinstance(output, tuple):
-            per_token, tp_reduce, is_sequence_parallel = output
-        else:
-            per_token, tp_reduce, is_sequence_parallel = output, False, False
-        mask = loss_mask
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        if is_sequence_parallel and tp_size > 1:
-            rank = parallel_state.get_tensor_model_parallel_rank()
-            mask = torch.tensor_split(mask, tp_size, dim=1)[rank]
-        total = torch.sum(per_token.float().reshape(-1) * mask.reshape(-1).float())
-        if (tp_reduce or is_sequence_parallel) and tp_size > 1:
-            reduced = total.detach().clone()
-            torch.distributed.all_reduce(
-                reduced, group=parallel_state.get_tensor_model_parallel_group()
-            )
-            # Value of the TP sum, gradient of this rank's own part: each rank backpropagates
-            # the share of the loss its shard produced.
-            total = total + (reduced - total).detach()
-        return total
-
-    return reduce
-
-
 def unwrap(model: Any) -> Any:
     """The innermost module under megatron's DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def kd_loss_func(model: Any, loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
-    """megatron loss function for one micro-batch of distillation.
-
-    Args:
-        model: the (possibly wrapped) DistillationModel.
-        loss_mask: [b, s] float mask of the tokens that count.
-        output_tensor: the student's per-token LM loss [b, s] (megatron's output with labels).
-
-    Returns:
-        ``(loss_sum, num_tokens, report)`` where ``report`` maps each of ``REPORT_KEYS`` to a
-        ``[sum, num_tokens]`` tensor for logging.
-    """
-    core = unwrap(model)
-    reduce = _masked_sum(loss_mask)
-    lm_sum = reduce(output_tensor)
-    num_tokens = loss_mask.sum().to(torch.int)
-    losses = core.compute_kd_loss(student_loss=lm_sum, loss_reduction_fn=reduce)
-    count = num_tokens.float().view(1)
-    report = {key: torch.cat([losses[key].detach().float().view(1), count]) for key in REPORT_KEYS}
-    return losses["kd_loss"], num_tokens, report
-
-
-def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
-    """megatron loss function for the student alone (LM loss), same per-token convention."""
-    reduce = _masked_sum(loss_mask)
-    lm_sum = reduce(output_tensor)
-    num_tokens = loss_mask.sum().to(torch.int)
-    count = num_tokens.float().view(1)
-    return lm_sum, num_tokens, {"lm_loss": torch.cat([lm_sum.detach().view(1), count])}
-
-
-def _forward_step_func(loss: str) -> Any:
-    from functools import partial
-
-    def forward_step(data_iterator: Any, model: Any) -> tuple:
-        batch = next(data_iterator)
-        output = model(
-            batch["tokens"],
-            batch["position_ids"],
-            batch.get("attention_mask"),
-            labels=batch["labels"],
-        )
-        if loss == "kd":
-            return output, partial(kd_loss_func, model, batch["loss_mask"])
-        return output, partial(lm_loss_func, batch["loss_mask"])
-
-    return forward_step
 
 
 def forward_backward(
@@ -433,14 +346,13 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
-    loss: str = "kd",
-    forward_step_func: Any = None,
+    objective: Objective | str = "kd",
 ) -> dict[str, torch.Tensor]:
     """One pass of megatron's forward-backward schedule over ``num_microbatches`` micro-batches.
 
-    Picks megatron's schedule for the current layout and, for a DistillationModel with PP > 1,
-    ModelOpt's tensor-shape hook (student and teacher activations travel concatenated between
-    stages).
+    Picks megatron's schedule for the current layout; the objective gives the forward step and,
+    when it needs them with PP > 1, ModelOpt's tensor shapes (student and teacher activations
+    travel concatenated between stages).
 
     Args:
         model: the (possibly DDP-wrapped) model of this stage.
@@ -450,37 +362,30 @@ def forward_backward(
         seq_length: tokens per sample.
         micro_batch_size: samples per micro-batch.
         forward_only: evaluation (no backward).
-        loss: ``"kd"`` (:func:`kd_loss_func`) or ``"lm"`` (:func:`lm_loss_func`).
-        forward_step_func: megatron's ``forward_step_func`` to use instead of the one of
-            ``loss`` (offline distillation passes its own).
+        objective: an :class:`~kd_module.distillation.objectives.Objective`, or its name
+            (``"kd"``, ``"lm"``, ``"offline"``; see
+            :func:`~kd_module.distillation.objectives.resolve_objective`).
 
     Returns:
         On the last pipeline stage, each report key mapped to ``[sum, num_tokens]`` summed over
         this rank's micro-batches; empty on other stages.
+
+    Raises:
+        ValueError: for an unknown objective name.
     """
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    adjust = None
-    if loss == "kd" and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        adjust = mtd_megatron.get_tensor_shapes_adjust_fn_for_distillation(
-            model,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            decoder_seq_length=None,
-        )
+    objective = resolve_objective(objective)
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step_func or _forward_step_func(loss),
+        forward_step_func=objective.forward_step,
         data_iterator=data_iterator,
         model=[model],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
-        adjust_tensor_shapes_fn=adjust,
+        adjust_tensor_shapes_fn=objective.tensor_shapes_adjust_fn(
+            model, seq_length, micro_batch_size
+        ),
     )
-    totals: dict[str, torch.Tensor] = {}
-    for report in reports or []:
-        for key, value in report.items():
-            totals[key] = totals[key] + value if key in totals else value.clone()
-    return totals
+    return objective.sum_micro_batches(reports or [])

@@ -7,7 +7,7 @@ dataset's ``sample_index``; on the last pipeline stage the cached top-k logits, 
 log-sum-exp of those samples are read from the memory-mapped shards (after checking that the
 tokens are the ones the teacher saw) and the student's logits are compared with them.
 
-Objective per token, as in online distillation (``kd_module.distillation.model``)::
+Objective per token (:class:`~kd_module.offline.objective.OfflineKDObjective`), as online::
 
     logits_t = offline_topk_kd_loss(student, cache, mode)   forward KL against the cached top-k
     loss_t   = logits_t                                     if skip_lm_loss
@@ -21,16 +21,13 @@ cached, so there is no ``val_kd_loss`` or ``teacher_val_loss``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
-import torch
-
 from kd_module.distillation.config import DistillConfig, load_distill_config
-from kd_module.distillation.model import REPORT_KEYS
+from kd_module.distillation.objectives import LMObjective
 from kd_module.models.gpt import GPTModelConfig
-from kd_module.offline.cache import OFFLINE_LOSS_MODES, TeacherCache, offline_topk_kd_loss
+from kd_module.offline.cache import OFFLINE_LOSS_MODES, TeacherCache
+from kd_module.offline.objective import OfflineKDObjective
 from kd_module.training.module import GPTModule
 from kd_module.training.optim import OptimizerConfig
 
@@ -61,80 +58,6 @@ def offline_config_problems(distill: DistillConfig, mode: str) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class OfflineLossSpec:
-    """What the offline loss function needs besides the batch and the logits."""
-
-    mode: str
-    temperature: float
-    kd_loss_scale: float
-    skip_lm_loss: bool
-
-
-def _vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy of vocab-parallel logits [b, s, v_local] (megatron's)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    # megatron works in place on its input: give it a copy, the KD loss reads the logits too.
-    copy = logits.float()
-    if copy.data_ptr() == logits.data_ptr():
-        copy = copy.clone()
-    return vocab_parallel_cross_entropy(copy, labels)
-
-
-def offline_loss_func(batch: dict[str, Any], spec: OfflineLossSpec, logits: torch.Tensor) -> tuple:
-    """megatron loss function for one micro-batch against the cache.
-
-    Args:
-        batch: the micro-batch with ``labels``, ``loss_mask`` and the cached teacher entries
-            (:data:`CACHE_KEYS`).
-        spec: loss settings.
-        logits: the student's logits [b, s, v_local] (this rank's vocabulary shard).
-
-    Returns:
-        ``(loss_sum, num_tokens, report)`` like :func:`kd_module.distillation.model.kd_loss_func`.
-    """
-    mask = batch["loss_mask"].float()
-    if spec.skip_lm_loss:
-        with torch.no_grad():  # only logged
-            lm = _vocab_parallel_lm_loss(logits.detach(), batch["labels"])
-    else:
-        lm = _vocab_parallel_lm_loss(logits, batch["labels"])
-    kd = offline_topk_kd_loss(
-        logits,
-        batch["teacher_values"],
-        batch["teacher_indices"],
-        batch["teacher_lse"],
-        temperature=spec.temperature,
-        mode=spec.mode,
-    )
-    lm_sum = torch.sum(lm.float() * mask)
-    kd_sum = torch.sum(kd * mask)
-    total = kd_sum if spec.skip_lm_loss else lm_sum + spec.kd_loss_scale * kd_sum
-    num_tokens = mask.sum().to(torch.int)
-    count = num_tokens.float().view(1)
-    terms = {
-        "kd_loss": total,
-        "logits_loss": kd_sum,
-        "intermediate_loss": torch.zeros_like(kd_sum),
-        "lm_loss": lm_sum,
-    }
-    report = {key: torch.cat([terms[key].detach().float().view(1), count]) for key in REPORT_KEYS}
-    return total, num_tokens, report
-
-
-def offline_forward_step(spec: OfflineLossSpec) -> Callable:
-    """megatron ``forward_step_func``: the student's logits, scored by :func:`offline_loss_func`."""
-
-    def forward_step(data_iterator: Any, model: Any) -> tuple:
-        batch = next(data_iterator)
-        # No labels: megatron returns the logits [b, s, v_local] on the last stage.
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return output, partial(offline_loss_func, batch, spec)
-
-    return forward_step
-
-
 class OfflineDistillationModule(GPTModule):
     """A student distilled from a teacher cache instead of a running teacher.
 
@@ -163,10 +86,6 @@ class OfflineDistillationModule(GPTModule):
         >>> module = OfflineDistillationModule(GPTModelConfig(num_layers=2), "/data/cache")
         >>> trainer.fit(module, datamodule=data)  # data: the GPTDataModule the cache was made of
     """
-
-    loss_kind = "offline"
-    val_loss_kind = "lm"  # the validation split is not in the cache: the student's LM loss
-    report_keys = REPORT_KEYS
 
     def __init__(
         self,
@@ -219,14 +138,14 @@ class OfflineDistillationModule(GPTModule):
             raise ValueError("offline distillation: " + "; ".join(problems))
         self.cache: TeacherCache = cache  # its shards are memory-mapped on first lookup
 
-    def loss_spec(self) -> OfflineLossSpec:
-        distill = self.distill_config
-        return OfflineLossSpec(
-            mode=self.offline_loss_mode,
-            temperature=float(distill.logit_kl_temperature),
-            kd_loss_scale=float(distill.kd_loss_scale),
-            skip_lm_loss=bool(distill.skip_lm_loss),
-        )
+    @property
+    def training_objective(self) -> OfflineKDObjective:
+        return OfflineKDObjective.from_config(self.distill_config, self.offline_loss_mode)
+
+    @property
+    def validation_objective(self) -> LMObjective:
+        """The student's LM loss: the validation split is not in the cache."""
+        return LMObjective()
 
     def data_problems(self, data: Any, max_steps: int | None) -> list[str]:
         """Whether ``data`` is what the cache was made of; fixes its number of train samples.
@@ -294,6 +213,3 @@ class OfflineDistillationModule(GPTModule):
         batch["teacher_indices"] = indices[..., : self.top_k].to(self.device)
         batch["teacher_lse"] = lse.to(self.device)
         return batch
-
-    def forward_step_func(self) -> Callable:
-        return offline_forward_step(self.loss_spec())

@@ -26,12 +26,8 @@ import lightning as L
 import torch
 
 from kd_module.distillation.config import DistillConfig, load_distill_config
-from kd_module.distillation.model import (
-    REPORT_KEYS,
-    build_distillation_model,
-    forward_backward,
-    unwrap,
-)
+from kd_module.distillation.model import build_distillation_model, forward_backward, unwrap
+from kd_module.distillation.objectives import REPORT_KEYS, KDObjective, LMObjective, Objective
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.parallel.timing import synchronized_perf_counter
 from kd_module.training.optim import (
@@ -80,11 +76,6 @@ class GPTModule(L.LightningModule):
     Logged: ``lm_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``consumed_samples`` per step;
     ``val_loss`` per validation.
     """
-
-    loss_kind = "lm"
-    val_loss_kind: str | None = None
-    """The validation loss when it differs from ``loss_kind``."""
-    report_keys: tuple[str, ...] = ("lm_loss",)
 
     def __init__(
         self,
@@ -208,9 +199,15 @@ class GPTModule(L.LightningModule):
         return MegatronOptimizerAdapter(megatron_optimizer)
 
     # ------------------------------------------------------------------ steps
-    def forward_step_func(self) -> Callable | None:
-        """megatron's ``forward_step_func`` for training; ``None``: the one of ``loss_kind``."""
-        return None
+    @property
+    def training_objective(self) -> Objective:
+        """What training optimizes and logs (NeMo's ``training_loss_reduction``)."""
+        return LMObjective()
+
+    @property
+    def validation_objective(self) -> Objective:
+        """What validation measures (NeMo's ``validation_loss_reduction``)."""
+        return self.training_objective
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A hook on each micro-batch (on this rank's device) before the context-parallel split."""
@@ -252,26 +249,6 @@ class GPTModule(L.LightningModule):
             )
         return data.global_batch_size // (data.micro_batch_size * dp)
 
-    def _reduce_report(self, report: dict[str, torch.Tensor], keys: tuple[str, ...]) -> Any:
-        """Per-token means of ``keys`` over the global batch, identical on every rank."""
-        from megatron.core import parallel_state
-
-        values = torch.zeros(len(keys), 2, dtype=torch.float64, device=self.device)
-        for i, key in enumerate(keys):
-            if key in report:
-                values[i] = report[key].to(values)
-        if parallel_state.is_pipeline_last_stage():
-            torch.distributed.all_reduce(
-                values, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-            )
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.broadcast(
-                values,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        return values
-
     def training_step(self, dataloader_iter: Iterator) -> None:
         data = self.data
         batches = self._micro_batches(dataloader_iter, self.num_microbatches)
@@ -283,17 +260,17 @@ class GPTModule(L.LightningModule):
         start = synchronized_perf_counter(self.device)
         self.module.zero_grad_buffer()
         optimizer.zero_grad()
+        objective = self.training_objective
         report = forward_backward(
             self.module,
             iter(batches),
             len(batches),
             data.seq_length,
             data.micro_batch_size,
-            loss=self.loss_kind,
-            forward_step_func=self.forward_step_func(),
+            objective=objective,
         )
-        values = self._reduce_report(report, self.report_keys)
-        if self._update_is_safe(values, optimizer.optimizer):
+        values = objective.reduce_across_ranks(report, self.device)
+        if self._update_is_safe(values, optimizer.optimizer, objective.report_keys):
             optimizer.step()
             self.lr_scheduler.step(increment=1)
         else:
@@ -307,9 +284,7 @@ class GPTModule(L.LightningModule):
         grad_norm = adapter.last_step.get("grad_norm")
         tokens = len(batches) * data.micro_batch_size * self.trainer.strategy.data_parallel_size
         tokens *= data.seq_length
-        metrics = {
-            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(self.report_keys)
-        }
+        metrics = objective.means(values)
         metrics["lr"] = adapter.param_groups[0]["lr"]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["tokens_per_s"] = tokens / elapsed
@@ -320,16 +295,17 @@ class GPTModule(L.LightningModule):
         self.last_train_metrics = metrics
         return None
 
-    def _update_is_safe(self, values: torch.Tensor, adapter: Any) -> bool:
+    def _update_is_safe(self, values: torch.Tensor, adapter: Any, keys: tuple[str, ...]) -> bool:
         """False when a loss term is NaN/Inf and ``on_nonfinite="skip"``; raises for ``"stop"``.
 
-        ``values`` is the reduced report, identical on every rank: all ranks decide alike.
+        ``values`` is the reduced report of ``keys``, identical on every rank: all ranks decide
+        alike.
         """
         from lightning.pytorch.utilities import rank_zero_warn
 
         from kd_module.guards import NonFiniteLossError, nonfinite_message, nonfinite_terms
 
-        terms = {key: float(values[i, 0]) for i, key in enumerate(self.report_keys)}
+        terms = {key: float(values[i, 0]) for i, key in enumerate(keys)}
         if not nonfinite_terms(terms):
             return True
         step = self.global_step + 1
@@ -373,7 +349,7 @@ class GPTModule(L.LightningModule):
             data.seq_length,
             data.micro_batch_size,
             forward_only=True,
-            loss=self.val_loss_kind or self.loss_kind,
+            objective=self.validation_objective,
         )
         for key, value in report.items():
             self._val_sums[key] = self._val_sums.get(key, 0) + value
@@ -383,10 +359,8 @@ class GPTModule(L.LightningModule):
         self._validation_report(dataloader_iter)
 
     def _validation_means(self) -> dict[str, torch.Tensor]:
-        values = self._reduce_report(self._val_sums, self.report_keys)
-        return {
-            key: values[i, 0] / values[i, 1].clamp(min=1) for i, key in enumerate(self.report_keys)
-        }
+        objective = self.validation_objective
+        return objective.means(objective.reduce_across_ranks(self._val_sums, self.device))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:
@@ -429,9 +403,6 @@ class DistillationModule(GPTModule):
         ...                     max_steps=30)
         >>> trainer.fit(module, datamodule=GPTDataModule(...))
     """
-
-    loss_kind = "kd"
-    report_keys = REPORT_KEYS
 
     def __init__(
         self,
@@ -529,6 +500,10 @@ class DistillationModule(GPTModule):
         super().on_train_end()
 
     @property
+    def training_objective(self) -> Objective:
+        return KDObjective()
+
+    @property
     def distillation_model(self) -> Any:
         """The ModelOpt DistillationModel without megatron's wrappers."""
         return unwrap(self.module)
@@ -560,7 +535,7 @@ class DistillationModule(GPTModule):
                 self.data.seq_length,
                 self.data.micro_batch_size,
                 forward_only=True,
-                loss="lm",
+                objective=LMObjective(),
             )
         finally:
             if patched is not None:
@@ -577,11 +552,12 @@ class DistillationModule(GPTModule):
             "val_kd_loss": float(means["logits_loss"] + means["intermediate_loss"]),
         }
         if self._measure_teacher:
-            teacher = self._reduce_report(
+            lm = LMObjective()
+            teacher = lm.reduce_across_ranks(
                 {"lm_loss": self._teacher_val_sums} if self._teacher_val_sums is not None else {},
-                ("lm_loss",),
+                self.device,
             )
-            self.teacher_val_loss = float(teacher[0, 0] / teacher[0, 1].clamp(min=1))
+            self.teacher_val_loss = float(lm.means(teacher)["lm_loss"])
         if self.teacher_val_loss is not None:
             metrics["teacher_val_loss"] = self.teacher_val_loss
         self.log_dict(metrics, prog_bar=True, batch_size=1)
