@@ -28,6 +28,8 @@ import psutil
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from kd_module.parallel.collectives import all_gather_object
+
 ON_GROWTH = ("warn", "stop")
 _MB = 1024 * 1024
 
@@ -243,9 +245,7 @@ class ManualGC(L.Callback):
         local = self._local_growth(trainer.global_step)
         if trainer.world_size == 1:
             return local
-        gathered: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, local)
-        found = [growth for growth in gathered if growth is not None]
+        found = [growth for growth in all_gather_object(local) if growth is not None]
         return max(found, key=lambda growth: growth["mb_per_step"]) if found else None
 
     def _message(self, growth: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ import yaml
 
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
+from kd_module.parallel import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -159,30 +160,10 @@ def _few(names: Any) -> str:
 # ---------------------------------------------------------------- distributed helpers
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_gather(value: Any) -> list[Any]:
-    rank, world_size = _world()
-    if world_size == 1:
-        return [value]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _barrier() -> None:
-    if _world()[1] > 1:
-        torch.distributed.barrier()
-
-
 def _gather_unique(items: list[str]) -> list[str]:
     """The union of every rank's ``items``, in rank order, without repeats."""
     merged: list[str] = []
-    for rank_items in _all_gather(items):
+    for rank_items in collectives.all_gather_object(items):
         merged.extend(item for item in rank_items if item not in merged)
     return merged
 
@@ -296,7 +277,7 @@ def _save(
     root = Path(path)
     final = root / f"iter_{iteration:07d}" if iteration is not None else root
     staging = final.parent / f".{final.name}.incomplete"
-    rank, _ = _world()
+    rank = collectives.rank()
 
     def prepare() -> None:
         if rank == 0:
@@ -341,13 +322,15 @@ def _on_every_rank(step: Callable[[], None], final: Path, cleanup: Callable[[], 
     except Exception as exc:
         failure = exc
     outcome = (
-        None if failure is None else f"rank {_world()[0]}: {type(failure).__name__}: {failure}"
+        None
+        if failure is None
+        else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
     )
-    errors = [error for error in _all_gather(outcome) if error is not None]
+    errors = [error for error in collectives.all_gather_object(outcome) if error is not None]
     if not errors:
         return
     cleanup()
-    _barrier()
+    collectives.barrier()
     if failure is not None:
         raise failure
     raise RuntimeError(f"save checkpoint {final}: failed on another rank: {'; '.join(errors)}")
@@ -551,7 +534,7 @@ def _load_torch_dist(model: torch.nn.Module, directory: Path, strict: bool) -> N
             if t.key in saved and saved[t.key] != tuple(t.global_shape)
         ),
     )
-    requested = set().union(*_all_gather({t.key for t in tensors}))
+    requested = set().union(*collectives.all_gather_object({t.key for t in tensors}))
     message = _key_problems(requested - set(saved), set(saved) - requested, directory, strict)
     if message:
         problems.append(message)
