@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_module.data.sampler import MegatronPretrainingSampler
 from kd_module.data.tokenizers import TokenizerConfig
-from kd_module.models.gpt import close_matches
+from kd_module.rules import close_matches
 
 SPLITS = ("train", "validation", "test")
 """Keys of a per-split ``paths`` dict."""

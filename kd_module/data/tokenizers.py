@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kd_module.models.gpt import close_matches
+from kd_module.rules import close_matches
 
 LIBRARIES = ("byte", "huggingface", "sentencepiece")
 """Tokenizer sources accepted by :class:`TokenizerConfig`."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from kd_module.models.gpt import close_matches
+from kd_module.rules import close_matches
 
 if TYPE_CHECKING:
     import torch

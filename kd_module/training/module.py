@@ -242,14 +242,10 @@ class GPTModule(L.LightningModule):
 
     @property
     def num_microbatches(self) -> int:
-        data = self.data
-        dp = self.trainer.strategy.data_parallel_size
-        if data.global_batch_size % (data.micro_batch_size * dp):
-            raise ValueError(
-                f"global_batch_size={data.global_batch_size} is not divisible by "
-                f"micro_batch_size={data.micro_batch_size} x data_parallel_size={dp}"
-            )
-        return data.global_batch_size // (data.micro_batch_size * dp)
+        data, strategy = self.data, self.trainer.strategy
+        return strategy.layout.num_microbatches(
+            data.global_batch_size, data.micro_batch_size, strategy.world_size
+        )
 
     def _reduce_report(self, report: dict[str, torch.Tensor], keys: tuple[str, ...]) -> Any:
         """Per-token means of ``keys`` over the global batch, identical on every rank."""
