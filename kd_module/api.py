@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_module.guards import cli_errors, write_json_atomic
+from kd_module.checkpoints.atomic import write_json_atomic
+from kd_module.guards import cli_errors
 from kd_module.rules import (
     Problems,
     checkpoint_problems,

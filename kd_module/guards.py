@@ -322,18 +322,3 @@ class friendly_errors(contextlib.ContextDecorator):  # noqa: N801  (used like a 
         line = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {line}", file=stream, flush=True)
         raise SystemExit(EXIT_CODE) from None
-
-
-def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` as JSON next to ``path`` and rename it into place.
-
-    A reader sees the old file or the whole new one, never a partial write (a killed job leaves
-    at most a stray ``.tmp`` file).
-    """
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

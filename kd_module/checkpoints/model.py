@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 
+from kd_module.checkpoints.atomic import replace_directory, write_text_atomic
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
 from kd_module.parallel import collectives
@@ -295,11 +296,11 @@ def _save(
 
     def publish() -> None:
         if rank == 0:
-            _replace_directory(staging, final)
+            replace_directory(staging, final)
             if iteration is not None:
                 if model_config is not None:
                     _write_model_config(root, model_config, model, tokenizer)
-                _write_atomically(root / TRACKER_FILE, f"{iteration}\n")
+                write_text_atomic(root / TRACKER_FILE, f"{iteration}\n")
 
     def discard() -> None:
         if rank == 0:
@@ -361,22 +362,6 @@ def _save_legacy(state_dict: dict[str, Any], directory: Path, iteration: int | N
     )
 
 
-def _replace_directory(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an existing ``final`` is removed only afterwards."""
-    previous = final.parent / f".{final.name}.replaced"
-    if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.parent / f".{path.name}.incomplete"
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _write_model_config(
     directory: Path,
     model_config: GPTModelConfig,
@@ -386,7 +371,7 @@ def _write_model_config(
     parameter = next(iter(model.parameters()), None)
     precision = str(parameter.dtype).removeprefix("torch.") if parameter is not None else None
     data = to_nemo_model_config(model_config, precision=precision, tokenizer=tokenizer)
-    _write_atomically(directory / MODEL_CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(directory / MODEL_CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
 
 
 # ---------------------------------------------------------------- loading

@@ -31,6 +31,7 @@ import yaml
 from kd_module.models.gpt import ACTIVATIONS, POSITION_EMBEDDINGS, GPTModelConfig
 from kd_module.rules import close_matches
 from kd_module.training.precision import ALIASES, dtype_name_of, lightning_precision
+from kd_module.yaml_files import parse_yaml, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -940,16 +941,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
             f"teacher model config {path}: is a directory; pass the YAML file, or the checkpoint "
             f"directory as teacher_checkpoint to read its {MODEL_CONFIG_FILE}"
         )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher model config {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"teacher model config {path}: not valid YAML{where}: {problem}") from None
+    data = read_yaml(path, "teacher model config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -968,11 +960,6 @@ def _read_from_nemo_archive(path: str) -> dict[str, Any] | None:
                 handle = archive.extractfile(member)
                 if handle is None:
                     return None
-                try:
-                    data = yaml.safe_load(handle)
-                except yaml.YAMLError as error:
-                    raise ValueError(
-                        f"teacher model config {path}:{member.name}: not valid YAML: {error}"
-                    ) from None
+                data = parse_yaml(handle, f"teacher model config {path}:{member.name}")
                 return data if data is not None else {}
     return None
