@@ -42,6 +42,24 @@ def _as_config(value: Any, cls: type, label: str, problems: Problems) -> Any:
     return value
 
 
+def _check_layout(
+    problems: Problems,
+    layout: ParallelLayout,
+    num_nodes: Any,
+    num_gpus_per_node: Any,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+) -> None:
+    """The layout's sizes, then, when no argument is wrong, its split of the recipe's ranks."""
+    problems.extend(layout.size_problems())
+    if not problems:
+        world_size = num_nodes * num_gpus_per_node
+        world = f"num_nodes x num_gpus_per_node = {world_size}"
+        problems.extend(
+            layout.problems(world_size, global_batch_size, micro_batch_size, world=world)
+        )
+
+
 def trainer_config(
     num_nodes: int = 1,
     num_gpus_per_node: int = 8,
@@ -240,28 +258,20 @@ def distill_recipe(
         ("loss_chunk_size", loss_chunk_size),
     ):
         problems.positive_int(label, value)
-    layout = ParallelLayout(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        context_parallel_size=context_parallel_size,
-    )
-    problems.extend(layout.size_problems())
     problems.positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, or_none="None")
     problems.positive_int("seq_length", seq_length, or_none="None")
     problems.one_of("accelerator", accelerator, ACCELERATORS)
     problems.extend(precision_problems(precision, cuda=accelerator != "cpu"))
     if not isinstance(name, str) or not name or "/" in name:
         problems.add(f"name={name!r} must be a non-empty string without '/'")
-    if not problems:
-        world_size = num_nodes * num_gpus_per_node
-        problems.extend(
-            layout.problems(
-                world_size,
-                global_batch_size,
-                micro_batch_size,
-                world=f"num_nodes x num_gpus_per_node = {world_size}",
-            )
-        )
+    layout = ParallelLayout(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    _check_layout(
+        problems, layout, num_nodes, num_gpus_per_node, global_batch_size, micro_batch_size
+    )
     problems.raise_if_any("distill recipe")
 
     log_dir = "runs" if dir is None else dir
@@ -427,12 +437,7 @@ def cache_teacher_recipe(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
-    problems.extend(layout.size_problems())
-    if not problems:
-        world_size = num_nodes * num_gpus_per_node
-        problems.extend(
-            layout.problems(world_size, world=f"num_nodes x num_gpus_per_node = {world_size}")
-        )
+    _check_layout(problems, layout, num_nodes, num_gpus_per_node)
     problems.raise_if_any("cache-teacher recipe")
     return run.Partial(
         build_teacher_cache,

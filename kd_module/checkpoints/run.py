@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from kd_module.checkpoints.atomic import replace_directory
 from kd_module.parallel.collectives import all_gather_object, barrier, rank
+from kd_module.rules import Problems, positive_int_problems
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +135,7 @@ def save_run_checkpoint(module: Any, checkpoint: dict[str, Any], path: str | os.
     dist_checkpointing.save(state, str(staging))
     barrier()
     if rank() == 0:
-        if final.is_symlink() or final.is_file():
-            final.unlink()
-        elif final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_directory(staging, final)
     barrier()
     return final
 
@@ -244,12 +242,10 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(
         self, dirpath: str | None = None, every_n_train_steps: int = 100, keep_last: int = 2
     ):
-        problems = []
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("keep_last", keep_last)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if problems:
-            raise ValueError("RunCheckpoint: " + "; ".join(problems))
+        problems = positive_int_problems(
+            every_n_train_steps=every_n_train_steps, keep_last=keep_last
+        )
+        Problems(problems).raise_if_any("RunCheckpoint")
         super().__init__(
             dirpath=dirpath,
             filename="step={step}",

@@ -43,9 +43,9 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from kd_module.checkpoints.atomic import write_json_atomic
 from kd_module.data.datamodule import data_parallel_rank_and_size
 from kd_module.distillation.losses import all_gather_last_dim, resolve_tp_group, vocab_parallel_max
-from kd_module.guards import write_json_atomic
 from kd_module.parallel.collectives import barrier
 from kd_module.rules import Problems
 from kd_module.training.precision import DTYPES
@@ -706,12 +706,9 @@ def offline_topk_kd_loss(
         >>> values, indices, lse = (t.transpose(0, 1) for t in cache.lookup(sample_index))
         >>> per_token = offline_topk_kd_loss(student_logits, values, indices, lse, mode="tail")
     """
-    problems = []
-    if mode not in OFFLINE_LOSS_MODES:
-        problems.append(f"mode={mode!r} is not one of {', '.join(OFFLINE_LOSS_MODES)}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        problems.append(f"temperature={temperature!r} must be a number > 0")
-    elif mode == "tail" and temperature != 1.0:
+    problems = Problems()
+    problems.one_of("mode", mode, OFFLINE_LOSS_MODES)
+    if problems.positive_number("temperature", temperature) and mode == "tail" and temperature != 1:
         problems.append(
             f"temperature={temperature!r} needs mode='renormalized': the cache stores the "
             "log-sum-exp of the raw logits, so the tail mass at another temperature is unknown"
