@@ -296,10 +296,17 @@ class ParallelLayout:
         if global_batch_size is None or micro_batch_size is None:
             return []
         data_parallel = world_size // self.model_parallel_size
-        if global_batch_size % (micro_batch_size * data_parallel):
+        return self.batch_problems(global_batch_size, micro_batch_size, data_parallel)
+
+    @staticmethod
+    def batch_problems(
+        global_batch_size: int, micro_batch_size: int, data_parallel_size: int
+    ) -> list[str]:
+        """Whether a global batch splits into whole micro-batches on every data-parallel rank."""
+        if global_batch_size % (micro_batch_size * data_parallel_size):
             return [
                 f"global_batch_size={global_batch_size} is not divisible by "
-                f"micro_batch_size={micro_batch_size} x data_parallel_size={data_parallel}"
+                f"micro_batch_size={micro_batch_size} x data_parallel_size={data_parallel_size}"
             ]
         return []
 
