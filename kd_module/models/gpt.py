@@ -96,9 +96,9 @@ class GPTModelConfig:
 
     def problems(self) -> list[str]:
         """Every problem with this config, as messages naming the key and what is allowed."""
-        problems = Problems()
+        out = Problems()
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            problems.positive_int(name, getattr(self, name))
+            out.positive_int(name, getattr(self, name))
         for name in (
             "ffn_hidden_size",
             "num_query_groups",
@@ -106,15 +106,12 @@ class GPTModelConfig:
             "vocab_size",
             "max_position_embeddings",
         ):
-            problems.positive_int(name, getattr(self, name), or_none="null")
-        problems.one_of("activation", self.activation, ACTIVATIONS)
-        problems.one_of("normalization", self.normalization, NORMALIZATIONS)
-        problems.one_of(
-            "position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS
-        )
-        problems.one_of("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
-        problems.one_of("model_type", self.model_type, MODEL_TYPES)
-        out = list(problems)
+            out.positive_int(name, getattr(self, name), or_none="null")
+        out.one_of("activation", self.activation, ACTIVATIONS)
+        out.one_of("normalization", self.normalization, NORMALIZATIONS)
+        out.one_of("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+        out.one_of("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        out.one_of("model_type", self.model_type, MODEL_TYPES)
         if (
             isinstance(self.hidden_size, int)
             and isinstance(self.num_attention_heads, int)

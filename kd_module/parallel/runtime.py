@@ -59,7 +59,9 @@ from typing import Any
 
 import torch
 
+from kd_module.models.gpt import ParallelLayout
 from kd_module.parallel.collectives import free_port
+from kd_module.rules import Problems
 
 logger = logging.getLogger(__name__)
 
@@ -551,9 +553,6 @@ def initialize_distributed(
         # outlives a fit, so a second fit in the same ranks reuses it (re-creating it against
         # the launcher's store fails).
         _owns_process_group = bool(_env_set_here)
-
-    from kd_module.models.gpt import ParallelLayout
-    from kd_module.rules import Problems
 
     layout = ParallelLayout(
         tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
