@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from kd_module.parallel.timing import synchronize
+from kd_module.rules import Problems
 from kd_module.upstream.modelopt import discard_captured_outputs
 
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
@@ -73,15 +74,12 @@ class LatencyProfiler(L.Callback):
     def __init__(
         self, every_n_steps: int = 10, warmup_steps: int = 2, slowdown_threshold: float = 1.2
     ) -> None:
-        problems = []
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            problems.append(f"every_n_steps={every_n_steps!r} must be an integer >= 1")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            problems.append(f"warmup_steps={warmup_steps!r} must be an integer >= 0")
+        problems = Problems()
+        problems.positive_int("every_n_steps", every_n_steps)
+        problems.int_at_least("warmup_steps", warmup_steps, 0)
         if not slowdown_threshold >= 1:
-            problems.append(f"slowdown_threshold={slowdown_threshold!r} must be >= 1")
-        if problems:
-            raise ValueError("LatencyProfiler: " + "; ".join(problems))
+            problems.add(f"slowdown_threshold={slowdown_threshold!r} must be >= 1")
+        problems.raise_if_any("LatencyProfiler")
         self.every_n_steps = every_n_steps
         self.warmup_steps = warmup_steps
         self.slowdown_threshold = float(slowdown_threshold)

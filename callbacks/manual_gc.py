@@ -28,6 +28,8 @@ import psutil
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from kd_module.parallel.collectives import all_gather_object
+from kd_module.rules import Problems
 from kd_module.upstream.lightning import callback_state_key
 
 ON_GROWTH = ("warn", "stop")
@@ -106,19 +108,12 @@ class ManualGC(L.Callback):
         checkpoint_dir: str | Path | None = None,
         watch_gpu: bool = True,
     ) -> None:
-        problems = []
-        if not isinstance(gc_interval, int) or gc_interval < 0:
-            problems.append(f"gc_interval={gc_interval!r} must be an integer >= 0 (0: never)")
-        if not isinstance(window, int) or window < 2:
-            problems.append(f"window={window!r} must be an integer >= 2 (steps fitted)")
-        if not growth_threshold_mb_per_step > 0:
-            problems.append(
-                f"growth_threshold_mb_per_step={growth_threshold_mb_per_step!r} must be > 0"
-            )
-        if on_growth not in ON_GROWTH:
-            problems.append(f"on_growth={on_growth!r} must be one of {list(ON_GROWTH)}")
-        if problems:
-            raise ValueError("ManualGC: " + "; ".join(problems))
+        problems = Problems()
+        problems.int_at_least("gc_interval", gc_interval, 0, hint=" (0: never)")
+        problems.int_at_least("window", window, 2, hint=" (steps fitted)")
+        problems.positive_number("growth_threshold_mb_per_step", growth_threshold_mb_per_step)
+        problems.one_of("on_growth", on_growth, ON_GROWTH)
+        problems.raise_if_any("ManualGC")
         self.gc_interval = gc_interval
         self.gc_at_validation = gc_at_validation
         self.window = window
@@ -246,9 +241,7 @@ class ManualGC(L.Callback):
         local = self._local_growth(trainer.global_step)
         if trainer.world_size == 1:
             return local
-        gathered: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, local)
-        found = [growth for growth in gathered if growth is not None]
+        found = [growth for growth in all_gather_object(local) if growth is not None]
         return max(found, key=lambda growth: growth["mb_per_step"]) if found else None
 
     def _message(self, growth: dict[str, Any]) -> str:

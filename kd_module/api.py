@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_module.guards import cli_errors, write_json_atomic
-from kd_module.rules import checkpoint_problems, tokenizer_problems
+from kd_module.checkpoints.atomic import write_json_atomic
+from kd_module.guards import cli_errors
+from kd_module.rules import (
+    Problems,
+    checkpoint_problems,
+    positive_int_problems,
+    tokenizer_problems,
+)
 from kd_module.versions import jsonable, package_versions
 
 logger = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ def check_inputs(
     from kd_module.models.gpt import implementation_problems
     from kd_module.training.strategy import MegatronStrategy
 
-    problems: list[str] = []
+    problems = Problems()
     strategy = trainer.strategy
     if not isinstance(strategy, MegatronStrategy):
         raise ValueError(
@@ -99,18 +105,8 @@ def check_inputs(
             check_seq_length(data.seq_length, config.padded_max_position_embeddings)
         except ValueError as error:
             problems.append(f"{who}: {error}")
-    model_parallel = (
-        layout.tensor_model_parallel_size
-        * layout.pipeline_model_parallel_size
-        * layout.context_parallel_size
-    )
     if not problems:
-        data_parallel = world_size // model_parallel
-        if data.global_batch_size % (data.micro_batch_size * data_parallel):
-            problems.append(
-                f"global_batch_size={data.global_batch_size} is not divisible by "
-                f"micro_batch_size={data.micro_batch_size} x data_parallel_size={data_parallel}"
-            )
+        problems += layout.problems(world_size, data.global_batch_size, data.micro_batch_size)
     if not data.mock:
         try:
             check_prefixes_exist(data.prefixes())
@@ -124,10 +120,8 @@ def check_inputs(
     ):
         problems += checkpoint_problems(label, path, requested)
     problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
-    if trainer.max_steps is None or trainer.max_steps <= 0:
-        problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive integer")
-    if problems:
-        raise ValueError("distill: " + "; ".join(problems))
+    problems.positive_int("trainer.max_steps", trainer.max_steps)
+    problems.raise_if_any("distill")
 
 
 def _attach_logger(trainer: Any, run_dir: Path) -> None:
@@ -279,8 +273,7 @@ def distill(
             check_teacher_integrity=check_teacher_integrity,
         )
     check_inputs(module, data, trainer, teacher_tokenizer)
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"distill: keep_last={keep_last!r} must be a positive integer")
+    Problems(positive_int_problems(keep_last=keep_last)).raise_if_any("distill")
     run_dir = Path(log_dir) / name
     from kd_module.guards import writable_dir_problems
 

@@ -24,6 +24,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kd_module.parallel.collectives import all_gather_object
+
 if TYPE_CHECKING:
     import torch
 
@@ -183,23 +185,13 @@ def teacher_digests(model: torch.nn.Module, chunk_bytes: int = HASH_CHUNK_BYTES)
     return dict(sorted(digests.items()))
 
 
-def _gather(value: Any) -> list[Any]:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, value)
-        return out
-    return [value]
-
-
 def combined_sha256(digests: dict[str, str]) -> str:
     """One SHA-256 over every rank's digests, in rank order; identical on every rank.
 
     A collective when ``torch.distributed`` is initialized: every rank must call it.
     """
     local = hashlib.sha256("".join(f"{k}={v}\n" for k, v in digests.items()).encode()).hexdigest()
-    return hashlib.sha256("".join(_gather(local)).encode()).hexdigest()
+    return hashlib.sha256("".join(all_gather_object(local)).encode()).hexdigest()
 
 
 def changed_tensors(before: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -208,7 +200,7 @@ def changed_tensors(before: dict[str, str], after: dict[str, str]) -> list[str]:
     A collective when ``torch.distributed`` is initialized: every rank must call it.
     """
     local = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    rank_lists = _gather(local)
+    rank_lists = all_gather_object(local)
     return sorted({name for names in rank_lists for name in names})
 
 
@@ -330,18 +322,3 @@ class friendly_errors(contextlib.ContextDecorator):  # noqa: N801  (used like a 
         line = " ".join(str(error).split()) or type(error).__name__
         print(f"error: {line}", file=stream, flush=True)
         raise SystemExit(EXIT_CODE) from None
-
-
-def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` as JSON next to ``path`` and rename it into place.
-
-    A reader sees the old file or the whole new one, never a partial write (a killed job leaves
-    at most a stray ``.tmp`` file).
-    """
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -9,7 +9,7 @@ apart lets one recipe run on a laptop, on an 8-GPU box and on a Slurm cluster un
 The ranks are started by ``torchrun``; Lightning's ``TorchElasticEnvironment`` then reads the
 rank and world size it sets. nemo-run is imported only by the functions that take or make its
 objects: ``import kd_module`` stays free of it, and so do the input checks
-(:func:`positive_int_problems`) that ``distill`` and ``build_teacher_cache`` run, which therefore
+(:mod:`kd_module.rules`) that ``distill`` and ``build_teacher_cache`` run, which therefore
 work where nemo-run is not installed (the wheels of ``make gpu-check`` leave it out).
 """
 
@@ -17,20 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kd_module.rules import positive_int_problems
+
 if TYPE_CHECKING:
     import nemo_run as run
 
 LAUNCHER = "torchrun"
 """Launcher of every executor made here: one process per device, with torch.distributed's env."""
-
-
-def positive_int_problems(**values: Any) -> list[str]:
-    """``"NAME=VALUE must be a positive integer"`` for each value that is not one (nor a bool)."""
-    return [
-        f"{name}={value!r} must be a positive integer"
-        for name, value in values.items()
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ]
 
 
 def recipe_devices(recipe: run.Partial) -> int:

@@ -1,11 +1,107 @@
-"""Input rules shared by the entry points (``distill``, ``build_teacher_cache``): each returns
-the problems it finds as messages, so that a caller reports all of them at once, before any
-expensive work."""
+"""Input rules shared by the entry points (``distill``, ``build_teacher_cache``, the recipes,
+the configs and the callbacks).
+
+:class:`Problems` collects every problem of one call, each a message naming the key, the bad
+value and what is allowed, and raises them together, before any expensive work. The functions
+below return the problems they find as lists of such messages. This module imports neither
+torch nor Lightning, so the light CLI can check arguments without them.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from typing import Any
+
+
+def close_matches(name: Any, choices: Iterable[Any], n: int = 3) -> str:
+    """A ``" (did you mean 'x'?)"`` hint, or an empty string when nothing is close."""
+    matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.6)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
+
+
+def is_positive_int(value: Any) -> bool:
+    """An ``int`` (not a ``bool``) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class Problems(list[str]):
+    """Every problem of one call, collected so that they are reported together.
+
+    A list of messages (so ``problems += other_check()`` works), with one method per shared
+    rule, each of which records a message in the same words wherever the rule applies.
+
+    Examples:
+        >>> problems = Problems()
+        >>> problems.positive_int("devices", 0)
+        False
+        >>> problems.one_of("precision", "bf61", ("fp32", "bf16"))
+        False
+        >>> problems[1]
+        "precision='bf61' is not one of fp32, bf16 (did you mean 'bf16'?)"
+        >>> problems.raise_if_any("trainer")
+        Traceback (most recent call last):
+        ValueError: trainer: devices=0 must be a positive integer; precision='bf61' is not ...
+    """
+
+    def add(self, message: str) -> None:
+        """Record one problem."""
+        self.append(message)
+
+    def positive_int(self, name: str, value: Any, hint: str = "", or_none: str = "") -> bool:
+        """Whether ``value`` is an ``int`` >= 1 (never a ``bool``); records a problem if not.
+
+        Args:
+            name: the key as the user spells it.
+            value: the value given.
+            hint: text appended to the message (``" (or set data.num_train_samples)"``).
+            or_none: how the caller spells "no value" (``"None"``, ``"null"``); when set,
+                ``None`` is accepted too and the message says so.
+        """
+        if (or_none and value is None) or is_positive_int(value):
+            return True
+        allowed = f" or {or_none}" if or_none else ""
+        self.add(f"{name}={value!r} must be a positive integer{allowed}{hint}")
+        return False
+
+    def int_at_least(self, name: str, value: Any, minimum: int, hint: str = "") -> bool:
+        """Whether ``value`` is an ``int`` (never a ``bool``) >= ``minimum``."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return True
+        self.add(f"{name}={value!r} must be an integer >= {minimum}{hint}")
+        return False
+
+    def positive_number(self, name: str, value: Any) -> bool:
+        """Whether ``value`` is an ``int`` or ``float`` (never a ``bool``) > 0."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return True
+        self.add(f"{name}={value!r} must be a number > 0")
+        return False
+
+    def one_of(self, name: str, value: Any, allowed: Iterable[Any]) -> bool:
+        """Whether ``value`` is in ``allowed``; the message suggests close spellings."""
+        allowed = tuple(allowed)
+        if value in allowed:
+            return True
+        hint = close_matches(value, allowed) if isinstance(value, str) else ""
+        self.add(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+        return False
+
+    def raise_if_any(self, prefix: str) -> None:
+        """Raise ``ValueError("PREFIX: first; second; ...")`` when any problem was recorded."""
+        if self:
+            raise ValueError(f"{prefix}: " + "; ".join(self))
+
+
+def positive_int_problems(**values: Any) -> list[str]:
+    """``"NAME=VALUE must be a positive integer"`` for each value that is not one (nor a bool)."""
+    problems = Problems()
+    for name, value in values.items():
+        problems.positive_int(name, value)
+    return list(problems)
 
 
 def tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) -> list[str]:
@@ -45,8 +141,6 @@ def checkpoint_problems(label: str, path: str | None, requested: str) -> list[st
 
 def launch_problems(num_nodes: Any, devices: Any) -> list[str]:
     """``num_nodes x devices`` against the ranks this process was launched with."""
-    from kd_module.launch import positive_int_problems
-
     problems = positive_int_problems(num_nodes=num_nodes, devices=devices)
     if problems:
         return problems

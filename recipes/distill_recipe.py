@@ -16,24 +16,21 @@ import nemo_run as run
 from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.tokenizers import TokenizerConfig
-from kd_module.launch import positive_int_problems
-from kd_module.models.gpt import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig, ParallelLayout
+from kd_module.rules import Problems
 from kd_module.training.optim import OptimizerConfig
-from kd_module.training.strategy import PRECISIONS, MegatronStrategy
+from kd_module.training.precision import precision_problems
+from kd_module.training.strategy import MegatronStrategy
 
 ACCELERATORS = ("gpu", "cpu")
 """Values of ``accelerator``."""
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _as_config(value: Any, cls: type, label: str, problems: list[str]) -> Any:
+def _as_config(value: Any, cls: type, label: str, problems: Problems) -> Any:
     """``value`` as a ``run.Config`` of ``cls`` (a built dataclass is turned back into one)."""
     if isinstance(value, run.Config):
         if value.__fn_or_cls__ is not cls:
-            problems.append(
+            problems.add(
                 f"{label} is a run.Config of {value.__fn_or_cls__.__name__}; "
                 f"expected a run.Config of {cls.__name__}"
             )
@@ -41,8 +38,26 @@ def _as_config(value: Any, cls: type, label: str, problems: list[str]) -> Any:
     if isinstance(value, cls):
         fields = {name: getattr(value, name) for name in value.__dataclass_fields__}
         return run.Config(cls, **fields)
-    problems.append(f"{label}={value!r} must be a {cls.__name__} or a run.Config of one")
+    problems.add(f"{label}={value!r} must be a {cls.__name__} or a run.Config of one")
     return value
+
+
+def _check_layout(
+    problems: Problems,
+    layout: ParallelLayout,
+    num_nodes: Any,
+    num_gpus_per_node: Any,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+) -> None:
+    """The layout's sizes, then, when no argument is wrong, its split of the recipe's ranks."""
+    problems.extend(layout.size_problems())
+    if not problems:
+        world_size = num_nodes * num_gpus_per_node
+        world = f"num_nodes x num_gpus_per_node = {world_size}"
+        problems.extend(
+            layout.problems(world_size, global_batch_size, micro_batch_size, world=world)
+        )
 
 
 def trainer_config(
@@ -225,60 +240,39 @@ def distill_recipe(
             recipe = distill_recipe("/ckpt/teacher", student_config=run.Config(GPTModelConfig))
             run.run(recipe, executor=local_executor(devices=8))
     """
-    problems: list[str] = []
+    problems = Problems()
     if student_config is None:
-        problems.append("student_config is required (a GPTModelConfig or a run.Config of one)")
+        problems.add("student_config is required (a GPTModelConfig or a run.Config of one)")
     else:
         student_config = _as_config(student_config, GPTModelConfig, "student_config", problems)
     if teacher_config is not None:
         teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
-    problems += positive_int_problems(
-        num_nodes=num_nodes,
-        num_gpus_per_node=num_gpus_per_node,
-        micro_batch_size=micro_batch_size,
-        global_batch_size=global_batch_size,
-        max_steps=max_steps,
+    for label, value in (
+        ("num_nodes", num_nodes),
+        ("num_gpus_per_node", num_gpus_per_node),
+        ("micro_batch_size", micro_batch_size),
+        ("global_batch_size", global_batch_size),
+        ("max_steps", max_steps),
+        ("loss_chunk_size", loss_chunk_size),
+    ):
+        problems.positive_int(label, value)
+    problems.positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, or_none="None")
+    problems.positive_int("seq_length", seq_length, or_none="None")
+    problems.one_of("accelerator", accelerator, ACCELERATORS)
+    problems.extend(precision_problems(precision, cuda=accelerator != "cpu"))
+    if not isinstance(name, str) or not name or "/" in name:
+        problems.add(f"name={name!r} must be a non-empty string without '/'")
+    layout = ParallelLayout(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
-        loss_chunk_size=loss_chunk_size,
     )
-    if checkpoint_every_n_steps is not None and not _is_positive_int(checkpoint_every_n_steps):
-        problems.append(
-            f"checkpoint_every_n_steps={checkpoint_every_n_steps!r} must be a positive integer "
-            "or None"
-        )
-    if seq_length is not None and not _is_positive_int(seq_length):
-        problems.append(f"seq_length={seq_length!r} must be a positive integer or None")
-    if accelerator not in ACCELERATORS:
-        problems.append(f"accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
-    if precision not in PRECISIONS:
-        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    elif precision == "bf16" and accelerator == "cpu":
-        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
-    if not isinstance(name, str) or not name or "/" in name:
-        problems.append(f"name={name!r} must be a non-empty string without '/'")
-    if not problems:
-        world_size = num_nodes * num_gpus_per_node
-        model_parallel = (
-            tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
-        )
-        if world_size % model_parallel:
-            problems.append(
-                f"num_nodes x num_gpus_per_node = {world_size} is not divisible by "
-                f"tensor_model_parallel_size x pipeline_model_parallel_size x "
-                f"context_parallel_size = {model_parallel}"
-            )
-        elif global_batch_size % (micro_batch_size * (world_size // model_parallel)):
-            problems.append(
-                f"global_batch_size={global_batch_size} is not divisible by "
-                f"micro_batch_size={micro_batch_size} x data_parallel_size="
-                f"{world_size // model_parallel}"
-            )
-    if problems:
-        raise ValueError("distill recipe: " + "; ".join(problems))
+    _check_layout(
+        problems, layout, num_nodes, num_gpus_per_node, global_batch_size, micro_batch_size
+    )
+    problems.raise_if_any("distill recipe")
 
     log_dir = "runs" if dir is None else dir
     data = data_config(
@@ -424,32 +418,27 @@ def cache_teacher_recipe(
     """
     from kd_module.offline.job import build_teacher_cache
 
-    problems: list[str] = []
+    problems = Problems()
     if teacher_config is not None:
         teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
-    problems += positive_int_problems(
-        num_samples=num_samples,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        k=k,
-        shard_size=shard_size,
-        num_nodes=num_nodes,
-        num_gpus_per_node=num_gpus_per_node,
+    for label, value in (
+        ("num_samples", num_samples),
+        ("seq_length", seq_length),
+        ("micro_batch_size", micro_batch_size),
+        ("k", k),
+        ("shard_size", shard_size),
+        ("num_nodes", num_nodes),
+        ("num_gpus_per_node", num_gpus_per_node),
+    ):
+        problems.positive_int(label, value)
+    layout = ParallelLayout(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
-    if not problems and (num_nodes * num_gpus_per_node) % (
-        tensor_model_parallel_size * pipeline_model_parallel_size
-    ):
-        problems.append(
-            f"num_nodes x num_gpus_per_node = {num_nodes * num_gpus_per_node} is not divisible "
-            "by tensor_model_parallel_size x pipeline_model_parallel_size = "
-            f"{tensor_model_parallel_size * pipeline_model_parallel_size}"
-        )
-    if problems:
-        raise ValueError("cache-teacher recipe: " + "; ".join(problems))
+    _check_layout(problems, layout, num_nodes, num_gpus_per_node)
+    problems.raise_if_any("cache-teacher recipe")
     return run.Partial(
         build_teacher_cache,
         data=data_config(

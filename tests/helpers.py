@@ -18,7 +18,6 @@ import importlib
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kd_module.parallel.collectives import free_port
+
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DistributedRunError(AssertionError):
     """A multi-rank run failed or timed out; the message carries the ranks' output."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _target_of(fn: Callable[..., Any] | str) -> str:
@@ -91,7 +86,7 @@ def run_distributed(
             f"--nproc_per_node={nprocs}",
             "--nnodes=1",
             "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             "--max_restarts=0",
             "-m",
             "tests.helpers",

@@ -32,8 +32,10 @@ from typing import Any
 import torch
 import yaml
 
+from kd_module.checkpoints.atomic import replace_directory, write_text_atomic
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
+from kd_module.parallel import collectives
 from kd_module.upstream.modelopt import hidden_state_dict_prefixes
 
 logger = logging.getLogger(__name__)
@@ -160,30 +162,10 @@ def _few(names: Any) -> str:
 # ---------------------------------------------------------------- distributed helpers
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_gather(value: Any) -> list[Any]:
-    rank, world_size = _world()
-    if world_size == 1:
-        return [value]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _barrier() -> None:
-    if _world()[1] > 1:
-        torch.distributed.barrier()
-
-
 def _gather_unique(items: list[str]) -> list[str]:
     """The union of every rank's ``items``, in rank order, without repeats."""
     merged: list[str] = []
-    for rank_items in _all_gather(items):
+    for rank_items in collectives.all_gather_object(items):
         merged.extend(item for item in rank_items if item not in merged)
     return merged
 
@@ -297,7 +279,7 @@ def _save(
     root = Path(path)
     final = root / f"iter_{iteration:07d}" if iteration is not None else root
     staging = final.parent / f".{final.name}.incomplete"
-    rank, _ = _world()
+    rank = collectives.rank()
 
     def prepare() -> None:
         if rank == 0:
@@ -315,11 +297,11 @@ def _save(
 
     def publish() -> None:
         if rank == 0:
-            _replace_directory(staging, final)
+            replace_directory(staging, final)
             if iteration is not None:
                 if model_config is not None:
                     _write_model_config(root, model_config, model, tokenizer)
-                _write_atomically(root / TRACKER_FILE, f"{iteration}\n")
+                write_text_atomic(root / TRACKER_FILE, f"{iteration}\n")
 
     def discard() -> None:
         if rank == 0:
@@ -342,13 +324,15 @@ def _on_every_rank(step: Callable[[], None], final: Path, cleanup: Callable[[], 
     except Exception as exc:
         failure = exc
     outcome = (
-        None if failure is None else f"rank {_world()[0]}: {type(failure).__name__}: {failure}"
+        None
+        if failure is None
+        else f"rank {collectives.rank()}: {type(failure).__name__}: {failure}"
     )
-    errors = [error for error in _all_gather(outcome) if error is not None]
+    errors = [error for error in collectives.all_gather_object(outcome) if error is not None]
     if not errors:
         return
     cleanup()
-    _barrier()
+    collectives.barrier()
     if failure is not None:
         raise failure
     raise RuntimeError(f"save checkpoint {final}: failed on another rank: {'; '.join(errors)}")
@@ -379,22 +363,6 @@ def _save_legacy(state_dict: dict[str, Any], directory: Path, iteration: int | N
     )
 
 
-def _replace_directory(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an existing ``final`` is removed only afterwards."""
-    previous = final.parent / f".{final.name}.replaced"
-    if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.parent / f".{path.name}.incomplete"
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _write_model_config(
     directory: Path,
     model_config: GPTModelConfig,
@@ -404,7 +372,7 @@ def _write_model_config(
     parameter = next(iter(model.parameters()), None)
     precision = str(parameter.dtype).removeprefix("torch.") if parameter is not None else None
     data = to_nemo_model_config(model_config, precision=precision, tokenizer=tokenizer)
-    _write_atomically(directory / MODEL_CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(directory / MODEL_CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
 
 
 # ---------------------------------------------------------------- loading
@@ -552,7 +520,7 @@ def _load_torch_dist(model: torch.nn.Module, directory: Path, strict: bool) -> N
             if t.key in saved and saved[t.key] != tuple(t.global_shape)
         ),
     )
-    requested = set().union(*_all_gather({t.key for t in tensors}))
+    requested = set().union(*collectives.all_gather_object({t.key for t in tensors}))
     message = _key_problems(requested - set(saved), set(saved) - requested, directory, strict)
     if message:
         problems.append(message)

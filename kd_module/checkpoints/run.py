@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from kd_module.checkpoints.atomic import replace_directory
+from kd_module.parallel.collectives import all_gather_object, barrier, rank
+from kd_module.rules import Problems, positive_int_problems
 from kd_module.upstream import lightning as upstream_lightning
 
 logger = logging.getLogger(__name__)
@@ -37,22 +40,9 @@ _TMP_PREFIX = ".tmp-"
 _LIGHTNING_KEYS_OUTSIDE_COMMON = ("state_dict", "optimizer_states")
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def _all_agree(ok: bool) -> bool:
     """Whether every rank reports ``ok`` (works with gloo and NCCL)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return ok
-    outcomes: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(outcomes, ok)
-    return all(outcomes)
+    return all(all_gather_object(ok))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -94,7 +84,7 @@ def _rng_object(data: Any) -> Any:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return ShardedObject("rng_state", data, (world,), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", data, (world,), (rank(),), replica_id=0)
 
 
 def _sharded_state(module: Any, is_loading: bool) -> dict[str, Any]:
@@ -123,7 +113,7 @@ def save_run_checkpoint(module: Any, checkpoint: dict[str, Any], path: str | os.
     final = Path(path)
     staging = final.parent / f"{_TMP_PREFIX}{final.name}"
     failure: Exception | None = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -144,14 +134,10 @@ def save_run_checkpoint(module: Any, checkpoint: dict[str, Any], path: str | os.
     )
     state["lightning"] = common
     dist_checkpointing.save(state, str(staging))
-    _barrier()
-    if _rank() == 0:
-        if final.is_symlink() or final.is_file():
-            final.unlink()
-        elif final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    _barrier()
+    barrier()
+    if rank() == 0:
+        replace_directory(staging, final)
+    barrier()
     return final
 
 
@@ -229,7 +215,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 def remove_run_checkpoint(path: str | os.PathLike) -> None:
     """Delete a run checkpoint (rank 0; Lightning's ModelCheckpoint rotation)."""
     target = Path(path)
-    if _rank() != 0:
+    if rank() != 0:
         return
     if target.is_symlink() or target.is_file():
         target.unlink()
@@ -257,12 +243,10 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(
         self, dirpath: str | None = None, every_n_train_steps: int = 100, keep_last: int = 2
     ):
-        problems = []
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("keep_last", keep_last)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if problems:
-            raise ValueError("RunCheckpoint: " + "; ".join(problems))
+        problems = positive_int_problems(
+            every_n_train_steps=every_n_train_steps, keep_last=keep_last
+        )
+        Problems(problems).raise_if_any("RunCheckpoint")
         super().__init__(
             dirpath=dirpath,
             filename="step={step}",

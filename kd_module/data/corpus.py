@@ -22,8 +22,10 @@ import sys
 import sysconfig
 from typing import Any
 
+from kd_module.checkpoints.atomic import write_text_atomic
 from kd_module.data.prepare import prepare_data
 from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.rules import Problems
 
 CACHE_ENV = "KD_CACHE_DIR"
 """Environment variable naming the cache directory."""
@@ -96,16 +98,11 @@ def embedded_corpus(
         ValueError: for a bad limit, or when the selection leaves no training or no validation
             file.
     """
-    problems = []
-    for name, value in (
-        ("max_bytes", max_bytes),
-        ("max_files", max_files),
-        ("validation_every", validation_every),
-    ):
-        if value is None and name == "max_files":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{name}={value!r} must be a positive integer")
+    problems = Problems()
+    problems.positive_int("max_bytes", max_bytes)
+    if max_files is not None:
+        problems.positive_int("max_files", max_files)
+    problems.positive_int("validation_every", validation_every)
     if isinstance(validation_every, int) and validation_every == 1:
         problems.append("validation_every=1 leaves no training files; use 2 or more")
     if problems:
@@ -157,8 +154,5 @@ def embedded_corpus(
         "directory": directory,
     }
     # The manifest goes last and atomically: its presence means both datasets are complete.
-    temporary = f"{manifest_path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    os.replace(temporary, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(summary, indent=2))
     return {**summary, "cached": False}

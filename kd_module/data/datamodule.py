@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_module.data.sampler import MegatronPretrainingSampler
 from kd_module.data.tokenizers import TokenizerConfig
-from kd_module.models.gpt import close_matches
+from kd_module.rules import Problems, close_matches
 
 SPLITS = ("train", "validation", "test")
 """Keys of a per-split ``paths`` dict."""
@@ -242,7 +242,7 @@ class GPTDataModule(L.LightningDataModule):
         consumed_samples: int = 0,
     ) -> None:
         super().__init__()
-        problems = []
+        problems = Problems()
         if mock and paths is not None:
             problems.append(f"paths={paths!r} is not used with mock=True; leave it None")
         if not mock and paths is None:
@@ -267,8 +267,7 @@ class GPTDataModule(L.LightningDataModule):
         ):
             if value is None and name.startswith("num_") and name != "num_workers":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                problems.append(f"{name}={value!r} must be an integer >= {minimum}")
+            problems.int_at_least(name, value, minimum)
         if (
             isinstance(micro_batch_size, int)
             and isinstance(global_batch_size, int)

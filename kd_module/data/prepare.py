@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kd_module.data.tokenizers import LIBRARIES, TokenizerConfig
+from kd_module.rules import Problems, positive_int_problems
 
 SUFFIXES = (".jsonl", ".txt")
 """File types :func:`prepare_data` reads."""
@@ -204,8 +205,7 @@ def prepare_data(
         get_idx_path,
     )
 
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"prepare_data: workers={workers!r} must be a positive integer")
+    Problems(positive_int_problems(workers=workers)).raise_if_any("prepare_data")
     tokenizer = tokenizer if tokenizer is not None else TokenizerConfig()
     files = collect_files(inputs)
     built = tokenizer.build()

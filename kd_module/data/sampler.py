@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import Sampler
 
+from kd_module.models.gpt import ParallelLayout
+from kd_module.rules import Problems
+
 
 class MegatronPretrainingSampler(Sampler[list[int]]):
     """Yields this data-parallel rank's micro-batches of dataset indices, from ``consumed_samples``.
@@ -46,7 +49,7 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
         data_parallel_size: int = 1,
         position_fn: Callable[[], int] | None = None,
     ) -> None:
-        problems = []
+        problems = Problems()
         for name, value, minimum in (
             ("total_samples", total_samples, 0),
             ("consumed_samples", consumed_samples, 0),
@@ -55,26 +58,21 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
             ("data_parallel_size", data_parallel_size, 1),
             ("data_parallel_rank", data_parallel_rank, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                problems.append(f"{name}={value!r} must be an integer >= {minimum}")
+            problems.int_at_least(name, value, minimum)
         if not problems:
             if data_parallel_rank >= data_parallel_size:
                 problems.append(
                     f"data_parallel_rank={data_parallel_rank} must be below "
                     f"data_parallel_size={data_parallel_size}"
                 )
-            if global_batch_size % (micro_batch_size * data_parallel_size):
-                problems.append(
-                    f"global_batch_size={global_batch_size} must be a multiple of "
-                    f"micro_batch_size x data_parallel_size = {micro_batch_size} x "
-                    f"{data_parallel_size}"
-                )
+            problems += ParallelLayout.batch_problems(
+                global_batch_size, micro_batch_size, data_parallel_size
+            )
             if consumed_samples > total_samples:
                 problems.append(
                     f"consumed_samples={consumed_samples} exceeds total_samples={total_samples}"
                 )
-        if problems:
-            raise ValueError("pretraining sampler: " + "; ".join(problems))
+        problems.raise_if_any("pretraining sampler")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size

@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kd_module.models.gpt import close_matches
+from kd_module.rules import Problems, close_matches, positive_int_problems
 
 LIBRARIES = ("byte", "huggingface", "sentencepiece")
 """Tokenizer sources accepted by :class:`TokenizerConfig`."""
@@ -172,17 +172,12 @@ def padded_vocab_size(
         >>> padded_vocab_size(258, 128, 2)
         512
     """
-    problems = [
-        f"{name}={value!r} must be a positive integer"
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("make_vocab_size_divisible_by", make_vocab_size_divisible_by),
-            ("tensor_model_parallel_size", tensor_model_parallel_size),
-        )
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1
-    ]
-    if problems:
-        raise ValueError("padded_vocab_size: " + "; ".join(problems))
+    problems = positive_int_problems(
+        vocab_size=vocab_size,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+    )
+    Problems(problems).raise_if_any("padded_vocab_size")
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return math.ceil(vocab_size / multiple) * multiple
 

@@ -25,9 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from kd_module.models.gpt import close_matches
+from kd_module.rules import Problems, close_matches
+from kd_module.yaml_files import read_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -149,7 +148,7 @@ class DistillConfig:
             >>> DistillConfig.from_yaml("distill.yaml")  # doctest: +SKIP
         """
         path = os.fspath(path)
-        data = _read_yaml(path, "distill config")
+        data = read_yaml(path, "distill config")
         if data is None:
             data = {}
         return cls.from_dict(data, source=path)
@@ -363,13 +362,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _field_problems(values: dict[str, Any]) -> list[str]:
     """Every problem with a full set of field values (messages name key, value, what is allowed)."""
-    out: list[str] = []
+    out = Problems()
     layers = values["logit_layers"]
     if (
         not isinstance(layers, (list, tuple))
@@ -408,33 +403,10 @@ def _field_problems(values: dict[str, Any]) -> list[str]:
     if not isinstance(values["skip_lm_loss"], bool):
         out.append(f"skip_lm_loss={values['skip_lm_loss']!r} must be true or false")
     for key in ("kd_loss_scale", "logit_kl_temperature"):
-        value = values[key]
-        if not _is_number(value) or not value > 0:
-            out.append(f"{key}={value!r} must be a positive number")
-    topk = values["logit_kl_topk"]
-    if topk is not None and (not _is_int(topk) or topk <= 0):
-        out.append(f"logit_kl_topk={topk!r} must be a positive integer or null")
-    loss = values["logit_loss"]
-    if not isinstance(loss, str) or loss not in LOGIT_LOSSES:
-        out.append(
-            f"logit_loss={loss!r} is not one of {', '.join(LOGIT_LOSSES)}"
-            + close_matches(loss, LOGIT_LOSSES)
-        )
+        out.positive_number(key, values[key])
+    out.positive_int("logit_kl_topk", values["logit_kl_topk"], or_none="null")
+    out.one_of("logit_loss", values["logit_loss"], LOGIT_LOSSES)
     beta = values["jsd_beta"]
     if not _is_number(beta) or not 0 < beta < 1:
         out.append(f"jsd_beta={beta!r} must be a number strictly between 0 and 1")
     return out
-
-
-def _read_yaml(path: str, what: str) -> Any:
-    """Parse a YAML file; errors name ``what``, the file and, for syntax errors, the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"{what} {path}: not valid YAML{where}: {problem}") from error

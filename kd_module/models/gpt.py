@@ -8,23 +8,16 @@ TP/PP/CP layout.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
+
+from kd_module.rules import Problems
 
 ACTIVATIONS = ("gelu", "fast-gelu", "swiglu", "fast-swiglu", "geglu", "squared-relu", "relu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 MODEL_TYPES = ("gpt", "mamba")
-
-
-def close_matches(name: str, choices: Any, n: int = 3) -> str:
-    """A ``" (did you mean 'x'?)"`` hint, or an empty string when nothing is close."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.6)
-    if not matches:
-        return ""
-    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
 
 
 @dataclass
@@ -103,11 +96,9 @@ class GPTModelConfig:
 
     def problems(self) -> list[str]:
         """Every problem with this config, as messages naming the key and what is allowed."""
-        out: list[str] = []
+        out = Problems()
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                out.append(f"{name}={value!r} must be a positive integer")
+            out.positive_int(name, getattr(self, name))
         for name in (
             "ffn_hidden_size",
             "num_query_groups",
@@ -115,30 +106,12 @@ class GPTModelConfig:
             "vocab_size",
             "max_position_embeddings",
         ):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                out.append(f"{name}={value!r} must be a positive integer or null")
-        if self.activation not in ACTIVATIONS:
-            out.append(
-                f"activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
-                + close_matches(self.activation, ACTIVATIONS)
-            )
-        if self.normalization not in NORMALIZATIONS:
-            out.append(
-                f"normalization={self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
-            )
-        if self.position_embedding_type not in POSITION_EMBEDDINGS:
-            out.append(
-                f"position_embedding_type={self.position_embedding_type!r} is not one of "
-                + ", ".join(POSITION_EMBEDDINGS)
-            )
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            out.append(
-                f"transformer_impl={self.transformer_impl!r} is not one of "
-                + ", ".join(TRANSFORMER_IMPLS)
-            )
-        if self.model_type not in MODEL_TYPES:
-            out.append(f"model_type={self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+            out.positive_int(name, getattr(self, name), or_none="null")
+        out.one_of("activation", self.activation, ACTIVATIONS)
+        out.one_of("normalization", self.normalization, NORMALIZATIONS)
+        out.one_of("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+        out.one_of("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        out.one_of("model_type", self.model_type, MODEL_TYPES)
         if (
             isinstance(self.hidden_size, int)
             and isinstance(self.num_attention_heads, int)
@@ -261,6 +234,99 @@ class ParallelLayout:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     virtual_pipeline_model_parallel_size: int | None = None
+
+    def size_problems(self) -> list[str]:
+        """The sizes that are not positive integers (``virtual_...`` may be ``None``)."""
+        problems = Problems()
+        problems.positive_int("tensor_model_parallel_size", self.tensor_model_parallel_size)
+        problems.positive_int("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        problems.positive_int("context_parallel_size", self.context_parallel_size)
+        problems.positive_int(
+            "virtual_pipeline_model_parallel_size",
+            self.virtual_pipeline_model_parallel_size,
+            or_none="None",
+        )
+        return list(problems)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks one model replica spans: TP x PP x CP."""
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def problems(
+        self,
+        world_size: int,
+        global_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        world: str | None = None,
+    ) -> list[str]:
+        """Problems of this layout on ``world_size`` ranks, and of a batch split over them.
+
+        Args:
+            world_size: ranks of the run.
+            global_batch_size: samples per optimizer step; with ``micro_batch_size``, it must
+                split into whole micro-batches on every data-parallel rank.
+            micro_batch_size: samples per forward pass on one rank.
+            world: how the caller names the world size (``"num_nodes x num_gpus_per_node = 8"``);
+                ``"world size N"`` when ``None``.
+
+        Returns:
+            One message per problem; the sizes' own problems first (nothing else is checked
+            then).
+        """
+        problems = self.size_problems()
+        if problems:
+            return problems
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        cp = self.context_parallel_size
+        if world_size % self.model_parallel_size:
+            world = world or f"world size {world_size}"
+            return [
+                f"{world} is not divisible by tensor_model_parallel_size ({tp}) x "
+                f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}) = "
+                f"{self.model_parallel_size}"
+            ]
+        if global_batch_size is None or micro_batch_size is None:
+            return []
+        data_parallel = world_size // self.model_parallel_size
+        return self.batch_problems(global_batch_size, micro_batch_size, data_parallel)
+
+    @staticmethod
+    def batch_problems(
+        global_batch_size: int, micro_batch_size: int, data_parallel_size: int
+    ) -> list[str]:
+        """Whether a global batch splits into whole micro-batches on every data-parallel rank."""
+        if global_batch_size % (micro_batch_size * data_parallel_size):
+            return [
+                f"global_batch_size={global_batch_size} is not divisible by "
+                f"micro_batch_size={micro_batch_size} x data_parallel_size={data_parallel_size}"
+            ]
+        return []
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Model replicas on ``world_size`` ranks.
+
+        Raises:
+            ValueError: when ``world_size`` is not a multiple of :attr:`model_parallel_size`.
+        """
+        Problems(self.problems(world_size)).raise_if_any("parallel layout")
+        return world_size // self.model_parallel_size
+
+    def num_microbatches(
+        self, global_batch_size: int, micro_batch_size: int, world_size: int
+    ) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step.
+
+        Raises:
+            ValueError: when the global batch does not split into whole micro-batches.
+        """
+        problems = self.problems(world_size, global_batch_size, micro_batch_size)
+        Problems(problems).raise_if_any("parallel layout")
+        return global_batch_size // (micro_batch_size * self.data_parallel_size(world_size))
 
 
 def transformer_engine_installed() -> bool:

@@ -28,7 +28,10 @@ from typing import Any
 
 import yaml
 
-from kd_module.models.gpt import ACTIVATIONS, POSITION_EMBEDDINGS, GPTModelConfig, close_matches
+from kd_module.models.gpt import ACTIVATIONS, POSITION_EMBEDDINGS, GPTModelConfig
+from kd_module.rules import close_matches
+from kd_module.training.precision import ALIASES, dtype_name_of, lightning_precision
+from kd_module.yaml_files import parse_yaml, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +47,6 @@ NORMALIZATIONS = {
 }
 """NeMo normalization name (case-insensitive) -> (megatron normalization, zero-centered gamma)."""
 
-PRECISIONS = {
-    "16": "float16",
-    "16-mixed": "float16",
-    "16-true": "float16",
-    "fp16": "float16",
-    "fp16-mixed": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "bf16-mixed": "bfloat16",
-    "bf16-true": "bfloat16",
-    "bfloat16": "bfloat16",
-    "32": "float32",
-    "32-true": "float32",
-    "fp32": "float32",
-    "float32": "float32",
-}
-"""NeMo/Lightning precision spelling -> torch dtype name of the teacher's weights."""
-
-_DTYPE_TO_NEMO_PRECISION = {"bfloat16": "bf16-mixed", "float16": "16-mixed", "float32": "32"}
 
 # NeMo 2 serializes activation functions as ``{_target_: torch.nn.functional.silu}``; the last
 # dotted component names the function.
@@ -719,7 +702,7 @@ def to_nemo_model_config(
         out["scale_positional_embedding"] = True
         out["scale_factor"] = model.rope_scaling_factor
     if precision is not None:
-        out["precision"] = _DTYPE_TO_NEMO_PRECISION.get(precision, precision)
+        out["precision"] = lightning_precision(precision)
     if tokenizer is not None:
         out["tokenizer"] = dict(tokenizer)
     return out
@@ -896,12 +879,11 @@ def _convert_precision(keys: dict[str, Any]) -> tuple[str | None, str]:
     """NeMo ``precision`` (or NeMo 2 ``bf16``/``fp16``/``params_dtype``) -> torch dtype name."""
     if "precision" in keys and keys["precision"] is not None:
         value = keys["precision"]
-        name = PRECISIONS.get(str(value).lower()) if not isinstance(value, bool) else None
+        name = dtype_name_of(value)
         if name is None:
-            allowed = ", ".join(PRECISIONS)
             return None, (
-                f"precision={value!r} is not one of {allowed}"
-                + close_matches(str(value), PRECISIONS)
+                f"precision={value!r} is not one of {', '.join(ALIASES)}"
+                + close_matches(str(value), ALIASES)
             )
         return name, ""
     for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
@@ -913,7 +895,7 @@ def _convert_precision(keys: dict[str, Any]) -> tuple[str | None, str]:
     if keys.get("params_dtype") is not None:
         value = keys["params_dtype"]
         short = _nemo2_function_name(value)
-        name = PRECISIONS.get(str(short).lower())
+        name = dtype_name_of(short)
         if name is None:
             return None, (
                 f"params_dtype={value!r} is not one of torch.bfloat16, torch.float16, torch.float32"
@@ -959,16 +941,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
             f"teacher model config {path}: is a directory; pass the YAML file, or the checkpoint "
             f"directory as teacher_checkpoint to read its {MODEL_CONFIG_FILE}"
         )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher model config {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"teacher model config {path}: not valid YAML{where}: {problem}") from None
+    data = read_yaml(path, "teacher model config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -987,11 +960,6 @@ def _read_from_nemo_archive(path: str) -> dict[str, Any] | None:
                 handle = archive.extractfile(member)
                 if handle is None:
                     return None
-                try:
-                    data = yaml.safe_load(handle)
-                except yaml.YAMLError as error:
-                    raise ValueError(
-                        f"teacher model config {path}:{member.name}: not valid YAML: {error}"
-                    ) from None
+                data = parse_yaml(handle, f"teacher model config {path}:{member.name}")
                 return data if data is not None else {}
     return None

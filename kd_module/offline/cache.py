@@ -43,9 +43,12 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from kd_module.checkpoints.atomic import write_json_atomic
 from kd_module.data.datamodule import data_parallel_rank_and_size
 from kd_module.distillation.losses import all_gather_last_dim, resolve_tp_group, vocab_parallel_max
-from kd_module.guards import write_json_atomic
+from kd_module.parallel.collectives import barrier
+from kd_module.rules import Problems
+from kd_module.training.precision import DTYPES
 
 __all__ = [
     "CACHE_DTYPES",
@@ -62,7 +65,7 @@ __all__ = [
 ]
 
 CACHE_DTYPES = ("bf16", "fp16", "fp32")
-"""Storage dtypes of the cached top-k logit values."""
+"""Storage dtypes of the cached top-k values (names in :mod:`kd_module.training.precision`)."""
 OFFLINE_LOSS_MODES = ("renormalized", "tail")
 """How :func:`offline_topk_kd_loss` treats the vocabulary outside the teacher's top-k."""
 
@@ -71,12 +74,11 @@ RESERVED_MANIFEST_KEYS = ("k", "dtype", "shard_size", "num_samples", "complete")
 
 _MANIFEST = "manifest.json"
 _NUMPY_DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_bytes_per_token(k: int, dtype: str) -> int:
     """Bytes one token takes in the cache: k values, k int32 indices and one fp32 LSE."""
-    return k * (torch.finfo(_TORCH_DTYPES[dtype]).bits // 8 + 4) + 4
+    return k * (torch.finfo(DTYPES[dtype].dtype).bits // 8 + 4) + 4
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -199,11 +201,6 @@ def _is_writer() -> bool:
     )
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _collate(samples: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
     """The teacher's inputs of ``samples``, stacked by torch's default collate, on ``device``."""
     batch = default_collate(samples)
@@ -228,7 +225,7 @@ def _teacher_topk_chunk(
 
         def collect(logits: Tensor, non_loss_data: bool = False) -> tuple:
             values, index, lse = teacher_logits_topk(logits, k)
-            values = values.to(_TORCH_DTYPES[dtype]).cpu()
+            values = values.to(DTYPES[dtype].dtype).cpu()
             return values, index.to(torch.int32).cpu(), lse.cpu()
 
         return output, collect
@@ -322,25 +319,24 @@ def cache_teacher(
         ...               manifest={"teacher": "/ckpt/llama31_8b", "seq_length": 4096},
         ...               num_samples=100_000, micro_batch_size=4)
     """
-    problems = []
+    problems = Problems()
     for name, value in (
         ("k", k),
         ("shard_size", shard_size),
         ("micro_batch_size", micro_batch_size),
         ("micro_batches_per_call", micro_batches_per_call),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            problems.append(f"{name}={value!r} must be a positive int")
-    if dtype not in CACHE_DTYPES:
-        problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+        problems.positive_int(name, value)
+    problems.one_of("dtype", dtype, CACHE_DTYPES)
     if num_samples is None and dataset is not None:
         num_samples = len(dataset)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        problems.append(f"num_samples={num_samples!r} must be a positive int")
-    elif dataset is not None and num_samples > len(dataset):
-        problems.append(f"num_samples={num_samples} is more than the dataset's {len(dataset)}")
-    if problems:
-        raise ValueError("cache_teacher: " + "; ".join(problems))
+    if (
+        problems.positive_int("num_samples", num_samples)
+        and dataset is not None
+        and num_samples > len(dataset)
+    ):
+        problems.add(f"num_samples={num_samples} is more than the dataset's {len(dataset)}")
+    problems.raise_if_any("cache_teacher")
     out = Path(out_dir)
     expected = manifest_with_settings(dict(manifest), k, dtype, shard_size, num_samples)
     if (out / _MANIFEST).exists():
@@ -349,7 +345,7 @@ def cache_teacher(
         out.mkdir(parents=True, exist_ok=True)
         if not (out / _MANIFEST).exists():
             write_json_atomic(out / _MANIFEST, {**expected, "complete": False})
-    _barrier()  # every rank sees the manifest and the same completed shards
+    barrier()  # every rank sees the manifest and the same completed shards
     completed = {int(path.name.split("_")[1].split(".")[0]) for path in out.glob("shard_*.done")}
     dp_rank, dp_size = data_parallel_rank_and_size()
     writer = _is_writer()
@@ -402,14 +398,14 @@ def cache_teacher(
             write_json_atomic(_shard_path(out, shard, "done"), marker)
             if on_shard_done is not None:
                 on_shard_done(shard)
-    _barrier()  # every shard is marked before anyone checks
+    barrier()  # every shard is marked before anyone checks
     missing = [s for s in range(num_shards) if not _shard_path(out, s, "done").exists()]
     if missing:
         raise RuntimeError(f"cache_teacher: shards {missing} of {out} were not completed")
     final = {**expected, "complete": True}
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_json_atomic(out / _MANIFEST, final)
-    _barrier()  # the final manifest exists before any rank returns
+    barrier()  # the final manifest exists before any rank returns
     return final
 
 
@@ -710,12 +706,9 @@ def offline_topk_kd_loss(
         >>> values, indices, lse = (t.transpose(0, 1) for t in cache.lookup(sample_index))
         >>> per_token = offline_topk_kd_loss(student_logits, values, indices, lse, mode="tail")
     """
-    problems = []
-    if mode not in OFFLINE_LOSS_MODES:
-        problems.append(f"mode={mode!r} is not one of {', '.join(OFFLINE_LOSS_MODES)}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        problems.append(f"temperature={temperature!r} must be a number > 0")
-    elif mode == "tail" and temperature != 1.0:
+    problems = Problems()
+    problems.one_of("mode", mode, OFFLINE_LOSS_MODES)
+    if problems.positive_number("temperature", temperature) and mode == "tail" and temperature != 1:
         problems.append(
             f"temperature={temperature!r} needs mode='renormalized': the cache stores the "
             "log-sum-exp of the raw logits, so the tail mass at another temperature is unknown"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_module.guards import cli_errors
-from kd_module.rules import checkpoint_problems, launch_problems, tokenizer_problems
+from kd_module.rules import Problems, checkpoint_problems, launch_problems, tokenizer_problems
 from kd_module.versions import jsonable
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def build_teacher_cache(
 
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
     from kd_module.data.tokenizers import padded_vocab_size
-    from kd_module.models.gpt import GPTModelConfig, implementation_problems
+    from kd_module.models.gpt import GPTModelConfig, ParallelLayout, implementation_problems
     from kd_module.nemo_format.model_config import load_teacher_model_config
     from kd_module.offline.cache import (
         CACHE_DTYPES,
@@ -98,40 +98,30 @@ def build_teacher_cache(
         dataset_manifest,
         manifest_with_settings,
     )
-    from kd_module.training.strategy import PRECISIONS
+    from kd_module.training.precision import PRECISIONS, precision_problems
 
-    problems: list[str] = []
+    problems = Problems()
     if num_samples is None:
         num_samples = data.num_train_samples
-    for label, value in (
-        ("k", k),
-        ("shard_size", shard_size),
-        ("num_samples", num_samples),
-        ("tensor_model_parallel_size", tensor_model_parallel_size),
-        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            hint = " (or set data.num_train_samples)" if label == "num_samples" else ""
-            problems.append(f"{label}={value!r} must be a positive integer{hint}")
-    if dtype not in CACHE_DTYPES:
-        problems.append(f"dtype={dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
-    if accelerator not in ("gpu", "cpu"):
-        problems.append(f"accelerator={accelerator!r} is not one of gpu, cpu")
-    elif accelerator == "gpu" and not torch.cuda.is_available():
-        problems.append("accelerator='gpu' but CUDA is not available; use accelerator='cpu'")
-    if precision not in PRECISIONS:
-        problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    elif precision == "bf16" and accelerator == "cpu":
-        problems.append("precision='bf16' needs accelerator='gpu'; use precision='fp32' on CPU")
-    problems += launch_problems(num_nodes, devices)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
-    if isinstance(model_parallel, int) and model_parallel > 0 and world_size % model_parallel:
-        problems.append(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size = {model_parallel}"
-        )
-    problems += checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
+    problems.positive_int("k", k)
+    problems.positive_int("shard_size", shard_size)
+    problems.positive_int("num_samples", num_samples, hint=" (or set data.num_train_samples)")
+    layout = ParallelLayout(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    problems.extend(layout.size_problems())
+    problems.one_of("dtype", dtype, CACHE_DTYPES)
+    known_accelerator = problems.one_of("accelerator", accelerator, ("gpu", "cpu"))
+    if known_accelerator and accelerator == "gpu" and not torch.cuda.is_available():
+        problems.add("accelerator='gpu' but CUDA is not available; use accelerator='cpu'")
+    problems.extend(precision_problems(precision, cuda=accelerator != "cpu"))
+    problems.extend(launch_problems(num_nodes, devices))
+    if not layout.size_problems():
+        problems.extend(layout.problems(int(os.environ.get("WORLD_SIZE", "1"))))
+    problems.extend(
+        checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
+    )
     teacher_tokenizer: dict[str, Any] = {}
     if teacher is None and not problems:
         resolved = load_teacher_model_config(
@@ -139,28 +129,31 @@ def build_teacher_cache(
         )
         teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
     if teacher is not None:
-        problems += teacher.layout_problems(
-            tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
+        problems.extend(
+            teacher.layout_problems(
+                tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
+            )
         )
         if accelerator in ("gpu", "cpu"):
-            problems += implementation_problems(
-                teacher,
-                reset_attention_mask=data.reset_attention_mask,
-                cuda=accelerator == "gpu",
-                who="teacher",
+            problems.extend(
+                implementation_problems(
+                    teacher,
+                    reset_attention_mask=data.reset_attention_mask,
+                    cuda=accelerator == "gpu",
+                    who="teacher",
+                )
             )
         try:
             check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
         except ValueError as error:
-            problems.append(f"teacher: {error}")
-    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer)
+            problems.add(f"teacher: {error}")
+    problems.extend(tokenizer_problems(data.tokenizer, teacher_tokenizer))
     if not data.mock:
         try:
             check_prefixes_exist(data.prefixes())
         except ValueError as error:
-            problems.append(str(error))
-    if problems:
-        raise ValueError("cache-teacher: " + "; ".join(problems))
+            problems.add(str(error))
+    problems.raise_if_any("cache-teacher")
 
     vocab = teacher.vocab_size or padded_vocab_size(
         data.tokenizer.build().vocab_size,
@@ -184,7 +177,7 @@ def build_teacher_cache(
             manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
         )
 
-    from kd_module.models.gpt import ParallelLayout, build_model
+    from kd_module.models.gpt import build_model
     from kd_module.offline.cache import cache_teacher
     from kd_module.parallel import runtime
 
@@ -195,12 +188,7 @@ def build_teacher_cache(
         device="cuda" if accelerator == "gpu" else "cpu",
     )
     try:
-        layout = ParallelLayout(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-        )
-        params_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = build_model(teacher, layout, vocab, params_dtype)
+        model = build_model(teacher, layout, vocab, PRECISIONS[precision].dtype)
         if teacher_checkpoint is not None:
             from kd_module.checkpoints.model import make_teacher_loader
 

@@ -53,13 +53,15 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 import types
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from kd_module.models.gpt import ParallelLayout
+from kd_module.parallel.collectives import free_port
+from kd_module.rules import Problems
 from kd_module.upstream import megatron as upstream_megatron
 
 logger = logging.getLogger(__name__)
@@ -465,12 +467,6 @@ def seed_everything(seed: int) -> None:
     tracker.add("expert-parallel-rng", seed + 1024 + 100 * ep_rank + etp_rank)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _owns_process_group = False
 _env_set_here: list[str] = []
 
@@ -528,7 +524,7 @@ def initialize_distributed(
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             single = {
                 "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(_free_port()),
+                "MASTER_PORT": str(free_port()),
                 "RANK": "0",
                 "WORLD_SIZE": "1",
                 "LOCAL_RANK": "0",
@@ -545,16 +541,10 @@ def initialize_distributed(
         # the launcher's store fails).
         _owns_process_group = bool(_env_set_here)
 
-    world_size = dist.get_world_size()
-    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
-    model_parallel *= context_parallel_size
-    if world_size % model_parallel:
-        raise ValueError(
-            f"parallel layout: world size {world_size} is not divisible by "
-            f"tensor_model_parallel_size ({tensor_model_parallel_size}) x "
-            f"pipeline_model_parallel_size ({pipeline_model_parallel_size}) x "
-            f"context_parallel_size ({context_parallel_size}) = {model_parallel}"
-        )
+    layout = ParallelLayout(
+        tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    )
+    Problems(layout.problems(dist.get_world_size())).raise_if_any("parallel layout")
 
     from megatron.core import parallel_state
 

@@ -240,14 +240,10 @@ class GPTModule(L.LightningModule):
 
     @property
     def num_microbatches(self) -> int:
-        data = self.data
-        dp = self.trainer.strategy.data_parallel_size
-        if data.global_batch_size % (data.micro_batch_size * dp):
-            raise ValueError(
-                f"global_batch_size={data.global_batch_size} is not divisible by "
-                f"micro_batch_size={data.micro_batch_size} x data_parallel_size={dp}"
-            )
-        return data.global_batch_size // (data.micro_batch_size * dp)
+        data, strategy = self.data, self.trainer.strategy
+        return strategy.layout.num_microbatches(
+            data.global_batch_size, data.micro_batch_size, strategy.world_size
+        )
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         data = self.data

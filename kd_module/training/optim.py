@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kd_module.rules import Problems
+
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
@@ -42,11 +44,9 @@ class OptimizerConfig:
     """``cosine``, ``linear`` or ``constant``."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = Problems()
         for name in ("lr", "adam_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                problems.append(f"{name}={value!r} must be a number > 0")
+            problems.positive_number(name, getattr(self, name))
         for name in ("min_lr", "weight_decay", "clip_grad"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -55,20 +55,9 @@ class OptimizerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 problems.append(f"{name}={value!r} must be a number in [0, 1)")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
-            problems.append(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        elif self.warmup_steps < 0:
-            problems.append(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        if self.decay_steps is not None and (
-            isinstance(self.decay_steps, bool)
-            or not isinstance(self.decay_steps, int)
-            or self.decay_steps <= 0
-        ):
-            problems.append(f"decay_steps={self.decay_steps!r} must be a positive integer or null")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            problems.append(
-                f"lr_decay_style={self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}"
-            )
+        problems.int_at_least("warmup_steps", self.warmup_steps, 0)
+        problems.positive_int("decay_steps", self.decay_steps, or_none="null")
+        problems.one_of("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if (
             not problems
             and isinstance(self.min_lr, (int, float))
@@ -76,8 +65,7 @@ class OptimizerConfig:
             and self.min_lr > self.lr
         ):
             problems.append(f"min_lr={self.min_lr} is larger than lr={self.lr}")
-        if problems:
-            raise ValueError("optimizer config: " + "; ".join(problems))
+        problems.raise_if_any("optimizer config")
 
 
 def build_megatron_optimizer(

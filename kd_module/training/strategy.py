@@ -30,11 +30,11 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from kd_module.models.gpt import ParallelLayout
 from kd_module.parallel import runtime
+from kd_module.rules import Problems
+from kd_module.training.precision import PRECISIONS, precision_problems
 from kd_module.upstream import lightning as upstream_lightning
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 class MegatronStrategy(DDPStrategy):
@@ -81,39 +81,21 @@ class MegatronStrategy(DDPStrategy):
         timeout_minutes: int = 10,
         **kwargs: Any,
     ) -> None:
-        problems = []
-        for name, value in (
-            ("tensor_model_parallel_size", tensor_model_parallel_size),
-            ("pipeline_model_parallel_size", pipeline_model_parallel_size),
-            ("context_parallel_size", context_parallel_size),
-            ("timeout_minutes", timeout_minutes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name}={value!r} must be a positive integer")
-        if virtual_pipeline_model_parallel_size is not None and (
-            not isinstance(virtual_pipeline_model_parallel_size, int)
-            or virtual_pipeline_model_parallel_size < 1
-        ):
-            problems.append(
-                "virtual_pipeline_model_parallel_size="
-                f"{virtual_pipeline_model_parallel_size!r} must be a positive integer or None"
-            )
-        if precision not in PRECISIONS:
-            problems.append(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-        elif precision == "bf16" and not torch.cuda.is_available():
-            problems.append("precision='bf16' needs CUDA; use 'fp32' on CPU")
-        if sequence_parallel and tensor_model_parallel_size == 1:
-            logger.warning("sequence_parallel has no effect with tensor_model_parallel_size=1")
-        if problems:
-            raise ValueError("MegatronStrategy: " + "; ".join(problems))
-        super().__init__(**kwargs)
-        self.layout = ParallelLayout(
+        layout = ParallelLayout(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             context_parallel_size=context_parallel_size,
-            sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
+            sequence_parallel=sequence_parallel and tensor_model_parallel_size != 1,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         )
+        problems = Problems(layout.size_problems())
+        problems.positive_int("timeout_minutes", timeout_minutes)
+        problems.extend(precision_problems(precision, cuda=torch.cuda.is_available()))
+        if sequence_parallel and tensor_model_parallel_size == 1:
+            logger.warning("sequence_parallel has no effect with tensor_model_parallel_size=1")
+        problems.raise_if_any("MegatronStrategy")
+        super().__init__(**kwargs)
+        self.layout = layout
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.grad_reduce_in_fp32 = grad_reduce_in_fp32
@@ -124,7 +106,7 @@ class MegatronStrategy(DDPStrategy):
     # ------------------------------------------------------------------ layout
     @property
     def params_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision_name == "bf16" else torch.float32
+        return PRECISIONS[self.precision_name].dtype
 
     @property
     def data_parallel_size(self) -> int:
@@ -134,18 +116,9 @@ class MegatronStrategy(DDPStrategy):
 
     def layout_problems(self, world_size: int) -> list[str]:
         """Problems of this layout on ``world_size`` ranks (checked before any model is built)."""
-        model_parallel = (
-            self.layout.tensor_model_parallel_size
-            * self.layout.pipeline_model_parallel_size
-            * self.layout.context_parallel_size
+        return self.layout.problems(
+            world_size, world=f"world size {world_size} (num_nodes x devices)"
         )
-        if world_size % model_parallel:
-            return [
-                f"world size {world_size} (num_nodes x devices) is not divisible by "
-                f"tensor_model_parallel_size x pipeline_model_parallel_size x "
-                f"context_parallel_size = {model_parallel}"
-            ]
-        return []
 
     # ------------------------------------------------------------------ environment
     def setup_environment(self) -> None:
@@ -159,11 +132,9 @@ class MegatronStrategy(DDPStrategy):
 
     def setup_distributed(self) -> None:
         self.set_world_ranks()
-        problems = self.layout_problems(self.world_size)
-        if self.precision_name == "bf16" and self.root_device.type != "cuda":
-            problems.append("precision='bf16' needs accelerator='gpu'; use 'fp32' on CPU")
-        if problems:
-            raise ValueError("parallel layout: " + "; ".join(problems))
+        problems = Problems(self.layout_problems(self.world_size))
+        problems.extend(precision_problems(self.precision_name, self.root_device.type == "cuda"))
+        problems.raise_if_any("parallel layout")
         if self.world_size > 1 or "RANK" in os.environ:
             environment = self.cluster_environment
             os.environ["MASTER_ADDR"] = str(environment.main_address)

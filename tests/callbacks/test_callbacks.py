@@ -220,8 +220,11 @@ def test_profiler_reports_the_student_forward_slowdown(normal_run):
     [
         ({"gc_interval": -1}, "gc_interval=-1 must be an integer >= 0"),
         ({"window": 1}, "window=1 must be an integer >= 2"),
-        ({"growth_threshold_mb_per_step": 0}, "growth_threshold_mb_per_step=0 must be > 0"),
-        ({"on_growth": "crash"}, r"on_growth='crash' must be one of \['warn', 'stop'\]"),
+        (
+            {"growth_threshold_mb_per_step": 0},
+            "growth_threshold_mb_per_step=0 must be a number > 0",
+        ),
+        ({"on_growth": "crash"}, "on_growth='crash' is not one of warn, stop"),
     ],
 )
 def test_manual_gc_rejects_bad_arguments(kwargs, match):
@@ -235,7 +238,7 @@ def test_manual_gc_rejects_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"every_n_steps": 0}, "every_n_steps=0 must be an integer >= 1"),
+        ({"every_n_steps": 0}, "every_n_steps=0 must be a positive integer"),
         ({"warmup_steps": -2}, "warmup_steps=-2 must be an integer >= 0"),
         ({"slowdown_threshold": 0.5}, "slowdown_threshold=0.5 must be >= 1"),
     ],

@@ -6,22 +6,17 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kd_module.parallel.collectives import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 300
 """Hard limit on one 2-rank launch; a hang after a rank dies fails the test instead of CI."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(log_dir: Path, name: str, *extra: str) -> int:
@@ -31,7 +26,7 @@ def _launch(log_dir: Path, name: str, *extra: str) -> int:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "tests.reliability.fault_job",
         "--log-dir",

@@ -56,7 +56,8 @@ def test_trailing_partial_global_batch_is_dropped():
 
 def test_inconsistent_arguments_are_named():
     """G not a multiple of b x DP, a rank outside the group and an overrun resume are refused."""
-    with pytest.raises(ValueError, match=r"global_batch_size=6 must be a multiple of .* 2 x 2"):
+    uneven = r"global_batch_size=6 is not divisible by micro_batch_size=2 x data_parallel_size=2"
+    with pytest.raises(ValueError, match=uneven):
         _sampler(micro=2, global_=6, size=2)
     with pytest.raises(ValueError, match="data_parallel_rank=2 must be below data_parallel_size=2"):
         _sampler(rank=2, size=2)
