@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from kd_module.lightning_factories import PRECISIONS
 from kd_module.models.gpt import ParallelLayout
 from kd_module.parallel import runtime
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 class MegatronStrategy(DDPStrategy):
