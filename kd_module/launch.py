@@ -30,7 +30,7 @@ def recipe_devices(recipe: run.Partial) -> int:
     """Ranks per node of a recipe: its trainer's ``devices`` (or its own, for a cache recipe).
 
     Args:
-        recipe: a ``run.Partial`` whose ``trainer`` is a ``run.Config(lightning.Trainer, ...)``,
+        recipe: a ``run.Partial`` whose ``trainer`` is a ``run.Config`` with ``devices``,
             or one with a ``devices`` argument (``build_teacher_cache``).
 
     Returns:

@@ -11,9 +11,10 @@ it and offers::
     nemo kd distill --factory tiny_cpu teacher_cache=runs/tiny_cpu_cache
 
 ``distill`` takes the recipes (factories) registered by the modules in :data:`RECIPE_MODULES`
-and dotted overrides of their fields. Importing this module imports torch, Lightning and
-nemo-run but neither megatron-core nor ModelOpt: ``--help``, ``--dryrun`` and ``--to-yaml``
-stay cheap, and the heavy imports happen when the task runs.
+and dotted overrides of their fields. Importing this module imports nemo-run (and with it torch)
+but neither Lightning nor megatron-core nor ModelOpt (the recipes' Lightning pieces are configs
+of :mod:`kd_module.lightning_factories`): ``--help``, ``--dryrun`` and ``--to-yaml`` stay cheap,
+and the heavy imports happen when the task runs.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ from nemo_run.cli.cli_parser import type_parser
 
 from kd_module.api import distill
 from kd_module.cli.quiet import quiet_third_party
-from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.prepare import prepare_data_cli
 from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.distillation.config import DistillConfig
+from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
 from kd_module.training.optim import OptimizerConfig
-from kd_module.training.strategy import MegatronStrategy
 
 # This module is the command line: hide the known third-party notices before the task imports
 # megatron or ModelOpt or nemo-run builds a Trainer (``-v`` / ``KD_DEBUG=1`` shows them).
@@ -55,10 +55,11 @@ OVERRIDABLE = (
     build_teacher_cache,
     prepare_data_cli,
     GPTModelConfig,
-    GPTDataModule,
+    gpt_data_module,
     TokenizerConfig,
     OptimizerConfig,
-    MegatronStrategy,
+    lightning_trainer,
+    megatron_strategy,
     DistillConfig,
 )
 """Callables whose arguments the command line sets (``student.num_layers=4``, ...)."""

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning
 import nemo_run as run
 
 from kd_module.api import distill
-from kd_module.data.datamodule import GPTDataModule
 from kd_module.data.tokenizers import TokenizerConfig
+from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig, ParallelLayout
 from kd_module.rules import Problems
 from kd_module.training.optim import OptimizerConfig
 from kd_module.training.precision import precision_problems
-from kd_module.training.strategy import MegatronStrategy
 
 ACCELERATORS = ("gpu", "cpu")
 """Values of ``accelerator``."""
@@ -76,9 +74,9 @@ def trainer_config(
     seed: int = 1234,
     callbacks: list[run.Config] | None = None,
     default_root_dir: str | None = None,
-) -> run.Config[lightning.Trainer]:
+) -> run.Config:
     """A Lightning ``Trainer`` with :class:`~kd_module.training.strategy.MegatronStrategy`, as
-    config.
+    config (of :func:`~kd_module.lightning_factories.lightning_trainer`, which builds them).
 
     ``logger=False`` because :func:`~kd_module.api.distill` attaches a CSV logger at
     ``<log_dir>/<name>``; Lightning's ``ModelCheckpoint`` is off because distill saves run
@@ -103,10 +101,10 @@ def trainer_config(
         default_root_dir: Lightning's root directory.
 
     Returns:
-        ``run.Config(lightning.Trainer, ...)``.
+        ``run.Config(lightning_trainer, ...)``.
     """
     strategy = run.Config(
-        MegatronStrategy,
+        megatron_strategy,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
@@ -115,7 +113,7 @@ def trainer_config(
         seed=seed,
     )
     return run.Config(
-        lightning.Trainer,
+        lightning_trainer,
         accelerator=accelerator,
         devices=num_gpus_per_node,
         num_nodes=num_nodes,
@@ -337,10 +335,11 @@ def data_config(
     split: str = "969,30,1",
     seed: int = 1234,
     num_train_samples: int | None = None,
-) -> run.Config[GPTDataModule]:
-    """``run.Config`` of the :class:`~kd_module.data.GPTDataModule` (mock tokens without paths)."""
+) -> run.Config:
+    """``run.Config`` of the :class:`~kd_module.data.GPTDataModule` (mock tokens without paths),
+    through :func:`~kd_module.lightning_factories.gpt_data_module`."""
     return run.Config(
-        GPTDataModule,
+        gpt_data_module,
         paths=data_paths,
         mock=data_paths is None,
         seq_length=seq_length,

@@ -207,3 +207,39 @@ def test_cli_cache_teacher_dryrun_of_a_gpu_pair_imports_no_megatron(tmp_path):
     assert "12345" in result.stdout and "/data/cache" in result.stdout
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert [name for name in imported if name.split(".")[0] in ("megatron", "modelopt")] == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--dryrun", "trainer.max_steps=5"), ("--to-yaml", "tiny_cpu.yaml"), ("--help",)],
+    ids=["dryrun", "to-yaml", "help"],
+)
+def test_cli_dryrun_to_yaml_and_help_import_no_lightning_megatron_or_modelopt(flags, tmp_path):
+    """`nemo kd distill --factory tiny_cpu` with --dryrun, --to-yaml or --help leaves lightning,
+    megatron and modelopt out of sys.modules (the recipe's Lightning pieces are light configs)."""
+    code = (
+        "import sys\n"
+        "from nemo_run.__main__ import app\n"
+        "sys.argv = ['nemo', *sys.argv[1:]]\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'megatron', "
+        "'modelopt'})\n"
+        "print('HEAVY', heavy)\n"
+    )
+    arguments = ("kd", "distill", "--factory", "tiny_cpu", *flags)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *arguments],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "HEAVY []" in result.stdout, result.stdout[-3000:]
+    if flags[0] == "--to-yaml":
+        assert (tmp_path / "tiny_cpu.yaml").is_file()

@@ -9,6 +9,7 @@ import pytest
 
 from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
+from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.training.strategy import MegatronStrategy
 from recipes import llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b, tiny_cpu
@@ -54,9 +55,9 @@ def test_every_recipe_is_a_partial_of_distill_made_of_configs():
         assert recipe.__fn_or_cls__ is distill
         assert isinstance(recipe.student, run.Config)
         assert recipe.student.__fn_or_cls__ is GPTModelConfig
-        assert recipe.trainer.__fn_or_cls__ is lightning.Trainer
-        assert recipe.trainer.strategy.__fn_or_cls__ is MegatronStrategy
-        assert recipe.data.__fn_or_cls__ is GPTDataModule
+        assert recipe.trainer.__fn_or_cls__ is lightning_trainer
+        assert recipe.trainer.strategy.__fn_or_cls__ is megatron_strategy
+        assert recipe.data.__fn_or_cls__ is gpt_data_module
         assert recipe.trainer.logger is False and recipe.trainer.num_sanity_val_steps == 0
 
 
@@ -262,9 +263,51 @@ def test_every_recipe_dry_runs_and_serializes_without_building(capsys):
         run.dryrun_fn(recipe)
         text = ConfigSerializer().serialize_yaml(recipe)
         assert "_target_: kd_module.api.distill" in text
-        assert "_target_: kd_module.training.strategy.MegatronStrategy" in text
+        assert "_target_: kd_module.lightning_factories.megatron_strategy" in text
     out = capsys.readouterr().out
     assert out.count("Dry run for task kd_module.api:distill") == len(ALL_MODULES)
+
+
+def test_recipe_pieces_build_the_lightning_trainer_strategy_and_data_module():
+    """The light targets of a recipe build a lightning.Trainer with a MegatronStrategy and a
+    GPTDataModule holding the recipe's (and the overrides') values."""
+    recipe = tiny_cpu.tiny_cpu(mock_data=True, max_steps=7, tensor_model_parallel_size=1)
+    recipe.trainer.enable_progress_bar = False  # a Trainer argument the recipe does not name
+    recipe.data.micro_batch_size = 2
+    trainer = fdl.build(recipe.trainer)
+    assert type(trainer) is lightning.Trainer and trainer.max_steps == 7
+    assert isinstance(trainer.strategy, MegatronStrategy)
+    assert trainer.strategy.layout.tensor_model_parallel_size == 1
+    assert trainer.progress_bar_callback is None and trainer.logger is None
+    data = fdl.build(recipe.data)
+    assert type(data) is GPTDataModule and data.micro_batch_size == 2 and data.mock is True
+
+
+def _from_yaml(node):
+    """A recipe from the plain data of its YAML: each ``_target_`` imported and configured."""
+    import importlib
+
+    if isinstance(node, list):
+        return [_from_yaml(item) for item in node]
+    if not isinstance(node, dict) or "_target_" not in node:
+        return node
+    module, _, name = node["_target_"].rpartition(".")
+    target = getattr(importlib.import_module(module), name)
+    arguments = {key: _from_yaml(value) for key, value in node.items() if key[0] != "_"}
+    return (run.Partial if node.get("_partial_") else run.Config)(target, **arguments)
+
+
+def test_recipe_yaml_round_trips():
+    """The YAML of `--to-yaml` names importable targets and gives back an equal recipe."""
+    import yaml
+    from nemo_run.cli.config import ConfigSerializer
+
+    for module in ALL_MODULES:
+        recipe = _factory(module)()
+        recipe.trainer.max_steps = 5
+        exported = yaml.safe_load(ConfigSerializer().serialize_yaml(recipe))
+        assert exported["trainer"]["_target_"] == "kd_module.lightning_factories.lightning_trainer"
+        assert _from_yaml(exported) == recipe, module.NAME
 
 
 def test_cache_recipe_matches_the_distill_recipe_data_and_is_registered():
