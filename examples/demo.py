@@ -373,7 +373,7 @@ def train_offline_student(
         What :func:`train_student` returns, plus ``cache_s`` (building the cache) and
         ``cache_bytes_per_token``.
     """
-    from kd_module.offline.cache import cache_bytes_per_token
+    from kd_module.offline.format import cache_bytes_per_token
     from kd_module.offline.job import build_teacher_cache
     from kd_module.offline.module import OfflineDistillationModule
     from kd_module.training.optim import OptimizerConfig

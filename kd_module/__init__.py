@@ -49,9 +49,9 @@ _MOVED = {
     "KDLogitsCriterion": "kd_module.distillation.losses",
     "reference_logits_kd_loss": "kd_module.distillation.losses",
     "OfflineDistillationModule": "kd_module.offline.module",
-    "TeacherCache": "kd_module.offline.cache",
-    "cache_teacher": "kd_module.offline.cache",
-    "offline_topk_kd_loss": "kd_module.offline.cache",
+    "TeacherCache": "kd_module.offline.reader",
+    "cache_teacher": "kd_module.offline.writer",
+    "offline_topk_kd_loss": "kd_module.offline.loss",
 }
 
 __all__ = sorted(_EXPORTS)

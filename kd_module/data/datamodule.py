@@ -9,7 +9,7 @@ Batches are dicts of CPU tensors, one micro-batch of this data-parallel rank at 
 - ``attention_mask`` ``[b, 1, s, s]`` bool, True = masked, present only when
   ``reset_attention_mask`` (otherwise the model's causal mask applies);
 - ``sample_index`` ``[b]`` int64: each row's index in its split's megatron dataset (what an
-  offline teacher cache is keyed by, :mod:`kd_module.offline.cache`).
+  offline teacher cache is keyed by, :mod:`kd_module.offline.format`).
 
 ``b`` is ``micro_batch_size``; ``global_batch_size / (micro_batch_size * data_parallel_size)``
 consecutive micro-batches make one optimizer step.

@@ -92,12 +92,8 @@ def build_teacher_cache(
     from kd_module.data.tokenizers import padded_vocab_size
     from kd_module.models.gpt import GPTModelConfig, ParallelLayout, implementation_problems
     from kd_module.nemo_format.model_config import load_teacher_model_config
-    from kd_module.offline.cache import (
-        CACHE_DTYPES,
-        TeacherCache,
-        dataset_manifest,
-        manifest_with_settings,
-    )
+    from kd_module.offline.format import CACHE_DTYPES, dataset_manifest, manifest_with_settings
+    from kd_module.offline.reader import TeacherCache
     from kd_module.training.precision import PRECISIONS, precision_problems
 
     problems = Problems()
@@ -178,7 +174,7 @@ def build_teacher_cache(
         )
 
     from kd_module.models.gpt import build_model
-    from kd_module.offline.cache import cache_teacher
+    from kd_module.offline.writer import cache_teacher
     from kd_module.parallel import runtime
 
     runtime.initialize_distributed(

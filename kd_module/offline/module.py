@@ -1,6 +1,6 @@
 """Training a student from a teacher cache: :class:`OfflineDistillationModule`.
 
-The teacher is replaced by a cache written by :func:`kd_module.offline.cache.cache_teacher` (``nemo
+The teacher is replaced by a cache written by :func:`kd_module.offline.writer.cache_teacher` (``nemo
 kd
 cache-teacher``): no teacher is built, loaded or run. Each training micro-batch carries the
 dataset's ``sample_index``; on the last pipeline stage the cached top-k logits, indices and
@@ -26,8 +26,9 @@ from typing import Any
 from kd_module.distillation.config import DistillConfig, load_distill_config
 from kd_module.distillation.objectives import LMObjective
 from kd_module.models.gpt import GPTModelConfig
-from kd_module.offline.cache import OFFLINE_LOSS_MODES, TeacherCache
+from kd_module.offline.loss import OFFLINE_LOSS_MODES
 from kd_module.offline.objective import OfflineKDObjective
+from kd_module.offline.reader import TeacherCache
 from kd_module.training.module import GPTModule
 from kd_module.training.optim import OptimizerConfig
 
@@ -64,7 +65,7 @@ class OfflineDistillationModule(GPTModule):
     Args:
         student: the student's architecture.
         teacher_cache: directory written by ``nemo kd cache-teacher``
-            (:func:`kd_module.offline.cache.cache_teacher`).
+            (:func:`kd_module.offline.writer.cache_teacher`).
         distill_config: distillation YAML path, dict or :class:`DistillConfig`: its
             ``logit_kl_temperature``, ``logit_kl_topk`` (at most the cached k; the cached k
             when unset), ``kd_loss_scale`` and ``skip_lm_loss`` apply; intermediate pairs and
@@ -153,7 +154,7 @@ class OfflineDistillationModule(GPTModule):
         megatron's sample order depends on how many samples the dataset is built for, so an
         unset ``data.num_train_samples`` becomes the cache's ``num_samples``.
         """
-        from kd_module.offline.cache import dataset_manifest
+        from kd_module.offline.format import dataset_manifest
 
         manifest = self.cache.manifest
         if data.num_train_samples is None:

@@ -1,7 +1,7 @@
 """The offline distillation objective: the student's logits against a teacher cache.
 
 It lives beside the cache because it scores the logits with the cache's loss
-(:func:`~kd_module.offline.cache.offline_topk_kd_loss`); the rest (terms, mixing, reduction)
+(:func:`~kd_module.offline.loss.offline_topk_kd_loss`); the rest (terms, mixing, reduction)
 is :mod:`kd_module.distillation.objectives`'.
 """
 
@@ -21,7 +21,7 @@ from kd_module.distillation.objectives import (
     mix_terms,
     report,
 )
-from kd_module.offline.cache import offline_topk_kd_loss
+from kd_module.offline.loss import offline_topk_kd_loss
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class OfflineKDObjective(Objective):
     """
 
     mode: str = "tail"
-    """``"tail"`` or ``"renormalized"`` (:func:`~kd_module.offline.cache.offline_topk_kd_loss`)."""
+    """``"tail"`` or ``"renormalized"`` (:func:`~kd_module.offline.loss.offline_topk_kd_loss`)."""
     temperature: float = 1.0
     """Softmax temperature of both distributions."""
     kd_loss_scale: float = 1.0

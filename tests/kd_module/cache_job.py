@@ -19,7 +19,7 @@ def main() -> None:
 
     from kd_module.data import GPTDataModule
     from kd_module.models.gpt import GPTModelConfig
-    from kd_module.offline import cache as offline
+    from kd_module.offline import writer as offline
     from kd_module.offline.job import build_teacher_cache
     from tests.helpers import init_weights_by_global_key
 

@@ -270,7 +270,7 @@ def test_cpu_generators_work_under_a_default_device_context(single_rank):
     under a default-device context (Lightning's torch.device('cuda'); 'meta' here) they must
     still draw on the CPU and give the same numbers."""
     from kd_module.models.gpt import build_model
-    from kd_module.offline import cache as offline
+    from kd_module.offline import format as offline
     from tests.helpers import init_weights_by_global_key
 
     tokens = torch.randint(0, 256, (2, 48))

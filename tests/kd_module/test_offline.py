@@ -49,7 +49,7 @@ def _teacher_logits(model, samples) -> torch.Tensor:
 
 
 def _cache(model, out_dir, dtype="fp32", **kwargs):
-    from kd_module.offline.cache import cache_teacher
+    from kd_module.offline.writer import cache_teacher
 
     kwargs = {"micro_batch_size": 3, "shard_size": 4, "micro_batches_per_call": 1, **kwargs}
     return cache_teacher(model, DATASET, out_dir, k=K, manifest=MANIFEST, dtype=dtype, **kwargs)
@@ -62,7 +62,7 @@ def _cached(cache, samples):
 
 def test_lookup_returns_each_samples_teacher_topk_and_lse(single_rank, tmp_path):
     """lookup(sample indices) gives that sample's teacher top-k, indices and full LSE."""
-    from kd_module.offline.cache import TeacherCache
+    from kd_module.offline.reader import TeacherCache
 
     model = _teacher()
     manifest = _cache(model, tmp_path)
@@ -83,7 +83,8 @@ def test_lookup_returns_each_samples_teacher_topk_and_lse(single_rank, tmp_path)
 def test_renormalized_offline_loss_equals_online_topk_loss(single_rank, tmp_path):
     """Offline renormalized loss and gradient equal LogitsKDLoss(top_k=k) (fp32 cache, 1e-5)."""
     from kd_module.distillation.losses import LogitsKDLoss, reference_logits_kd_loss
-    from kd_module.offline.cache import TeacherCache, offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
+    from kd_module.offline.reader import TeacherCache
 
     model = _teacher()
     _cache(model, tmp_path)
@@ -110,7 +111,9 @@ def test_half_precision_cache_loss_is_close_to_online_loss(
 ):
     """A bf16/fp16 cache stores rounded logits and gives the online top-k loss within 2e-2."""
     from kd_module.distillation.losses import reference_logits_kd_loss
-    from kd_module.offline.cache import TeacherCache, cache_bytes_per_token, offline_topk_kd_loss
+    from kd_module.offline.format import cache_bytes_per_token
+    from kd_module.offline.loss import offline_topk_kd_loss
+    from kd_module.offline.reader import TeacherCache
 
     model = _teacher()
     _cache(model, tmp_path, dtype=dtype)
@@ -135,7 +138,7 @@ def test_half_precision_cache_loss_is_close_to_online_loss(
 
 def test_weights_hash_tracks_parameter_values(single_rank):
     """Same weights give the same hash; one changed value changes it."""
-    from kd_module.offline.cache import weights_sha256
+    from kd_module.offline.writer import weights_sha256
 
     first, second = _teacher(), _teacher()
     assert weights_sha256(first) == weights_sha256(second)
@@ -146,7 +149,8 @@ def test_weights_hash_tracks_parameter_values(single_rank):
 
 def test_manifest_mismatch_is_refused_naming_the_field(single_rank, tmp_path):
     """check_manifest and a restarted cache run with another k name the differing field."""
-    from kd_module.offline.cache import TeacherCache, cache_teacher
+    from kd_module.offline.reader import TeacherCache
+    from kd_module.offline.writer import cache_teacher
 
     model = _teacher()
     _cache(model, tmp_path)
@@ -193,7 +197,7 @@ def test_interrupted_cache_run_resumes_to_identical_files(
 
 def test_micro_batch_size_and_grouping_do_not_change_the_cache(single_rank, tmp_path):
     """Micro-batches of 1 and of 3 (padded) cache the same rows, to float rounding."""
-    from kd_module.offline.cache import TeacherCache
+    from kd_module.offline.reader import TeacherCache
 
     model = _teacher()
     _cache(model, tmp_path / "mbs1", micro_batch_size=1, micro_batches_per_call=4)
@@ -208,7 +212,7 @@ def test_micro_batch_size_and_grouping_do_not_change_the_cache(single_rank, tmp_
 
 def test_check_tokens_refuses_other_data(single_rank, tmp_path):
     """Tokens of sample 2 pass; the tokens of another sample under index 2 are named."""
-    from kd_module.offline.cache import TeacherCache
+    from kd_module.offline.reader import TeacherCache
 
     _cache(_teacher(), tmp_path)
     cache = TeacherCache(tmp_path)
@@ -219,7 +223,7 @@ def test_check_tokens_refuses_other_data(single_rank, tmp_path):
 
 def test_tail_mode_matches_a_hand_computation():
     """Tail bucket: teacher (.5, .25 | tail .25) vs uniform student (.25, .25 | .5) is ln2 / 4."""
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     teacher = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
     student = torch.zeros(1, 1, 4)
@@ -233,7 +237,7 @@ def test_tail_mode_matches_a_hand_computation():
 def test_tail_mode_with_the_whole_vocabulary_is_the_full_kl():
     """With k = vocab the tail is empty and the tail loss and gradient equal the full forward KL."""
     from kd_module.distillation.losses import reference_logits_kd_loss
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     generator = torch.Generator().manual_seed(4)
     teacher = torch.randn(3, 2, 16, generator=generator) * 3
@@ -266,7 +270,7 @@ def _tail_reference(student, teacher, k):
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
 def test_tail_mode_equals_a_float64_reference_for_any_chunk_size(chunk_size):
     """Loss and gradient of the chunked tail mode equal a plain float64 computation."""
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     generator = torch.Generator().manual_seed(6)
     teacher = torch.randn(4, 3, 40, generator=generator) * 2
@@ -283,7 +287,7 @@ def test_tail_mode_equals_a_float64_reference_for_any_chunk_size(chunk_size):
 
 def test_tail_mode_is_exact_when_the_students_tail_is_tiny():
     """A student with ~1e-12 mass outside the top-k: log q_tail is not lost to 1 - sum(q)."""
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     teacher = torch.tensor([[[4.0, 3.0, 0.0, 0.0, 0.0, 0.0]]])
     student = torch.tensor([[[14.0, 14.0, -14.0, -14.0, -14.0, -14.0]]])
@@ -297,7 +301,7 @@ def test_tail_mode_is_exact_when_the_students_tail_is_tiny():
 def test_tail_mode_is_between_renormalized_topk_and_full_kl_in_a_case():
     """Tail loss is a lower bound of the full KL, with the teacher's tail mass now counted."""
     from kd_module.distillation.losses import reference_logits_kd_loss
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     generator = torch.Generator().manual_seed(5)
     teacher = torch.randn(4, 3, 32, generator=generator) * 2
@@ -313,7 +317,7 @@ def test_tail_mode_is_between_renormalized_topk_and_full_kl_in_a_case():
 
 def test_offline_loss_refuses_bad_arguments():
     """Temperature != 1 in tail mode, an unknown mode and mismatched shapes are named."""
-    from kd_module.offline.cache import offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
 
     student = torch.zeros(2, 1, 8)
     values, indices, lse = torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.long), None
@@ -327,7 +331,7 @@ def test_offline_loss_refuses_bad_arguments():
 
 def test_cache_teacher_refuses_bad_arguments(tmp_path):
     """k, dtype, shard_size and num_samples are validated together; reserved keys are refused."""
-    from kd_module.offline.cache import cache_teacher
+    from kd_module.offline.writer import cache_teacher
 
     with pytest.raises(ValueError, match=r"k=0 .*shard_size=-1.*dtype='int8'.*num_samples=7 is"):
         cache_teacher(
@@ -344,7 +348,8 @@ def test_cache_teacher_refuses_bad_arguments(tmp_path):
 def _layouts_cache_and_losses(out_dir: str) -> dict:
     """2 ranks: cache at TP=2, PP=2 and DP=2; TP=2 offline losses and gradients on each shard."""
     from kd_module.models.gpt import ParallelLayout
-    from kd_module.offline.cache import TeacherCache, offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
+    from kd_module.offline.reader import TeacherCache
     from kd_module.parallel import runtime
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
@@ -369,7 +374,8 @@ def _layouts_cache_and_losses(out_dir: str) -> dict:
 def test_tp2_pp2_dp2_caches_and_tp2_offline_loss_match_single_rank(single_rank, tmp_path):
     """TP=2 and PP=2 teachers cache the TP=1 top-k and LSE, DP=2 the identical bytes; TP=2
     offline losses and gradients equal TP=1."""
-    from kd_module.offline.cache import TeacherCache, offline_topk_kd_loss
+    from kd_module.offline.loss import offline_topk_kd_loss
+    from kd_module.offline.reader import TeacherCache
     from tests.helpers import run_distributed
 
     results = run_distributed(_layouts_cache_and_losses, 2, str(tmp_path), timeout=300)

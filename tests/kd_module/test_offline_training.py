@@ -275,7 +275,7 @@ def _layouts_fit(cache_dir: str) -> dict:
 def test_offline_dp2_tp2_pp2_fits_match_single_process(cache_dir, online_curve):
     """build_teacher_cache at PP=2 writes the single-process cache; offline DP=2, TP=2 (+SP)
     and PP=2 fits reproduce the single-process (= online) curve."""
-    from kd_module.offline.cache import TeacherCache
+    from kd_module.offline.reader import TeacherCache
 
     results = run_distributed(_layouts_fit, 2, str(cache_dir), timeout=400)
     one, pp2 = TeacherCache(cache_dir), TeacherCache(f"{cache_dir}-pp2")
