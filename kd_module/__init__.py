@@ -31,9 +31,9 @@ _EXPORTS = {
 # Names this package exported before the re-layout (2026-12): still resolved, with a
 # DeprecationWarning that gives their home.
 _MOVED = {
-    "TeacherModelConfig": "kd_module.nemo_format.model_config",
-    "load_teacher_model_config": "kd_module.nemo_format.model_config",
-    "to_nemo_model_config": "kd_module.nemo_format.model_config",
+    "TeacherModelConfig": "kd_module.nemo_format.reader",
+    "load_teacher_model_config": "kd_module.nemo_format.discovery",
+    "to_nemo_model_config": "kd_module.nemo_format.writer",
     "TokenizerConfig": "kd_module.data.tokenizers",
     "prepare_data": "kd_module.data.prepare",
     "embedded_corpus": "kd_module.data.corpus",

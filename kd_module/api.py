@@ -228,7 +228,7 @@ def distill(
             from recipes.tiny_cpu import tiny_cpu
             run.run(tiny_cpu(), executor=run.LocalExecutor())
     """
-    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.nemo_format.discovery import load_teacher_model_config
     from kd_module.training.module import DistillationModule
 
     start = time.perf_counter()

@@ -34,7 +34,8 @@ import yaml
 
 from kd_module.checkpoints.atomic import replace_directory, write_text_atomic
 from kd_module.models.gpt import GPTModelConfig
-from kd_module.nemo_format.model_config import MODEL_CONFIG_FILE, to_nemo_model_config
+from kd_module.nemo_format.keys import MODEL_CONFIG_FILE
+from kd_module.nemo_format.writer import to_nemo_model_config
 from kd_module.parallel import collectives
 from kd_module.upstream.modelopt import hidden_state_dict_prefixes
 

@@ -248,7 +248,7 @@ def build_distillation_model(
 
     Args:
         student_config: student architecture.
-        teacher_config: teacher architecture (see ``kd_module.nemo_format.model_config``).
+        teacher_config: teacher architecture (see ``kd_module.nemo_format``).
         distill: distillation config; ``None`` means logits-only defaults.
         layout: parallel sizes (must match megatron's parallel state).
         vocab_size: padded vocabulary size when the configs leave it unset.

@@ -91,7 +91,7 @@ def build_teacher_cache(
     from kd_module.data.datamodule import check_prefixes_exist, check_seq_length
     from kd_module.data.tokenizers import padded_vocab_size
     from kd_module.models.gpt import GPTModelConfig, ParallelLayout, implementation_problems
-    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.nemo_format.discovery import load_teacher_model_config
     from kd_module.offline.format import CACHE_DTYPES, dataset_manifest, manifest_with_settings
     from kd_module.offline.reader import TeacherCache
     from kd_module.training.precision import PRECISIONS, precision_problems

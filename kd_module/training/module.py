@@ -435,7 +435,7 @@ class DistillationModule(GPTModule):
         self.teacher_init_fn = teacher_init_fn
         self.teacher_model_config_path = teacher_model_config
         if teacher is None:
-            from kd_module.nemo_format.model_config import load_teacher_model_config
+            from kd_module.nemo_format.discovery import load_teacher_model_config
 
             teacher = load_teacher_model_config(
                 teacher_model_config, student, teacher_checkpoint

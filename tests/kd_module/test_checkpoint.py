@@ -214,7 +214,7 @@ def test_tp2_teacher_loads_at_pp2_and_errors_reach_every_rank(saved):
 def test_layout_files_and_model_config_of_an_iteration_save(saved):
     """Megatron-LM layout: iter_0000003 with metadata.json, tracker '3', model_config.yaml."""
     from kd_module.checkpoints.model import detect_checkpoint_format, resolve_checkpoint_dir
-    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.nemo_format.discovery import load_teacher_model_config
 
     root = saved["root"] / "dist_tp2"
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
@@ -502,7 +502,7 @@ def test_exported_student_is_a_plain_model_and_the_next_teacher(single_rank, tmp
     from kd_module.distillation.config import DistillConfig
     from kd_module.distillation.model import build_distillation_model
     from kd_module.models.gpt import build_model
-    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.nemo_format.discovery import load_teacher_model_config
     from tests.helpers import init_weights_by_global_key
 
     distill = DistillConfig(

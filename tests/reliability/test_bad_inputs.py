@@ -137,7 +137,7 @@ def _distill_config(files: dict[str, Path], config: dict[str, Any]) -> None:
 
 
 def _teacher_yaml(files: dict[str, Path], name: str) -> None:
-    from kd_module.nemo_format.model_config import load_teacher_model_config
+    from kd_module.nemo_format.discovery import load_teacher_model_config
 
     load_teacher_model_config(str(files[name]), STUDENT)
 

@@ -13,21 +13,20 @@ import pytest
 import yaml
 
 from kd_module.models.gpt import GPTModelConfig
-from kd_module.nemo_format.model_config import (
+from kd_module.nemo_format.discovery import load_teacher_model_config
+from kd_module.nemo_format.keys import (
     CONVERSION_TABLE,
     PARALLELISM_KEYS,
     TRAINING_ONLY_KEYS,
-    TeacherModelConfig,
     conversion_table_markdown,
-    convert_nemo_model_config,
-    load_teacher_model_config,
-    to_nemo_model_config,
 )
+from kd_module.nemo_format.reader import TeacherModelConfig, convert_nemo_model_config
+from kd_module.nemo_format.writer import to_nemo_model_config
 
 DATA = Path(__file__).parent / "data_files"
 LLAMA31_8B = DATA / "llama31_8b_model_config.yaml"
 LLAMA31_8B_TRAINING = DATA / "megatron_llama31_8b_training.yaml"
-LOGGER = "kd_module.nemo_format.model_config"
+LOGGER = "kd_module.nemo_format"
 
 # A student unlike the teacher in every field the file sets, and with values the file does not
 # set (transformer_impl, init) that the teacher must inherit.
