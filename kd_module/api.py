@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_module.checkpoints.atomic import write_json_atomic
-from kd_module.guards import cli_errors
+from kd_module.cli.errors import cli_errors
 from kd_module.rules import (
     Problems,
     checkpoint_problems,
@@ -275,7 +275,7 @@ def distill(
     check_inputs(module, data, trainer, teacher_tokenizer)
     Problems(positive_int_problems(keep_last=keep_last)).raise_if_any("distill")
     run_dir = Path(log_dir) / name
-    from kd_module.guards import writable_dir_problems
+    from kd_module.rules import writable_dir_problems
 
     problems = writable_dir_problems(run_dir, "run directory")
     if checkpoint_every_n_steps is not None and not problems:

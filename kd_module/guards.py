@@ -1,4 +1,4 @@
-"""Reliability guards: non-finite losses, teacher integrity, one-line errors on the command line.
+"""Reliability guards: non-finite losses and the teacher's integrity.
 
 * :func:`nonfinite_terms` / :func:`skip_optimizer_update` / :class:`NonFiniteLossError`: what
   ``GPTModule.training_step`` does when a loss term is NaN or Inf (``on_nonfinite="skip"``
@@ -7,21 +7,14 @@
 * :func:`teacher_digests` / :func:`combined_sha256` / :class:`TeacherIntegrityError`: a SHA-256
   of the frozen teacher's weights, taken when the model is built and compared at the end of
   training.
-* :func:`friendly_errors`: turns a configuration error into one line on stderr and exit code 2;
-  ``KD_DEBUG=1`` (or ``--debug`` / ``-v`` / ``--verbose`` on the command line) keeps the
-  traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
-import os
-import sys
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kd_module.parallel.collectives import all_gather_object
@@ -31,16 +24,6 @@ if TYPE_CHECKING:
 
 ON_NONFINITE = ("skip", "stop")
 """What a training step does when a loss term is NaN or Inf."""
-DEBUG_ENV = "KD_DEBUG"
-"""Environment variable that keeps full tracebacks (``KD_DEBUG=1``)."""
-DEBUG_FLAGS = ("--debug", "-v", "--verbose")
-"""Command-line flags that keep full tracebacks."""
-EXIT_CODE = 2
-"""Exit status of a run refused for a configuration problem."""
-CLI_ENV = "KD_CLI"
-"""Environment variable marking a command-line process (``KD_CLI=1``)."""
-CLI_PROGRAMS = ("nemo",)
-"""Programs (``sys.argv[0]`` names) that are the command line."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -230,95 +213,3 @@ def check_teacher_integrity(
             f"changed: {shown or 'none on this rank'}"
         )
     return sha256
-
-
-# ---------------------------------------------------------------------- output directories
-def writable_dir_problems(path: str | os.PathLike[str], what: str) -> list[str]:
-    """Why ``path`` cannot be created or written (empty when it can), without creating it.
-
-    The nearest existing ancestor must be a writable directory: a regular file on the way (or at
-    ``path``) or a read-only directory is reported with ``what`` and the offending path.
-    """
-    target = os.path.abspath(os.fspath(path))
-    current = target
-    while not os.path.exists(current):
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    if not os.path.isdir(current):
-        return [f"{what} {target}: cannot be created, {current} is a file; give a directory path"]
-    if not os.access(current, os.W_OK | os.X_OK):
-        return [f"{what} {target}: {current} is not writable; give a writable directory"]
-    return []
-
-
-# ---------------------------------------------------------------------- command line
-def debug_requested(argv: Sequence[str] | None = None) -> bool:
-    """Whether ``KD_DEBUG`` is set to a true value or the command line asks for tracebacks."""
-    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    argv = sys.argv[1:] if argv is None else argv
-    return any(arg in DEBUG_FLAGS for arg in argv)
-
-
-def cli_mode() -> bool:
-    """Whether this process is the ``nemo`` command (or ``KD_CLI=1`` says it is a CLI)."""
-    if os.environ.get(CLI_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    return os.path.basename(sys.argv[0] if sys.argv else "") in CLI_PROGRAMS
-
-
-def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: :class:`friendly_errors` around ``fn`` when :func:`cli_mode`, else nothing.
-
-    Python callers keep the exception; ``nemo kd distill`` prints one line and exits 2 instead
-    of nemo-run's generic ``Unexpected error`` (exit 1). The wrapper keeps ``fn``'s name,
-    signature and annotations, so nemo-run's factories and overrides see ``fn`` itself.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not cli_mode():
-            return fn(*args, **kwargs)
-        with friendly_errors():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-class friendly_errors(contextlib.ContextDecorator):  # noqa: N801  (used like a function)
-    """Context manager / decorator: a user error becomes one line on stderr and exit code 2.
-
-    Errors in :data:`USER_ERRORS` are printed as ``error: <message>`` (one line) and the
-    process exits with :data:`EXIT_CODE`. With ``debug`` (default: :func:`debug_requested`)
-    the traceback is printed too and the error propagates unchanged. Other exceptions (bugs)
-    always propagate with their traceback.
-
-    Args:
-        debug: keep tracebacks; ``None`` reads ``KD_DEBUG`` and the command line.
-        stream: where the line goes (default ``sys.stderr``).
-
-    Examples:
-        >>> @friendly_errors()
-        ... def main(): ...
-    """
-
-    def __init__(self, debug: bool | None = None, stream: Any = None) -> None:
-        self.debug = debug
-        self.stream = stream
-
-    def __enter__(self) -> friendly_errors:
-        return self
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        if error is None or not isinstance(error, USER_ERRORS):
-            return False
-        stream = self.stream or sys.stderr
-        debug = debug_requested() if self.debug is None else self.debug
-        if debug:
-            traceback.print_exception(kind, error, tb, file=stream)
-            return False
-        line = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {line}", file=stream, flush=True)
-        raise SystemExit(EXIT_CODE) from None

@@ -154,3 +154,24 @@ def launch_problems(num_nodes: Any, devices: Any) -> list[str]:
         )
         return [f"num_nodes x devices = {num_nodes * devices} ranks are expected but {how}"]
     return []
+
+
+# ---------------------------------------------------------------------- output directories
+def writable_dir_problems(path: str | os.PathLike[str], what: str) -> list[str]:
+    """Why ``path`` cannot be created or written (empty when it can), without creating it.
+
+    The nearest existing ancestor must be a writable directory: a regular file on the way (or at
+    ``path``) or a read-only directory is reported with ``what`` and the offending path.
+    """
+    target = os.path.abspath(os.fspath(path))
+    current = target
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    if not os.path.isdir(current):
+        return [f"{what} {target}: cannot be created, {current} is a file; give a directory path"]
+    if not os.access(current, os.W_OK | os.X_OK):
+        return [f"{what} {target}: {current} is not writable; give a writable directory"]
+    return []

@@ -5,7 +5,7 @@ nothing about the user's run: fallbacks for packages a CPU machine cannot have, 
 of ModelOpt's about ``transformers``, a cloud-logging tip, and Lightning's advice about patterns
 this project uses on purpose. Each one is listed here with the reason it is noise. Everything
 else (the user's own configuration, real problems) still prints. ``-v`` / ``--verbose`` /
-``--debug`` or ``KD_DEBUG=1`` shows them all (:func:`kd_module.guards.debug_requested`).
+``--debug`` or ``KD_DEBUG=1`` shows them all (:func:`kd_module.cli.errors.debug_requested`).
 
 Only entry points call :func:`quiet_third_party` (the ``nemo kd`` command); importing the
 library changes no filter.
@@ -114,14 +114,14 @@ def quiet_third_party(verbose: bool | None = None) -> bool:
 
     Args:
         verbose: show everything; ``None`` asks
-            :func:`kd_module.guards.debug_requested` (``-v``, ``--debug``, ``KD_DEBUG=1``).
+            :func:`kd_module.cli.errors.debug_requested` (``-v``, ``--debug``, ``KD_DEBUG=1``).
 
     Returns:
         Whether the filters are in place.
     """
     global _installed
     if verbose is None:
-        from kd_module.guards import debug_requested
+        from kd_module.cli.errors import debug_requested
 
         verbose = debug_requested()
     if verbose:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_module.guards import cli_errors
+from kd_module.cli.errors import cli_errors
 from kd_module.rules import Problems, checkpoint_problems, launch_problems, tokenizer_problems
 from kd_module.versions import jsonable
 

@@ -509,7 +509,7 @@ def _python(code: str, debug: bool) -> subprocess.CompletedProcess:
 
 FRIENDLY_SCRIPT = """
 from kd_module.distillation.config import load_distill_config
-from kd_module.guards import friendly_errors
+from kd_module.cli.errors import friendly_errors
 
 with friendly_errors():
     load_distill_config({"logit_kl_temperature": -1.0})
@@ -539,7 +539,7 @@ NEMO = str(Path(sys.executable).with_name("nemo"))
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "KD_DEBUG=1"])
 def test_nemo_kd_cli_refuses_bad_input_without_traceback(debug, files, tmp_path):
     """`nemo kd distill` with a bad override: one `error:` line naming it, exit 2, no traceback;
-    KD_DEBUG=1 shows the traceback (kd_module.guards.cli_errors around distill)."""
+    KD_DEBUG=1 shows the traceback (kd_module.cli.errors.cli_errors around distill)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     environment.pop("KD_DEBUG", None)
     if debug:

@@ -165,7 +165,7 @@ def test_checkpoint_directory_under_a_file_is_refused_before_building(tmp_path, 
 
 def test_unwritable_directory_message_names_it(tmp_path, monkeypatch):
     """writable_dir_problems names a read-only ancestor (os.access mocked: root bypasses modes)."""
-    from kd_module.guards import writable_dir_problems
+    from kd_module.rules import writable_dir_problems
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert writable_dir_problems(tmp_path / "a" / "b", "checkpoint directory") == [
