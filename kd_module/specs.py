@@ -3,7 +3,7 @@
 :func:`~kd_module.api.distill` and :func:`~kd_module.offline.job.build_teacher_cache` take these
 small dataclasses instead of a dozen flat keywords, and recipes build them as ``run.Config``
 pieces, so that the command line overrides their fields by dotted paths
-(``teacher.checkpoint=/ckpt``, ``job.name=exp1``, ``offline.teacher_cache=/cache``).
+(``teacher.checkpoint=/ckpt``, ``job.name=exp1``, ``offline.loss_mode=renormalized``).
 The entry points take the :class:`RunConfig` as ``job``, not ``run``: nemo-run's command line
 (0.11.1) takes every argument that starts with ``run`` for its own options (``run.name=`` names
 its experiment; ``run_config.name=`` is refused), so such a group could not be overridden.

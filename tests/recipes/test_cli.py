@@ -94,8 +94,8 @@ def test_cli_dryrun_prints_the_recipe_without_megatron_or_modelopt(tmp_path):
 
 
 def test_cli_dotted_overrides_of_the_groups_reach_the_task(tmp_path):
-    """`teacher.checkpoint=`, `teacher.ckpt_format=`, `job.name=` and `job.resume=` set the
-    fields of distill's teacher and job groups (printed by --dryrun)."""
+    """`teacher.checkpoint=`, `teacher.ckpt_format=`, `job.name=`, `job.resume=` and (offline)
+    `offline.loss_mode=` set the fields of distill's groups (printed by --dryrun)."""
     result = _nemo(
         "kd",
         "distill",
@@ -112,6 +112,18 @@ def test_cli_dotted_overrides_of_the_groups_reach_the_task(tmp_path):
     assert "checkpoint='/ckpt/dotted_teacher'" in result.stdout
     assert "ckpt_format='torch_dist'" in result.stdout
     assert "name='dotted_run'" in result.stdout and "resume=True" in result.stdout
+    offline = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu(teacher_cache='/data/dotted_cache')",
+        "--dryrun",
+        "offline.loss_mode=renormalized",
+        cwd=tmp_path,
+    )
+    assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
+    assert "teacher_cache='/data/dotted_cache'" in offline.stdout
+    assert "loss_mode='renormalized'" in offline.stdout
 
 
 def test_cli_to_yaml_writes_the_overridden_recipe(tmp_path):
