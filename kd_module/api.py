@@ -187,6 +187,7 @@ def distill(
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
         optimizer: :class:`~kd_module.training.optim.OptimizerConfig`.
+        loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
         on_nonfinite: a step whose loss terms (``kd_loss``, ``logits_loss``,
             ``intermediate_loss``, ``lm_loss``) are NaN/Inf ``"stop"``s the run or is
             ``"skip"``ped (no update; listed as ``skipped_steps`` in the summary).
@@ -203,7 +204,9 @@ def distill(
         The summary written to ``<job.log_dir>/<job.name>/summary.json``.
 
     Raises:
-        ValueError: naming every problem with the inputs, before any model is built.
+        ValueError: naming every problem with the inputs, before any model is built (and a
+            deprecated keyword given together with its group's field, naming both).
+        TypeError: a keyword that is neither an argument nor a deprecated one.
 
     Examples:
         From a shell::
