@@ -94,6 +94,10 @@ def evaluate_annotations(obj: Any) -> None:
     except (NameError, TypeError, ValueError):
         return
     obj.__signature__ = signature
+    if inspect.isclass(obj) and inspect.isfunction(obj.__dict__.get("__init__")):
+        # nemo-run reads the __init__ of a class with exactly two parameters instead
+        # (cli_parser.parse_cli_args, 0.11.1): a two-field dataclass such as OfflineConfig.
+        evaluate_annotations(obj.__init__)
 
 
 def _factories(module: Any) -> list[Any]:
