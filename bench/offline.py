@@ -106,13 +106,14 @@ def child_cache(pair: dict[str, Any], num_samples: int, out_dir: str) -> dict[st
     import numpy as np
 
     from kd_module.offline.job import build_teacher_cache
+    from kd_module.specs import TeacherSpec
 
     teacher, _ = _configs(pair)
     start = time.perf_counter()
     build_teacher_cache(
         _data(pair, num_samples),
         out_dir,
-        teacher=teacher,
+        TeacherSpec(config=teacher),
         k=pair["k"],
         dtype=pair["dtype"],
         shard_size=64,

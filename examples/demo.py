@@ -376,6 +376,7 @@ def train_offline_student(
     from kd_module.offline.format import cache_bytes_per_token
     from kd_module.offline.job import build_teacher_cache
     from kd_module.offline.module import OfflineDistillationModule
+    from kd_module.specs import TeacherSpec
     from kd_module.training.optim import OptimizerConfig
 
     cache_dir = out / OFFLINE_CACHE_DIR
@@ -385,8 +386,7 @@ def train_offline_student(
     build_teacher_cache(
         data,
         str(cache_dir),
-        teacher_checkpoint=teacher_checkpoint,
-        teacher=settings.teacher,
+        TeacherSpec(checkpoint=teacher_checkpoint, config=settings.teacher),
         k=OFFLINE_CACHE_K,
         dtype="fp16",
         accelerator="cpu",

@@ -1,8 +1,9 @@
 """``distill(...)``: the task function recipes point at.
 
-It checks every input before any model is built (files, configs, parallel layout, batch sizes,
-sequence length, tokenizer), attaches a CSV logger at ``<log_dir>/<name>``, runs ``trainer.fit``
-and writes ``summary.json`` there.
+It takes the teacher, the run and the offline cache as small configs (:mod:`kd_module.specs`),
+checks every input before any model is built (files, configs, parallel layout, batch sizes,
+sequence length, tokenizer), attaches a CSV logger at ``<job.log_dir>/<job.name>``, runs
+``trainer.fit`` and writes ``summary.json`` there.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 
 from kd_module.checkpoints.atomic import write_json_atomic
 from kd_module.cli.errors import cli_errors
-from kd_module.rules import (
-    Problems,
-    checkpoint_problems,
-    positive_int_problems,
-    tokenizer_problems,
+from kd_module.rules import Problems, checkpoint_problems, tokenizer_problems
+from kd_module.specs import (
+    OfflineConfig,
+    RunConfig,
+    TeacherSpec,
+    fold_flat_keywords,
+    group_problems,
 )
 from kd_module.versions import jsonable, package_versions
 
@@ -153,25 +156,17 @@ def distill(
     student: Any,
     data: Any,
     trainer: Any,
-    teacher_checkpoint: str | None = None,
-    teacher: Any = None,
-    teacher_model_config: str | None = None,
-    teacher_ckpt_format: str = "auto",
+    teacher: TeacherSpec | None = None,
+    job: RunConfig | None = None,
+    offline: OfflineConfig | None = None,
     student_checkpoint: str | None = None,
     student_ckpt_format: str = "auto",
     distill_config: str | dict | Any = None,
     optimizer: Any = None,
-    log_dir: str = "runs",
-    name: str = "default",
     loss_chunk_size: int = 1024,
-    checkpoint_every_n_steps: int | None = None,
-    keep_last: int = 2,
-    resume: bool = False,
-    export: bool = True,
     on_nonfinite: str = "stop",
     check_teacher_integrity: bool = True,
-    teacher_cache: str | None = None,
-    offline_loss_mode: str = "tail",
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """Distill a teacher into a student with megatron-core, ModelOpt and Lightning.
 
@@ -179,73 +174,74 @@ def distill(
         student: the student's :class:`~kd_module.models.gpt.GPTModelConfig`.
         data: a :class:`~kd_module.data.GPTDataModule`.
         trainer: a Lightning ``Trainer`` with a :class:`~kd_module.MegatronStrategy`.
-        teacher_checkpoint: the teacher's weights (Megatron-LM's ``--export-kd-teacher-load``).
-        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
-            checkpoint's ``model_config.yaml`` over the student's arguments.
-        teacher_model_config: NeMo-style ``model_config.yaml``
-            (``--export-kd-teacher-model-config``).
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``
-            (``--export-kd-teacher-ckpt-format``).
+        teacher: the teacher (:class:`~kd_module.specs.TeacherSpec`: checkpoint, architecture,
+            ``model_config.yaml``, checkpoint format); ``None`` is ``TeacherSpec()`` (a random
+            teacher of the student's architecture, tests only). Leave it ``None`` with
+            ``offline``.
+        job: logs, checkpoints, resume and export (:class:`~kd_module.specs.RunConfig`);
+            ``None`` is ``RunConfig()``.
+        offline: distill from a teacher cache instead of running a teacher
+            (:class:`~kd_module.specs.OfflineConfig`); ``data`` must be the data the cache was
+            made of.
         student_checkpoint: initialize the student from these weights (``None``: from scratch).
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
         optimizer: :class:`~kd_module.training.optim.OptimizerConfig`.
-        log_dir: root of run directories.
-        name: run name; logs and ``summary.json`` go to ``<log_dir>/<name>``.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
-        checkpoint_every_n_steps: save a run checkpoint (student, optimizer, schedule, data
-            position, RNG) to ``<log_dir>/<name>/checkpoints`` every N steps and at the end;
-            ``None`` saves none.
-        keep_last: how many run checkpoints to keep.
-        resume: continue from the latest complete run checkpoint of this run, if any.
-        export: write the final student to ``<log_dir>/<name>/student`` as a plain megatron GPT
-            checkpoint with its ``model_config.yaml`` (the next round's teacher).
         on_nonfinite: a step whose loss terms (``kd_loss``, ``logits_loss``,
             ``intermediate_loss``, ``lm_loss``) are NaN/Inf ``"stop"``s the run or is
             ``"skip"``ped (no update; listed as ``skipped_steps`` in the summary).
         check_teacher_integrity: hash the teacher's weights when built (``teacher_sha256`` in
             the summary) and fail at the end of training if they changed.
-        teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher``)
-            instead of running a teacher; excludes ``teacher_checkpoint``. ``data`` must be the
-            data the cache was made of (checked against its manifest and per sample).
-        offline_loss_mode: with ``teacher_cache``: ``"tail"`` or ``"renormalized"`` (see
-            :class:`~kd_module.offline.module.OfflineDistillationModule`).
+        **deprecated: the flat keywords of the release before (``teacher_checkpoint``,
+            ``teacher_model_config``, ``teacher_ckpt_format``, ``log_dir``, ``name``,
+            ``checkpoint_every_n_steps``, ``keep_last``, ``resume``, ``export``,
+            ``teacher_cache``, ``offline_loss_mode``; and ``teacher=GPTModelConfig``), mapped
+            onto the groups with a ``DeprecationWarning``
+            (:data:`~kd_module.specs.FLAT_KEYWORDS`).
 
     Returns:
-        The summary written to ``<log_dir>/<name>/summary.json``.
+        The summary written to ``<job.log_dir>/<job.name>/summary.json``.
 
     Raises:
-        ValueError: naming every problem with the inputs, before any model is built.
+        ValueError: naming every problem with the inputs, before any model is built (and a
+            deprecated keyword given together with its group's field, naming both).
+        TypeError: a keyword that is neither an argument nor a deprecated one.
 
     Examples:
         From a shell::
 
-            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50
+            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50 job.name=short
 
         From Python::
 
-            import nemo_run as run
-            from recipes.tiny_cpu import tiny_cpu
-            run.run(tiny_cpu(), executor=run.LocalExecutor())
+            distill(student, data, trainer, teacher=TeacherSpec(checkpoint="/ckpt/teacher"),
+                    job=RunConfig(log_dir="/results", name="exp1"))
     """
     from kd_module.nemo_format.discovery import load_teacher_model_config
     from kd_module.training.module import DistillationModule
 
     start = time.perf_counter()
+    groups = fold_flat_keywords(
+        "distill", {"teacher": teacher, "job": job, "offline": offline}, deprecated
+    )
+    Problems(group_problems(groups)).raise_if_any("distill")
+    teacher, offline = groups["teacher"], groups["offline"]
+    job = groups["job"] or RunConfig()
     teacher_tokenizer: dict[str, Any] = {}
-    if teacher_cache is not None:
+    if offline is not None:
         from kd_module.offline.module import OfflineDistillationModule
 
-        if teacher_checkpoint is not None or teacher is not None:
+        if teacher is not None and (teacher.checkpoint is not None or teacher.config is not None):
             raise ValueError(
-                "distill: teacher_cache replaces the teacher; leave teacher_checkpoint and "
-                "teacher unset (None) for offline distillation"
+                "distill: offline.teacher_cache replaces the teacher; leave teacher unset (None) "
+                "for offline distillation"
             )
         module = OfflineDistillationModule(
             student,
-            teacher_cache,
+            offline.teacher_cache,
             distill_config=distill_config,
-            offline_loss_mode=offline_loss_mode,
+            offline_loss_mode=offline.loss_mode,
             student_checkpoint=student_checkpoint,
             student_ckpt_format=student_ckpt_format,
             optimizer=optimizer,
@@ -255,15 +251,17 @@ def distill(
         if offline_problems:
             raise ValueError("distill: " + "; ".join(offline_problems))
     else:
-        if teacher is None:
-            resolved = load_teacher_model_config(teacher_model_config, student, teacher_checkpoint)
-            teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+        teacher = teacher or TeacherSpec()
+        architecture = teacher.config
+        if architecture is None:
+            resolved = load_teacher_model_config(teacher.model_config, student, teacher.checkpoint)
+            architecture, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
         module = DistillationModule(
             student=student,
-            teacher=teacher,
-            teacher_checkpoint=teacher_checkpoint,
-            teacher_ckpt_format=teacher_ckpt_format,
-            teacher_model_config=teacher_model_config,
+            teacher=architecture,
+            teacher_checkpoint=teacher.checkpoint,
+            teacher_ckpt_format=teacher.ckpt_format,
+            teacher_model_config=teacher.model_config,
             student_checkpoint=student_checkpoint,
             student_ckpt_format=student_ckpt_format,
             distill_config=distill_config,
@@ -273,26 +271,25 @@ def distill(
             check_teacher_integrity=check_teacher_integrity,
         )
     check_inputs(module, data, trainer, teacher_tokenizer)
-    Problems(positive_int_problems(keep_last=keep_last)).raise_if_any("distill")
-    run_dir = Path(log_dir) / name
+    run_dir = Path(job.log_dir) / job.name
     from kd_module.rules import writable_dir_problems
 
     problems = writable_dir_problems(run_dir, "run directory")
-    if checkpoint_every_n_steps is not None and not problems:
+    if job.checkpoint_every_n_steps is not None and not problems:
         problems = writable_dir_problems(run_dir / "checkpoints", "checkpoint directory")
     if problems:
         raise ValueError("distill: " + "; ".join(problems))
     _attach_logger(trainer, run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     _drop_default_checkpointing(trainer)
-    if checkpoint_every_n_steps is not None:
+    if job.checkpoint_every_n_steps is not None:
         from kd_module.checkpoints.run import RunCheckpoint
 
         trainer.callbacks.append(
-            RunCheckpoint(str(checkpoint_dir), checkpoint_every_n_steps, keep_last)
+            RunCheckpoint(str(checkpoint_dir), job.checkpoint_every_n_steps, job.keep_last)
         )
     ckpt_path = None
-    if resume:
+    if job.resume:
         from kd_module.checkpoints.run import latest_checkpoint
 
         latest = latest_checkpoint(checkpoint_dir)
@@ -301,7 +298,7 @@ def distill(
         else:
             ckpt_path = str(latest)
             logger.info("distill: resuming from %s", latest)
-    if export:
+    if job.export:
         module.export_dir = str(run_dir / "student")
         module.export_tokenizer = data.tokenizer.to_dict()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

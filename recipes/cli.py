@@ -8,11 +8,13 @@ it and offers::
     nemo kd distill --factory tiny_cpu --to-yaml tiny_cpu.yaml
     nemo kd prepare-data inputs='["data/train.jsonl"]' output_prefix=data/train
     nemo kd cache-teacher --factory tiny_cpu out_dir=runs/tiny_cpu_cache
-    nemo kd distill --factory tiny_cpu teacher_cache=runs/tiny_cpu_cache
+    nemo kd distill --factory "tiny_cpu(teacher_cache='runs/tiny_cpu_cache')"
+    nemo kd distill --factory tiny_cpu teacher.checkpoint=/ckpt job.name=exp1 --dryrun
 
 ``distill`` takes the recipes (factories) registered by the modules in :data:`RECIPE_MODULES`
-and dotted overrides of their fields. Importing this module imports nemo-run (and with it torch)
-but neither Lightning nor megatron-core nor ModelOpt (the recipes' Lightning pieces are configs
+and dotted overrides of their fields (``teacher.checkpoint=``, ``job.name=``,
+``trainer.max_steps=``). Importing this module imports nemo-run (and with it torch) but neither
+Lightning nor megatron-core nor ModelOpt (the recipes' Lightning pieces are configs
 of :mod:`kd_module.lightning_factories`): ``--help``, ``--dryrun`` and ``--to-yaml`` stay cheap,
 and the heavy imports happen when the task runs.
 """
@@ -35,6 +37,7 @@ from kd_module.distillation.config import DistillConfig
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
+from kd_module.specs import OfflineConfig, RunConfig, TeacherSpec
 from kd_module.training.optim import OptimizerConfig
 
 # This module is the command line: hide the known third-party notices before the task imports
@@ -61,6 +64,9 @@ OVERRIDABLE = (
     lightning_trainer,
     megatron_strategy,
     DistillConfig,
+    TeacherSpec,
+    RunConfig,
+    OfflineConfig,
 )
 """Callables whose arguments the command line sets (``student.num_layers=4``, ...)."""
 
@@ -88,6 +94,10 @@ def evaluate_annotations(obj: Any) -> None:
     except (NameError, TypeError, ValueError):
         return
     obj.__signature__ = signature
+    if inspect.isclass(obj) and inspect.isfunction(obj.__dict__.get("__init__")):
+        # nemo-run reads the __init__ of a class with exactly two parameters instead
+        # (cli_parser.parse_cli_args, 0.11.1): a two-field dataclass such as OfflineConfig.
+        evaluate_annotations(obj.__init__)
 
 
 def _factories(module: Any) -> list[Any]:

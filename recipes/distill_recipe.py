@@ -17,6 +17,7 @@ from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig, ParallelLayout
 from kd_module.rules import Problems
+from kd_module.specs import CKPT_FORMATS, OfflineConfig, RunConfig, TeacherSpec
 from kd_module.training.optim import OptimizerConfig
 from kd_module.training.precision import precision_problems
 
@@ -130,20 +131,112 @@ def trainer_config(
     )
 
 
-def distill_recipe(
-    teacher_path: str | None,
-    student_path: str | None = None,
-    distill_config: str | dict | None = None,
-    teacher_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
-    dir: str | None = None,
+def teacher_spec(
+    checkpoint: str | None = None,
+    config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
+    model_config: str | None = None,
+    ckpt_format: str = "auto",
+) -> run.Config[TeacherSpec]:
+    """The teacher as config: ``teacher`` of :func:`~kd_module.api.distill` and
+    :func:`~kd_module.offline.job.build_teacher_cache`.
+
+    Args:
+        checkpoint: the teacher's checkpoint (Megatron-LM's ``--export-kd-teacher-load``);
+            ``None`` distills from a randomly initialized teacher (tests only).
+        config: the teacher's architecture; ``None`` reads ``model_config`` or the
+            checkpoint's ``model_config.yaml`` (``--export-kd-teacher-model-config``).
+        model_config: NeMo-style ``model_config.yaml`` of the teacher.
+        ckpt_format: ``auto``, ``torch_dist`` or ``torch`` (``--export-kd-teacher-ckpt-format``).
+
+    Returns:
+        ``run.Config(TeacherSpec, ...)``; override its fields as ``teacher.checkpoint=PATH``.
+    """
+    problems = Problems()
+    if config is not None:
+        config = _as_config(config, GPTModelConfig, "teacher config", problems)
+    problems.one_of("ckpt_format", ckpt_format, CKPT_FORMATS)
+    problems.raise_if_any("teacher spec")
+    return run.Config(
+        TeacherSpec,
+        checkpoint=checkpoint,
+        config=config,
+        model_config=model_config,
+        ckpt_format=ckpt_format,
+    )
+
+
+def run_config(
+    log_dir: str = "runs",
     name: str = "default",
+    checkpoint_every_n_steps: int | None = None,
+    keep_last: int = 2,
+    resume: bool = False,
+    export: bool = True,
+) -> run.Config[RunConfig]:
+    """Where the run writes and what it keeps, as config: ``job`` of
+    :func:`~kd_module.api.distill`.
+
+    Args:
+        log_dir: root of run directories.
+        name: run name; logs and ``summary.json`` go to ``<log_dir>/<name>``.
+        checkpoint_every_n_steps: save a run checkpoint every N steps and at the end under
+            ``<log_dir>/<name>/checkpoints`` (Megatron-LM's ``--save-interval``); ``None``
+            saves none.
+        keep_last: how many run checkpoints to keep.
+        resume: continue from the run's latest complete checkpoint, if any.
+        export: write the final student to ``<log_dir>/<name>/student``.
+
+    Returns:
+        ``run.Config(RunConfig, ...)``: ``job`` of :func:`~kd_module.api.distill`; override its
+        fields as ``job.name=exp1``.
+    """
+    problems = Problems()
+    if not isinstance(name, str) or not name or "/" in name:
+        problems.add(f"name={name!r} must be a non-empty string without '/'")
+    problems.positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, or_none="None")
+    problems.positive_int("keep_last", keep_last)
+    problems.raise_if_any("run config")
+    return run.Config(
+        RunConfig,
+        log_dir=log_dir,
+        name=name,
+        checkpoint_every_n_steps=checkpoint_every_n_steps,
+        keep_last=keep_last,
+        resume=resume,
+        export=export,
+    )
+
+
+def offline_config(
+    teacher_cache: str | None, loss_mode: str = "tail"
+) -> run.Config[OfflineConfig] | None:
+    """Offline distillation from a teacher cache, as config: ``offline`` of
+    :func:`~kd_module.api.distill`.
+
+    Args:
+        teacher_cache: the cache :func:`cache_teacher_recipe` (``nemo kd cache-teacher``) wrote
+            over the same data; ``None``: distill online (returns ``None``).
+        loss_mode: ``"tail"`` or ``"renormalized"``.
+
+    Returns:
+        ``run.Config(OfflineConfig, ...)``, or ``None`` without a cache.
+    """
+    if teacher_cache is None:
+        return None
+    return run.Config(OfflineConfig, teacher_cache=teacher_cache, loss_mode=loss_mode)
+
+
+def distill_recipe(
+    teacher: run.Config[TeacherSpec] | TeacherSpec | None,
+    student_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
+    *,
+    job: run.Config[RunConfig] | RunConfig | None = None,
+    offline: run.Config[OfflineConfig] | OfflineConfig | None = None,
+    student_path: str | None = None,
+    student_ckpt_format: str = "auto",
+    distill_config: str | dict | None = None,
     num_nodes: int = 1,
     num_gpus_per_node: int = 8,
-    *,
-    student_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
-    teacher_model_config: str | None = None,
-    teacher_ckpt_format: str = "auto",
-    student_ckpt_format: str = "auto",
     data_paths: str | list[Any] | dict[str, Any] | None = None,
     tokenizer: run.Config[TokenizerConfig] | TokenizerConfig | None = None,
     seq_length: int | None = None,
@@ -165,32 +258,29 @@ def distill_recipe(
     callbacks: list[run.Config] | None = None,
     loss_chunk_size: int = 1024,
     seed: int = 1234,
-    checkpoint_every_n_steps: int | None = None,
-    resume: bool = False,
-    teacher_cache: str | None = None,
-    offline_loss_mode: str = "tail",
 ) -> run.Partial:
-    """Distill the teacher at ``teacher_path`` into ``student_config``: the whole run as config.
+    """Distill ``teacher`` into ``student_config``: the whole run as config.
+
+    The teacher, the run's outputs and the offline cache are sub-configs made by
+    :func:`teacher_spec`, :func:`run_config` and :func:`offline_config`, so the command line
+    overrides their fields by dotted paths (``teacher.checkpoint=``, ``job.name=``).
 
     Args:
-        teacher_path: the teacher's checkpoint (Megatron-LM's ``--export-kd-teacher-load``);
-            ``None`` distills from a randomly initialized teacher (tests only).
+        teacher: the teacher (:func:`teacher_spec`); ``None`` is ``teacher_spec()``, a randomly
+            initialized teacher (tests only). Not used with ``offline``.
+        student_config: the student's architecture (required).
+        job: logs, checkpoints, resume, export (:func:`run_config`); ``None`` is
+            ``run_config()``. Its ``log_dir`` is also the trainer's ``default_root_dir``.
+        offline: distill from a teacher cache (:func:`offline_config`) made by
+            :func:`cache_teacher_recipe` over the same data; the teacher is neither built nor
+            run.
         student_path: initialize the student from this checkpoint; ``None`` starts from scratch.
+        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         distill_config: distillation YAML path or dict (``--export-kd-distill-cfg``); ``None``
             distills the logits only.
-        teacher_config: the teacher's architecture; ``None`` reads ``teacher_model_config`` or
-            the checkpoint's ``model_config.yaml`` (``--export-kd-teacher-model-config``).
-        dir: root of run directories (``log_dir`` of :func:`~kd_module.api.distill`);
-            ``runs`` when ``None``.
-        name: run name; logs and ``summary.json`` go to ``<dir>/<name>``.
         num_nodes: machines.
         num_gpus_per_node: ranks per machine (the trainer's ``devices``; CPU processes with
             ``accelerator="cpu"``).
-        student_config: the student's architecture (required).
-        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``
-            (``--export-kd-teacher-ckpt-format``).
-        student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         data_paths: dataset prefixes, a weighted blend or a per-split dict (see
             :class:`~kd_module.data.GPTDataModule`); ``None`` uses synthetic (mock) tokens.
         tokenizer: the tokenizer the data was prepared with; the byte tokenizer when ``None``.
@@ -213,14 +303,6 @@ def distill_recipe(
         callbacks: ``run.Config`` of Lightning callbacks.
         loss_chunk_size: tokens per chunk of the logits KD loss.
         seed: seed of the strategy (weights) and of the data shuffling.
-        checkpoint_every_n_steps: save a run checkpoint every N steps and at the end under
-            ``<dir>/<name>/checkpoints``; ``None`` saves none.
-        resume: continue from the run's latest complete checkpoint, if any.
-        teacher_cache: distill offline from this teacher cache (made by
-            :func:`cache_teacher_recipe` / ``nemo kd cache-teacher`` over the same data); the
-            teacher is neither built nor run, and ``teacher_path``/``teacher_config`` are not
-            used.
-        offline_loss_mode: with ``teacher_cache``, ``"tail"`` or ``"renormalized"``.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -235,7 +317,11 @@ def distill_recipe(
 
         Python::
 
-            recipe = distill_recipe("/ckpt/teacher", student_config=run.Config(GPTModelConfig))
+            recipe = distill_recipe(
+                teacher_spec("/ckpt/teacher"),
+                run.Config(GPTModelConfig),
+                job=run_config("/results", "exp1"),
+            )
             run.run(recipe, executor=local_executor(devices=8))
     """
     problems = Problems()
@@ -243,8 +329,20 @@ def distill_recipe(
         problems.add("student_config is required (a GPTModelConfig or a run.Config of one)")
     else:
         student_config = _as_config(student_config, GPTModelConfig, "student_config", problems)
-    if teacher_config is not None:
-        teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
+    teacher = _as_config(
+        teacher if teacher is not None else run.Config(TeacherSpec),
+        TeacherSpec,
+        "teacher",
+        problems,
+    )
+    job = _as_config(
+        job if job is not None else run.Config(RunConfig),
+        RunConfig,
+        "job",
+        problems,
+    )
+    if offline is not None:
+        offline = _as_config(offline, OfflineConfig, "offline", problems)
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
     for label, value in (
@@ -256,12 +354,9 @@ def distill_recipe(
         ("loss_chunk_size", loss_chunk_size),
     ):
         problems.positive_int(label, value)
-    problems.positive_int("checkpoint_every_n_steps", checkpoint_every_n_steps, or_none="None")
     problems.positive_int("seq_length", seq_length, or_none="None")
     problems.one_of("accelerator", accelerator, ACCELERATORS)
     problems.extend(precision_problems(precision, cuda=accelerator != "cpu"))
-    if not isinstance(name, str) or not name or "/" in name:
-        problems.add(f"name={name!r} must be a non-empty string without '/'")
     layout = ParallelLayout(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -272,7 +367,6 @@ def distill_recipe(
     )
     problems.raise_if_any("distill recipe")
 
-    log_dir = "runs" if dir is None else dir
     data = data_config(
         data_paths,
         seq_length if seq_length is not None else student_config.seq_length,
@@ -296,33 +390,24 @@ def distill_recipe(
         precision=precision,
         seed=seed,
         callbacks=callbacks,
-        default_root_dir=log_dir,
+        default_root_dir=job.log_dir,
     )
     optimizer = run.Config(
         OptimizerConfig, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, lr_decay_style="cosine"
     )
-    if teacher_cache is not None:  # offline: the cache replaces the teacher
-        teacher_path = teacher_config = teacher_model_config = None
     return run.Partial(
         distill,
         student=student_config,
         data=data,
         trainer=trainer,
-        teacher_checkpoint=teacher_path,
-        teacher=teacher_config,
-        teacher_model_config=teacher_model_config,
-        teacher_ckpt_format=teacher_ckpt_format,
+        teacher=None if offline is not None else teacher,  # offline: the cache replaces it
+        job=job,
+        offline=offline,
         student_checkpoint=student_path,
         student_ckpt_format=student_ckpt_format,
         distill_config=distill_config,
         optimizer=optimizer,
-        log_dir=log_dir,
-        name=name,
         loss_chunk_size=loss_chunk_size,
-        checkpoint_every_n_steps=checkpoint_every_n_steps,
-        resume=resume,
-        teacher_cache=teacher_cache,
-        offline_loss_mode=offline_loss_mode,
     )
 
 
@@ -353,13 +438,10 @@ def data_config(
 
 
 def cache_teacher_recipe(
-    teacher_path: str | None,
+    teacher: run.Config[TeacherSpec] | TeacherSpec | None,
     out_dir: str,
     num_samples: int,
-    teacher_config: run.Config[GPTModelConfig] | GPTModelConfig | None = None,
     *,
-    teacher_model_config: str | None = None,
-    teacher_ckpt_format: str = "auto",
     data_paths: str | list[Any] | dict[str, Any] | None = None,
     tokenizer: run.Config[TokenizerConfig] | TokenizerConfig | None = None,
     seq_length: int = 2048,
@@ -380,17 +462,14 @@ def cache_teacher_recipe(
 
     The data arguments must be the ones the students' :func:`distill_recipe` gets (paths,
     tokenizer, ``seq_length``, split, seed); the students then run with
-    ``teacher_cache=out_dir``. ``num_samples`` is what the students may consume at most
-    (``max_steps x global_batch_size``).
+    ``offline=offline_config(out_dir)``. ``num_samples`` is what the students may consume at
+    most (``max_steps x global_batch_size``).
 
     Args:
-        teacher_path: the teacher's checkpoint; ``None`` caches a random teacher (tests only).
+        teacher: the teacher (:func:`teacher_spec`); ``None`` is ``teacher_spec()``, a random
+            teacher (tests only).
         out_dir: the cache directory.
         num_samples: train samples to cache.
-        teacher_config: the teacher's architecture; ``None`` reads ``teacher_model_config`` or
-            the checkpoint's ``model_config.yaml``.
-        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
         data_paths: dataset prefixes (see :func:`distill_recipe`); ``None``: mock tokens.
         tokenizer: the tokenizer the data was prepared with; bytes when ``None``.
         seq_length: tokens per sample.
@@ -418,8 +497,12 @@ def cache_teacher_recipe(
     from kd_module.offline.job import build_teacher_cache
 
     problems = Problems()
-    if teacher_config is not None:
-        teacher_config = _as_config(teacher_config, GPTModelConfig, "teacher_config", problems)
+    teacher = _as_config(
+        teacher if teacher is not None else run.Config(TeacherSpec),
+        TeacherSpec,
+        "teacher",
+        problems,
+    )
     if tokenizer is not None:
         tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer", problems)
     for label, value in (
@@ -451,10 +534,7 @@ def cache_teacher_recipe(
             num_train_samples=num_samples,
         ),
         out_dir=out_dir,
-        teacher_checkpoint=teacher_path,
-        teacher=teacher_config,
-        teacher_model_config=teacher_model_config,
-        teacher_ckpt_format=teacher_ckpt_format,
+        teacher=teacher,
         k=k,
         dtype=dtype,
         num_samples=num_samples,
@@ -470,10 +550,9 @@ def cache_teacher_recipe(
 
 
 def gpu_pair_recipe(
-    teacher_path: str,
+    teacher: run.Config[TeacherSpec],
+    student_config: run.Config[GPTModelConfig],
     tokenizer_path: str,
-    teacher_config: Any,
-    student_config: Any,
     **kwargs: Any,
 ) -> run.Partial:
     """:func:`distill_recipe` with the defaults of the published GPU pairs.
@@ -482,9 +561,8 @@ def gpu_pair_recipe(
     after 100 warmup steps; ``kwargs`` go to :func:`distill_recipe` unchanged.
     """
     return distill_recipe(
-        teacher_path,
-        teacher_config=teacher_config,
-        student_config=student_config,
+        teacher,
+        student_config,
         tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
         accelerator="gpu",
         precision="bf16",
@@ -496,9 +574,8 @@ def gpu_pair_recipe(
 
 
 def gpu_pair_cache_recipe(
-    teacher_path: str,
+    teacher: run.Config[TeacherSpec],
     tokenizer_path: str,
-    teacher_config: Any,
     **kwargs: Any,
 ) -> run.Partial:
     """:func:`cache_teacher_recipe` with the defaults of the published GPU pairs.
@@ -507,8 +584,7 @@ def gpu_pair_cache_recipe(
     :func:`cache_teacher_recipe` unchanged.
     """
     return cache_teacher_recipe(
-        teacher_path,
-        teacher_config=teacher_config,
+        teacher,
         tokenizer=run.Config(TokenizerConfig, library="huggingface", path=tokenizer_path),
         accelerator="gpu",
         precision="bf16",

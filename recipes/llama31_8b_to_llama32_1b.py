@@ -14,7 +14,13 @@ import nemo_run as run
 from kd_module.api import distill
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
-from recipes.distill_recipe import gpu_pair_cache_recipe, gpu_pair_recipe
+from recipes.distill_recipe import (
+    gpu_pair_cache_recipe,
+    gpu_pair_recipe,
+    offline_config,
+    run_config,
+    teacher_spec,
+)
 
 NAME = "llama31_8b_to_llama32_1b"
 
@@ -127,7 +133,7 @@ def llama31_8b_to_llama32_1b(
         CLI::
 
             nemo kd distill --factory llama31_8b_to_llama32_1b \\
-                teacher_checkpoint=/ckpt/llama31_8b data.paths='[/data/web_text_document]' \\
+                teacher.checkpoint=/ckpt/llama31_8b data.paths='[/data/web_text_document]' \\
                 data.tokenizer.path=/ckpt/llama31_8b/tokenizer --dryrun
 
         Python::
@@ -135,14 +141,18 @@ def llama31_8b_to_llama32_1b(
             recipe = llama31_8b_to_llama32_1b("/ckpt/llama31_8b", "/ckpt/llama31_8b/tokenizer")
     """
     return gpu_pair_recipe(
-        teacher_path,
+        teacher_spec(teacher_path, llama31_8b(seq_length)),
+        llama32_1b(seq_length),
         tokenizer_path,
-        teacher_config=llama31_8b(seq_length),
-        student_config=llama32_1b(seq_length),
+        job=run_config(
+            "runs" if dir is None else dir,
+            name,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            resume=resume,
+        ),
+        offline=offline_config(teacher_cache),
         student_path=student_path,
         distill_config=distill_config,
-        dir=dir,
-        name=name,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,
         data_paths=data_paths,
@@ -152,9 +162,6 @@ def llama31_8b_to_llama32_1b(
         max_steps=max_steps,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        checkpoint_every_n_steps=checkpoint_every_n_steps,
-        resume=resume,
-        teacher_cache=teacher_cache,
     )
 
 
@@ -202,9 +209,8 @@ def llama31_8b_to_llama32_1b_cache(
                 out_dir=/data/cache num_samples=1280000
     """
     return gpu_pair_cache_recipe(
-        teacher_path,
+        teacher_spec(teacher_path, llama31_8b(seq_length)),
         tokenizer_path,
-        llama31_8b(seq_length),
         out_dir=out_dir,
         num_samples=num_samples,
         data_paths=data_paths,

@@ -14,7 +14,13 @@ import nemo_run as run
 from kd_module.api import distill
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
-from recipes.distill_recipe import gpu_pair_cache_recipe, gpu_pair_recipe
+from recipes.distill_recipe import (
+    gpu_pair_cache_recipe,
+    gpu_pair_recipe,
+    offline_config,
+    run_config,
+    teacher_spec,
+)
 
 NAME = "qwen3_8b_to_qwen3_1p7b"
 
@@ -124,21 +130,25 @@ def qwen3_8b_to_qwen3_1p7b(
         CLI::
 
             nemo kd distill --factory qwen3_8b_to_qwen3_1p7b \\
-                teacher_checkpoint=/ckpt/qwen3_8b data.tokenizer.path=/ckpt/qwen3_8b/tokenizer
+                teacher.checkpoint=/ckpt/qwen3_8b data.tokenizer.path=/ckpt/qwen3_8b/tokenizer
 
         Python::
 
             recipe = qwen3_8b_to_qwen3_1p7b("/ckpt/qwen3_8b", "/ckpt/qwen3_8b/tokenizer")
     """
     return gpu_pair_recipe(
-        teacher_path,
+        teacher_spec(teacher_path, qwen3_8b(seq_length)),
+        qwen3_1p7b(seq_length),
         tokenizer_path,
-        teacher_config=qwen3_8b(seq_length),
-        student_config=qwen3_1p7b(seq_length),
+        job=run_config(
+            "runs" if dir is None else dir,
+            name,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            resume=resume,
+        ),
+        offline=offline_config(teacher_cache),
         student_path=student_path,
         distill_config=distill_config,
-        dir=dir,
-        name=name,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,
         data_paths=data_paths,
@@ -148,9 +158,6 @@ def qwen3_8b_to_qwen3_1p7b(
         max_steps=max_steps,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        checkpoint_every_n_steps=checkpoint_every_n_steps,
-        resume=resume,
-        teacher_cache=teacher_cache,
     )
 
 
@@ -198,9 +205,8 @@ def qwen3_8b_to_qwen3_1p7b_cache(
                 out_dir=/data/cache num_samples=1280000
     """
     return gpu_pair_cache_recipe(
-        teacher_path,
+        teacher_spec(teacher_path, qwen3_8b(seq_length)),
         tokenizer_path,
-        qwen3_8b(seq_length),
         out_dir=out_dir,
         num_samples=num_samples,
         data_paths=data_paths,

@@ -20,7 +20,13 @@ from kd_module.data.corpus import CACHE_ENV
 from kd_module.distillation.config import DistillConfig
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
-from recipes.distill_recipe import cache_teacher_recipe, distill_recipe
+from recipes.distill_recipe import (
+    cache_teacher_recipe,
+    distill_recipe,
+    offline_config,
+    run_config,
+    teacher_spec,
+)
 
 NAME = "tiny_cpu"
 
@@ -138,7 +144,7 @@ def tiny_cpu(
     Examples:
         CLI::
 
-            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50
+            nemo kd distill --factory tiny_cpu -y trainer.max_steps=50 job.name=short
 
         Python::
 
@@ -154,16 +160,15 @@ def tiny_cpu(
     if teacher_path is None and teacher_cache is None:
         teacher_path = run.Config(demo_teacher_checkpoint)
     return distill_recipe(
-        teacher_path,
+        teacher_spec(teacher_path, teacher_config),
+        tiny_student(),
+        job=run_config("runs" if dir is None else dir, name),
+        offline=offline_config(teacher_cache, offline_loss_mode),
         distill_config=run.Config(
             DistillConfig, skip_lm_loss=False, kd_loss_scale=1.0, logit_kl_temperature=1.0
         ),
-        teacher_config=teacher_config,
-        dir=dir,
-        name=name,
         num_nodes=1,
         num_gpus_per_node=num_gpus_per_node,
-        student_config=tiny_student(),
         data_paths=data_paths,
         seq_length=SEQ_LENGTH,
         micro_batch_size=micro_batch_size,
@@ -179,8 +184,6 @@ def tiny_cpu(
         min_lr=3e-4,
         warmup_steps=10,
         loss_chunk_size=1024,
-        teacher_cache=teacher_cache,
-        offline_loss_mode=offline_loss_mode,
     )
 
 
@@ -199,9 +202,9 @@ def tiny_cpu_cache(
 ) -> run.Partial:
     """Cache the demo teacher's top-k logits over :func:`tiny_cpu`'s data, on CPU.
 
-    ``nemo kd cache-teacher --factory tiny_cpu`` then ``nemo kd distill --factory tiny_cpu
-    teacher_cache=runs/tiny_cpu_cache`` distills without the teacher. (fp16 rather than bf16
-    values: CPUs convert fp16 faster, and the tiny teacher's logits are small.)
+    ``nemo kd cache-teacher --factory tiny_cpu`` then ``nemo kd distill --factory
+    "tiny_cpu(teacher_cache='runs/tiny_cpu_cache')"`` distills without the teacher. (fp16
+    rather than bf16 values: CPUs convert fp16 faster, and the tiny teacher's logits are small.)
 
     Args:
         out_dir: the cache directory.
@@ -225,7 +228,9 @@ def tiny_cpu_cache(
     if data_paths is None and not mock_data:
         data_paths = run.Config(embedded_corpus_paths)
     return cache_teacher_recipe(
-        teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint),
+        teacher_spec(
+            teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint)
+        ),
         out_dir,
         num_samples,
         data_paths=data_paths,

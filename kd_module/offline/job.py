@@ -11,6 +11,7 @@ from typing import Any
 
 from kd_module.cli.errors import cli_errors
 from kd_module.rules import Problems, checkpoint_problems, launch_problems, tokenizer_problems
+from kd_module.specs import TeacherSpec, fold_flat_keywords, group_problems
 from kd_module.versions import jsonable
 
 logger = logging.getLogger(__name__)
@@ -20,10 +21,7 @@ logger = logging.getLogger(__name__)
 def build_teacher_cache(
     data: Any,
     out_dir: str,
-    teacher_checkpoint: str | None = None,
-    teacher: Any = None,
-    teacher_model_config: str | None = None,
-    teacher_ckpt_format: str = "auto",
+    teacher: TeacherSpec | None = None,
     k: int = 64,
     dtype: str = "bf16",
     num_samples: int | None = None,
@@ -36,6 +34,7 @@ def build_teacher_cache(
     num_nodes: int = 1,
     devices: int = 1,
     teacher_init_fn: Any = None,
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
 
@@ -48,12 +47,9 @@ def build_teacher_cache(
         data: the :class:`~kd_module.data.GPTDataModule` the students will train on (paths,
             split, seed, ``seq_length``, tokenizer; ``micro_batch_size`` is the teacher's).
         out_dir: the cache directory (``teacher_cache`` of :func:`distill`).
-        teacher_checkpoint: the teacher's weights; ``None`` caches a randomly initialized
-            teacher (tests only).
-        teacher: the teacher's architecture; ``None`` reads ``teacher_model_config`` or the
-            checkpoint's ``model_config.yaml``.
-        teacher_model_config: NeMo-style ``model_config.yaml`` of the teacher.
-        teacher_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        teacher: the teacher (:class:`~kd_module.specs.TeacherSpec`), as for :func:`distill`;
+            no ``checkpoint`` caches a randomly initialized teacher (tests only), no ``config``
+            reads ``model_config`` or the checkpoint's ``model_config.yaml``.
         k: top-k logits kept per token.
         dtype: storage of the logit values: ``bf16``, ``fp16`` or ``fp32``.
         num_samples: train samples to cache, ``0 .. num_samples-1``; ``data.num_train_samples``
@@ -68,6 +64,9 @@ def build_teacher_cache(
         devices: ranks per machine (like the trainer's ``devices``); the launch must match.
         teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
             (tests, notebooks).
+        **deprecated: the flat keywords of the release before (``teacher_checkpoint``,
+            ``teacher_model_config``, ``teacher_ckpt_format``; ``teacher=GPTModelConfig``),
+            mapped onto ``teacher`` with a ``DeprecationWarning``.
 
     Returns:
         The cache's manifest.
@@ -83,7 +82,7 @@ def build_teacher_cache(
 
         From Python::
 
-            build_teacher_cache(data, "/data/cache", teacher_checkpoint="/ckpt/8b", k=64,
+            build_teacher_cache(data, "/data/cache", TeacherSpec(checkpoint="/ckpt/8b"), k=64,
                                 num_samples=100_000, tensor_model_parallel_size=8)
     """
     import torch
@@ -96,6 +95,10 @@ def build_teacher_cache(
     from kd_module.offline.reader import TeacherCache
     from kd_module.training.precision import PRECISIONS, precision_problems
 
+    teacher = fold_flat_keywords("build_teacher_cache", {"teacher": teacher}, deprecated)["teacher"]
+    Problems(group_problems({"teacher": teacher})).raise_if_any("cache-teacher")
+    teacher = teacher or TeacherSpec()
+    teacher_checkpoint, architecture = teacher.checkpoint, teacher.config
     problems = Problems()
     if num_samples is None:
         num_samples = data.num_train_samples
@@ -116,31 +119,31 @@ def build_teacher_cache(
     if not layout.size_problems():
         problems.extend(layout.problems(int(os.environ.get("WORLD_SIZE", "1"))))
     problems.extend(
-        checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher_ckpt_format)
+        checkpoint_problems("teacher_checkpoint", teacher_checkpoint, teacher.ckpt_format)
     )
     teacher_tokenizer: dict[str, Any] = {}
-    if teacher is None and not problems:
+    if architecture is None and not problems:
         resolved = load_teacher_model_config(
-            teacher_model_config, GPTModelConfig(seq_length=data.seq_length), teacher_checkpoint
+            teacher.model_config, GPTModelConfig(seq_length=data.seq_length), teacher_checkpoint
         )
-        teacher, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
-    if teacher is not None:
+        architecture, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+    if architecture is not None:
         problems.extend(
-            teacher.layout_problems(
+            architecture.layout_problems(
                 tensor_model_parallel_size, pipeline_model_parallel_size, 1, who="teacher"
             )
         )
         if accelerator in ("gpu", "cpu"):
             problems.extend(
                 implementation_problems(
-                    teacher,
+                    architecture,
                     reset_attention_mask=data.reset_attention_mask,
                     cuda=accelerator == "gpu",
                     who="teacher",
                 )
             )
         try:
-            check_seq_length(data.seq_length, teacher.padded_max_position_embeddings)
+            check_seq_length(data.seq_length, architecture.padded_max_position_embeddings)
         except ValueError as error:
             problems.add(f"teacher: {error}")
     problems.extend(tokenizer_problems(data.tokenizer, teacher_tokenizer))
@@ -151,9 +154,9 @@ def build_teacher_cache(
             problems.add(str(error))
     problems.raise_if_any("cache-teacher")
 
-    vocab = teacher.vocab_size or padded_vocab_size(
+    vocab = architecture.vocab_size or padded_vocab_size(
         data.tokenizer.build().vocab_size,
-        teacher.make_vocab_size_divisible_by,
+        architecture.make_vocab_size_divisible_by,
         tensor_model_parallel_size,
     )
     manifest = {
@@ -161,7 +164,7 @@ def build_teacher_cache(
             "checkpoint": None
             if teacher_checkpoint is None
             else os.path.realpath(teacher_checkpoint),
-            "config": jsonable(teacher),
+            "config": jsonable(architecture),
         },
         "tokenizer": data.tokenizer.to_dict(),
         "dataset": dataset_manifest(data, num_samples),
@@ -184,11 +187,11 @@ def build_teacher_cache(
         device="cuda" if accelerator == "gpu" else "cpu",
     )
     try:
-        model = build_model(teacher, layout, vocab, PRECISIONS[precision].dtype)
+        model = build_model(architecture, layout, vocab, PRECISIONS[precision].dtype)
         if teacher_checkpoint is not None:
             from kd_module.checkpoints.model import make_teacher_loader
 
-            make_teacher_loader(teacher_checkpoint, teacher_ckpt_format)(model)
+            make_teacher_loader(teacher_checkpoint, teacher.ckpt_format)(model)
         elif teacher_init_fn is not None:
             teacher_init_fn(model)
         else:

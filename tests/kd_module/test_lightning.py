@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kd_module.models.gpt import GPTModelConfig
+from kd_module.specs import RunConfig, TeacherSpec
 from tests.helpers import run_distributed
 
 SEQ = 32
@@ -210,7 +211,11 @@ def test_distill_writes_summary_with_documented_fields(tmp_path):
     )
     with pytest.warns(UserWarning, match="teacher has random weights"):
         summary = distill(
-            STUDENT, data, trainer, teacher=TEACHER, log_dir=str(tmp_path), name="run1"
+            STUDENT,
+            data,
+            trainer,
+            teacher=TeacherSpec(config=TEACHER),
+            job=RunConfig(log_dir=str(tmp_path), name="run1"),
         )
     written = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
@@ -266,8 +271,79 @@ def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
             micro_batch_size=2,
             global_batch_size=kwargs.get("global_batch_size", 2),
         )
-        distill(STUDENT, data, trainer, teacher=TEACHER, log_dir=str(tmp_path))
+        distill(
+            STUDENT,
+            data,
+            trainer,
+            teacher=TeacherSpec(config=TEACHER),
+            job=RunConfig(log_dir=str(tmp_path)),
+        )
     assert not (tmp_path / "default").exists()
+
+
+def _short_distill(**arguments):
+    """Two mock steps of distill() with the given teacher/job arguments; its summary."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.data import GPTDataModule
+    from kd_module.training.strategy import MegatronStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    data = GPTDataModule(
+        mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=2, num_train_samples=4
+    )
+    return distill(STUDENT, data, trainer, **arguments)
+
+
+def test_deprecated_flat_keywords_warn_and_equal_the_grouped_call(tmp_path):
+    """distill(teacher=GPTModelConfig, log_dir=, name=, export=) still works for one release:
+    it warns, naming each keyword's group field, and trains exactly like the grouped call."""
+    grouped = _short_distill(
+        teacher=TeacherSpec(config=TEACHER),
+        job=RunConfig(log_dir=str(tmp_path), name="grouped", export=False),
+    )
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"log_dir= \(use job.log_dir=\).*teacher= "
+        r"\(use teacher.config=\)",
+    ):
+        flat = _short_distill(teacher=TEACHER, log_dir=str(tmp_path), name="flat", export=False)
+    losses = sorted(key for key in grouped["train"] if key.endswith("loss"))
+    assert "kd_loss" in losses and flat["steps"] == grouped["steps"] == 2
+    assert [flat["train"][key] for key in losses] == [grouped["train"][key] for key in losses]
+    assert flat["configs"]["teacher"] == grouped["configs"]["teacher"]
+    assert (tmp_path / "flat" / "summary.json").exists()
+    assert not (tmp_path / "flat" / "student").exists()  # export=False reached the job group
+
+
+def test_a_flat_keyword_and_its_group_field_together_are_refused(tmp_path):
+    """teacher_checkpoint= with teacher=TeacherSpec(checkpoint=...) (or name= with job.name) is
+    one error naming both spellings, before anything is built or written."""
+    with pytest.raises(
+        ValueError,
+        match=r"teacher_checkpoint='/b' and teacher.checkpoint='/a' are both given.*"
+        r"name='y' and job.name='x' are both given",
+    ):
+        _short_distill(
+            teacher=TeacherSpec(checkpoint="/a", config=TEACHER),
+            job=RunConfig(log_dir=str(tmp_path), name="x"),
+            teacher_checkpoint="/b",
+            name="y",
+        )
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'teacher_path'"):
+        _short_distill(teacher_path="/a")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_lm_only_module_trains_a_plain_gpt():

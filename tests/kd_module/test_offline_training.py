@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kd_module.models.gpt import GPTModelConfig
+from kd_module.specs import OfflineConfig, RunConfig, TeacherSpec
 from tests.helpers import run_distributed
 
 SEQ, K, STEPS = 32, 8, 4
@@ -52,7 +53,7 @@ def _make_cache(out_dir, dtype="fp32", k=K, **kwargs):
     return build_teacher_cache(
         _data(micro_batch_size=3, global_batch_size=6),  # teacher micro-batches: any size
         str(out_dir),
-        teacher=TEACHER,
+        TeacherSpec(config=TEACHER),
         k=k,
         dtype=dtype,
         shard_size=6,
@@ -181,12 +182,10 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
         STUDENT,
         data,
         trainer,
-        teacher_cache=str(cache_dir),
-        offline_loss_mode="tail",
+        offline=OfflineConfig(teacher_cache=str(cache_dir), loss_mode="tail"),
+        job=RunConfig(log_dir=str(tmp_path), name="tail"),
         distill_config={"skip_lm_loss": False, "kd_loss_scale": 0.5},
         optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2),
-        log_dir=str(tmp_path),
-        name="tail",
     )
     assert data.num_train_samples == STEPS * 4
     assert summary["configs"]["teacher_cache"] == str(cache_dir)
@@ -209,7 +208,7 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
             "manifest field 'dataset.num_samples' is 16 in the cache but 20",
         ),
         ({"max_steps": 5}, "needs 20 train samples but the teacher cache .* holds 16"),
-        ({"teacher_checkpoint": "/ckpt"}, "teacher_cache replaces the teacher"),
+        ({"teacher": TeacherSpec(checkpoint="/ckpt")}, "teacher_cache replaces the teacher"),
         (
             {"distill_config": {"logit_loss": "reverse_kl"}},
             "logit_loss='reverse_kl' is not available from a teacher cache",
@@ -223,7 +222,7 @@ def test_tail_mode_distills_and_differs_from_renormalized(cache_dir, tmp_path):
             "logit_kl_temperature=2.0 needs offline_loss_mode='renormalized'",
         ),
         ({"distill_config": {"logit_kl_topk": 9}}, "logit_kl_topk=9 is larger than the k=8"),
-        ({"offline_loss_mode": "full"}, "offline_loss_mode='full' is not one of"),
+        ({"loss_mode": "full"}, "loss_mode='full' is not one of tail, renormalized"),
     ],
     ids=lambda value: str(value)[:40] if isinstance(value, dict) else None,
 )
@@ -242,14 +241,14 @@ def test_distill_refuses_a_cache_that_does_not_fit(cache_dir, tmp_path, change, 
         max_steps=change.get("max_steps", STEPS),
         logger=False,
     )
-    kwargs = {k: v for k, v in change.items() if k not in ("data", "max_steps")}
+    kwargs = {k: v for k, v in change.items() if k not in ("data", "max_steps", "loss_mode")}
     with pytest.raises(ValueError, match=message):
         distill(
             STUDENT,
             _data(**change.get("data", {})),
             trainer,
-            teacher_cache=str(cache_dir),
-            log_dir=str(tmp_path),
+            offline=OfflineConfig(str(cache_dir), change.get("loss_mode", "tail")),
+            job=RunConfig(log_dir=str(tmp_path)),
             **kwargs,
         )
     assert not (tmp_path / "default").exists()
@@ -439,6 +438,6 @@ def test_bad_cache_arguments_are_named_together_before_anything_is_built(tmp_pat
             STUDENT,
             _data(),
             trainer,
-            teacher_cache=str(tmp_path / "nowhere"),
-            log_dir=str(tmp_path),
+            offline=OfflineConfig(str(tmp_path / "nowhere")),
+            job=RunConfig(log_dir=str(tmp_path)),
         )

@@ -38,12 +38,12 @@ def test_cli_distill_tiny_cpu_runs_for_real_with_overrides(tiny_teacher, tmp_pat
         "-y",
         "trainer.max_steps=3",
         "trainer.enable_progress_bar=false",
-        f"teacher_checkpoint={tiny_teacher}",
+        f"teacher.checkpoint={tiny_teacher}",
         "data.paths=None",
         "data.mock=true",
         "data.global_batch_size=8",
-        f"log_dir={tmp_path / 'runs'}",
-        "name=cli",
+        f"job.log_dir={tmp_path / 'runs'}",
+        "job.name=cli",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -93,6 +93,39 @@ def test_cli_dryrun_prints_the_recipe_without_megatron_or_modelopt(tmp_path):
     assert heavy == []
 
 
+def test_cli_dotted_overrides_of_the_groups_reach_the_task(tmp_path):
+    """`teacher.checkpoint=`, `teacher.ckpt_format=`, `job.name=`, `job.resume=` and (offline)
+    `offline.loss_mode=` set the fields of distill's groups (printed by --dryrun)."""
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu",
+        "--dryrun",
+        "teacher.checkpoint=/ckpt/dotted_teacher",
+        "teacher.ckpt_format=torch_dist",
+        "job.name=dotted_run",
+        "job.resume=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checkpoint='/ckpt/dotted_teacher'" in result.stdout
+    assert "ckpt_format='torch_dist'" in result.stdout
+    assert "name='dotted_run'" in result.stdout and "resume=True" in result.stdout
+    offline = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu(teacher_cache='/data/dotted_cache')",
+        "--dryrun",
+        "offline.loss_mode=renormalized",
+        cwd=tmp_path,
+    )
+    assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
+    assert "teacher_cache='/data/dotted_cache'" in offline.stdout
+    assert "loss_mode='renormalized'" in offline.stdout
+
+
 def test_cli_to_yaml_writes_the_overridden_recipe(tmp_path):
     """--to-yaml exports the recipe with the command line's overrides and runs nothing."""
     out = tmp_path / "recipe.yaml"
@@ -105,7 +138,8 @@ def test_cli_to_yaml_writes_the_overridden_recipe(tmp_path):
         str(out),
         "trainer.max_steps=123",
         "trainer.strategy.tensor_model_parallel_size=2",
-        "name=qwen_exp",
+        "job.name=qwen_exp",
+        "teacher.checkpoint=/ckpt/qwen3_8b",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -113,8 +147,10 @@ def test_cli_to_yaml_writes_the_overridden_recipe(tmp_path):
     assert exported["_target_"] == "kd_module.api.distill"
     assert exported["trainer"]["max_steps"] == 123
     assert exported["trainer"]["strategy"]["tensor_model_parallel_size"] == 2
-    assert exported["name"] == "qwen_exp"
-    assert exported["student"]["num_layers"] == 28 and exported["teacher"]["num_layers"] == 36
+    assert exported["job"]["name"] == "qwen_exp"
+    assert exported["teacher"]["checkpoint"] == "/ckpt/qwen3_8b"
+    assert exported["student"]["num_layers"] == 28
+    assert exported["teacher"]["config"]["num_layers"] == 36
     assert not (tmp_path / "runs").exists()
 
 
@@ -157,7 +193,7 @@ def test_cli_cache_teacher_then_offline_distill(tiny_teacher, tmp_path):
     cache = tmp_path / "cache"
     mock = ("data.paths=None", "data.mock=true")
     command = ("kd", "cache-teacher", "--factory", "tiny_cpu", "-y")
-    arguments = (f"teacher_checkpoint={tiny_teacher}", *mock, "num_samples=48", f"out_dir={cache}")
+    arguments = (f"teacher.checkpoint={tiny_teacher}", *mock, "num_samples=48", f"out_dir={cache}")
     result = _nemo(*command, *arguments, "k=8", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -178,8 +214,8 @@ def test_cli_cache_teacher_then_offline_distill(tiny_teacher, tmp_path):
         "trainer.max_steps=3",
         "trainer.enable_progress_bar=false",
         *mock,
-        f"log_dir={tmp_path / 'runs'}",
-        "name=offline",
+        f"job.log_dir={tmp_path / 'runs'}",
+        "job.name=offline",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,9 +11,10 @@ from kd_module.api import distill
 from kd_module.data.datamodule import GPTDataModule
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
+from kd_module.specs import OfflineConfig, RunConfig, TeacherSpec
 from kd_module.training.strategy import MegatronStrategy
 from recipes import llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b, tiny_cpu
-from recipes.distill_recipe import distill_recipe
+from recipes.distill_recipe import distill_recipe, offline_config, run_config, teacher_spec
 
 PAIR_MODULES = (llama31_8b_to_llama32_1b, qwen3_8b_to_qwen3_1p7b)
 ALL_MODULES = (tiny_cpu, *PAIR_MODULES)
@@ -70,7 +71,7 @@ def test_recipes_are_registered_as_distill_factories_under_their_name():
 
 def test_generic_recipe_defaults():
     """distill_recipe's defaults: 1 node x 8 GPUs, bf16, mock data, runs/<name>, 1000 steps."""
-    recipe = distill_recipe("/ckpt/teacher", student_config=_student())
+    recipe = distill_recipe(teacher_spec("/ckpt/teacher"), _student())
     trainer = recipe.trainer
     assert (trainer.num_nodes, trainer.devices, trainer.accelerator) == (1, 8, "gpu")
     assert (trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches) == (
@@ -83,24 +84,28 @@ def test_generic_recipe_defaults():
     assert trainer.strategy.tensor_model_parallel_size == 1
     assert recipe.data.mock is True and recipe.data.paths is None
     assert recipe.data.seq_length == 128  # the student's seq_length (GPTModelConfig default)
-    assert (recipe.log_dir, recipe.name) == ("runs", "default")
-    assert recipe.teacher_checkpoint == "/ckpt/teacher" and recipe.teacher is None
+    job = fdl.build(recipe.job)
+    assert (job.log_dir, job.name, job.checkpoint_every_n_steps, job.resume) == (
+        "runs",
+        "default",
+        None,
+        False,
+    )
+    assert fdl.build(recipe.teacher) == TeacherSpec(checkpoint="/ckpt/teacher")
     assert recipe.optimizer.lr == 1e-4 and recipe.optimizer.warmup_steps == 50
-    assert (recipe.checkpoint_every_n_steps, recipe.resume) == (None, False)
+    assert recipe.offline is None
 
 
 def test_generic_recipe_arguments_and_attribute_overrides():
     """Arguments reach the right pieces; attribute overrides change the config in place."""
     recipe = distill_recipe(
-        "/ckpt/teacher",
+        teacher_spec("/ckpt/teacher", GPTModelConfig(num_layers=4)),
+        _student(),
+        job=run_config("/results", "exp1"),
         student_path="/ckpt/student",
         distill_config="distill.yaml",
-        teacher_config=GPTModelConfig(num_layers=4),
-        dir="/results",
-        name="exp1",
         num_nodes=2,
         num_gpus_per_node=4,
-        student_config=_student(),
         data_paths=["/data/a", "/data/b"],
         tensor_model_parallel_size=2,
         global_batch_size=16,
@@ -108,10 +113,11 @@ def test_generic_recipe_arguments_and_attribute_overrides():
     )
     assert (recipe.trainer.num_nodes, recipe.trainer.devices) == (2, 4)
     assert recipe.trainer.strategy.tensor_model_parallel_size == 2
-    assert recipe.teacher.__fn_or_cls__ is GPTModelConfig and recipe.teacher.num_layers == 4
+    assert recipe.teacher.config.__fn_or_cls__ is GPTModelConfig
+    assert recipe.teacher.config.num_layers == 4
     assert recipe.student_checkpoint == "/ckpt/student"
     assert recipe.distill_config == "distill.yaml"
-    assert (recipe.log_dir, recipe.name, recipe.trainer.default_root_dir) == (
+    assert (recipe.job.log_dir, recipe.job.name, recipe.trainer.default_root_dir) == (
         "/results",
         "exp1",
         "/results",
@@ -129,16 +135,11 @@ def test_generic_recipe_arguments_and_attribute_overrides():
     ("kwargs", "message"),
     [
         ({"num_nodes": 0}, r"num_nodes=0 must be a positive integer"),
-        (
-            {"checkpoint_every_n_steps": 0},
-            r"checkpoint_every_n_steps=0 must be a positive integer or None",
-        ),
         ({"num_gpus_per_node": 2.5}, r"num_gpus_per_node=2.5 must be a positive integer"),
         ({"student_config": None}, r"student_config is required"),
         ({"accelerator": "tpu"}, r"accelerator='tpu' is not one of gpu, cpu"),
         ({"precision": "fp8"}, r"precision='fp8' is not one of fp32, bf16"),
         ({"accelerator": "cpu"}, r"precision='bf16' needs accelerator='gpu'"),
-        ({"name": "a/b"}, r"name='a/b' must be a non-empty string without '/'"),
         (
             {"num_gpus_per_node": 6, "tensor_model_parallel_size": 4},
             r"num_nodes x num_gpus_per_node = 6 is not divisible by .* = 4",
@@ -158,13 +159,61 @@ def test_generic_recipe_rejects_bad_arguments(kwargs, message):
     """Bad arguments raise one ValueError at recipe time naming the key and what is allowed."""
     arguments = {"student_config": _student(), **kwargs}
     with pytest.raises(ValueError, match=message):
-        distill_recipe("/ckpt/teacher", **arguments)
+        distill_recipe(teacher_spec("/ckpt/teacher"), **arguments)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: run_config(checkpoint_every_n_steps=0),
+            r"run config: checkpoint_every_n_steps=0 must be a positive integer or None",
+        ),
+        (lambda: run_config(name="a/b"), r"name='a/b' must be a non-empty string without '/'"),
+        (lambda: run_config(keep_last=0), r"keep_last=0 must be a positive integer"),
+        (
+            lambda: teacher_spec("/t", ckpt_format="zarr"),
+            r"teacher spec: ckpt_format='zarr' is not one of auto, torch_dist, torch",
+        ),
+        (
+            lambda: teacher_spec("/t", config=run.Config(MegatronStrategy)),
+            r"teacher config is a run.Config of MegatronStrategy",
+        ),
+        (
+            lambda: distill_recipe(TeacherSpec(), _student(), job=RunConfig, offline="/cache"),
+            r"job=<class .*RunConfig'> must be a RunConfig or a run.Config of one; "
+            r"offline='/cache' must be a OfflineConfig",
+        ),
+    ],
+)
+def test_group_factories_reject_bad_arguments(make, message):
+    """teacher_spec, run_config and the groups of distill_recipe name the bad key at recipe
+    time."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_group_factories_return_configs_of_the_specs():
+    """The sub-factories return unbuilt configs that build the specs; offline_config(None) is
+    no offline run; a built spec given to distill_recipe is turned back into a config."""
+    assert fdl.build(teacher_spec("/t", model_config="m.yaml")) == TeacherSpec(
+        checkpoint="/t", model_config="m.yaml"
+    )
+    job = ("/r", "n", 5, 3, True, False)
+    assert fdl.build(run_config(*job)) == RunConfig(*job)
+    assert offline_config(None) is None
+    assert fdl.build(offline_config("/c", "renormalized")) == OfflineConfig("/c", "renormalized")
+    recipe = distill_recipe(TeacherSpec(checkpoint="/t"), _student(), job=RunConfig(name="x"))
+    assert isinstance(recipe.teacher, run.Config) and recipe.teacher.checkpoint == "/t"
+    assert isinstance(recipe.job, run.Config) and recipe.job.name == "x"
+    offline = distill_recipe(teacher_spec("/t"), _student(), offline=offline_config("/c"))
+    assert offline.teacher is None and offline.offline.teacher_cache == "/c"
 
 
 def test_generic_recipe_names_every_problem_at_once():
     """Several bad arguments are reported together in one message."""
     with pytest.raises(ValueError, match=r"num_nodes=0 .*; max_steps=-1 .*; accelerator='x'"):
-        distill_recipe(None, student_config=_student(), num_nodes=0, max_steps=-1, accelerator="x")
+        distill_recipe(None, _student(), num_nodes=0, max_steps=-1, accelerator="x")
 
 
 @pytest.mark.parametrize(
@@ -192,7 +241,7 @@ def test_pair_architectures_have_the_model_cards_parameter_counts(make, total, n
 def test_pair_recipes_pin_the_published_architecture_details():
     """RoPE base/scaling, norms, tying and vocabularies match the model cards' config.json."""
     llama = llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b("/t", "/tok")
-    teacher, student = fdl.build(llama.teacher), fdl.build(llama.student)
+    teacher, student = fdl.build(llama.teacher.config), fdl.build(llama.student)
     for config in (teacher, student):
         assert (config.normalization, config.layernorm_epsilon) == ("RMSNorm", 1e-5)
         assert (config.activation, config.add_bias_linear) == ("swiglu", False)
@@ -203,10 +252,11 @@ def test_pair_recipes_pin_the_published_architecture_details():
     assert student.share_embeddings_and_output_weights is True
     assert llama.data.tokenizer.library == "huggingface" and llama.data.tokenizer.path == "/tok"
     assert llama.data.seq_length == 8192 and llama.trainer.strategy.precision == "bf16"
-    assert (llama.checkpoint_every_n_steps, llama.resume) == (500, True)
+    assert (llama.job.checkpoint_every_n_steps, llama.job.resume) == (500, True)
+    assert llama.teacher.checkpoint == "/t"
 
     qwen = qwen3_8b_to_qwen3_1p7b.qwen3_8b_to_qwen3_1p7b("/t", "/tok")
-    teacher, student = fdl.build(qwen.teacher), fdl.build(qwen.student)
+    teacher, student = fdl.build(qwen.teacher.config), fdl.build(qwen.student)
     for config in (teacher, student):
         assert (config.normalization, config.layernorm_epsilon) == ("RMSNorm", 1e-6)
         assert config.qk_layernorm is True and config.kv_channels == 128
@@ -229,11 +279,11 @@ def test_tiny_cpu_defaults_reference_corpus_and_teacher_lazily():
     assert recipe.trainer.strategy.precision == "fp32"
     assert recipe.trainer.max_steps == 100
     assert recipe.data.paths.__fn_or_cls__ is tiny_cpu.embedded_corpus_paths
-    assert recipe.teacher_checkpoint.__fn_or_cls__ is tiny_cpu.demo_teacher_checkpoint
+    assert recipe.teacher.checkpoint.__fn_or_cls__ is tiny_cpu.demo_teacher_checkpoint
     assert recipe.distill_config.skip_lm_loss is False
     mock = tiny_cpu.tiny_cpu(teacher_path="/t", mock_data=True, num_gpus_per_node=2)
     assert mock.data.mock is True and mock.data.paths is None
-    assert mock.teacher_checkpoint == "/t" and mock.trainer.devices == 2
+    assert mock.teacher.checkpoint == "/t" and mock.trainer.devices == 2
     with pytest.raises(ValueError, match=r"data_paths='/d' is not used with mock_data=True"):
         tiny_cpu.tiny_cpu(data_paths="/d", mock_data=True)
 
@@ -323,10 +373,10 @@ def test_cache_recipe_matches_the_distill_recipe_data_and_is_registered():
     assert cache.out_dir == "/cache" and cache.k == 16 and cache.num_samples == 64
     assert cache.data.num_train_samples == 64
     train = tiny_cpu.tiny_cpu(teacher_cache="/cache")
-    assert train.teacher_cache == "/cache" and train.teacher_checkpoint is None
+    assert train.offline.teacher_cache == "/cache" and train.teacher is None
     for field in ("paths", "seq_length", "seed", "split", "mock", "tokenizer"):
         assert getattr(cache.data, field) == getattr(train.data, field), field
-    assert tiny_cpu.tiny_cpu().teacher_cache is None  # online by default
+    assert tiny_cpu.tiny_cpu().offline is None  # online by default
 
 
 @pytest.mark.parametrize(
@@ -341,7 +391,7 @@ def test_cache_recipe_rejects_bad_arguments(kwargs, message):
 
     arguments = {"num_samples": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
-        cache_teacher_recipe("/ckpt", "/cache", **arguments)
+        cache_teacher_recipe(teacher_spec("/ckpt"), "/cache", **arguments)
 
 
 @pytest.mark.parametrize("module", PAIR_MODULES, ids=lambda module: module.NAME)
@@ -362,6 +412,5 @@ def test_pair_cache_recipes_cache_what_their_offline_students_read(module):
     assert fdl.build(cache.teacher) == fdl.build(online.teacher)
     for field in ("paths", "seq_length", "seed", "split", "mock", "tokenizer"):
         assert getattr(cache.data, field) == getattr(offline.data, field), field
-    assert offline.teacher_cache == "/cache"
-    assert offline.teacher_checkpoint is None and offline.teacher is None
-    assert online.teacher_cache is None
+    assert offline.offline.teacher_cache == "/cache" and offline.teacher is None
+    assert online.offline is None
