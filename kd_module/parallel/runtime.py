@@ -18,6 +18,8 @@ The bridge has three parts, each applied only to the megatron modules listed nex
    - ``pipeline_parallel/p2p_communication.py`` (``torch.cuda.current_device()`` for receive
      buffers, ``torch.cuda.synchronize()`` after batched p2p);
    - ``tensor_parallel/mappings.py`` and ``layers.py`` (gather buffers on the current device);
+   - ``models/common/embeddings/rotary_pos_embedding.py`` (``RotaryEmbedding.get_emb`` moves
+     ``inv_freq`` to ``torch.cuda.current_device()`` at the first forward: every RoPE model);
    - ``transformer/utils.get_default_causal_mask`` (``torch.ones(sq, sq, device="cuda")`` when
      no attention mask is given);
    - ``distributed/param_and_grad_buffer.py`` and ``distributed_data_parallel.py`` (grad buffers,
@@ -88,6 +90,8 @@ _BRIDGED_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer_param_scheduler",
     "megatron.core.parallel_state",
+    # RoPE: get_emb moves inv_freq to torch.cuda.current_device() at the first forward.
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
     # dist_checkpointing save: torch.cuda.synchronize() and result tensors on the current device.
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
