@@ -129,8 +129,10 @@ def checkpoint_problems(label: str, path: str | None, requested: str) -> list[st
         found = detect_checkpoint_format(resolve_checkpoint_dir(path))
     except (ValueError, FileNotFoundError) as error:
         return [f"{label}: {error}"]
-    if requested not in ("auto", "torch_dist", "torch"):
-        return [f"{label}: ckpt_format={requested!r} is not one of auto, torch_dist, torch"]
+    from kd_module.specs import CKPT_FORMATS
+
+    if requested not in CKPT_FORMATS:
+        return [f"{label}: ckpt_format={requested!r} is not one of {', '.join(CKPT_FORMATS)}"]
     if requested not in ("auto", found):
         return [
             f"{label}: ckpt_format={requested!r} was requested but {path} holds a "

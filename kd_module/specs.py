@@ -27,7 +27,7 @@ from typing import Any
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.rules import Problems
 
-CKPT_FORMATS = ("auto", "torch_dist", "torch")
+CKPT_FORMATS = ("auto", "torch_dist", "torch", "hf")
 """Values of :attr:`TeacherSpec.ckpt_format`."""
 OFFLINE_LOSS_MODES = ("tail", "renormalized")
 """Values of :attr:`OfflineConfig.loss_mode`."""
@@ -38,15 +38,17 @@ class TeacherSpec:
     """Which teacher to distill from: its weights and its architecture."""
 
     checkpoint: str | None = None
-    """The teacher's weights (Megatron-LM's ``--export-kd-teacher-load``); ``None`` builds a
-    randomly initialized teacher (tests only)."""
+    """The teacher's weights: a megatron checkpoint (Megatron-LM's ``--export-kd-teacher-load``)
+    or a local Hugging Face model directory (its ``config.json`` gives the architecture and its
+    tokenizer the data's default); ``None`` builds a randomly initialized teacher (tests only)."""
     config: GPTModelConfig | None = None
     """The teacher's architecture; ``None`` reads :attr:`model_config` or the checkpoint's
     ``model_config.yaml`` over the student's arguments."""
     model_config: str | None = None
     """A NeMo-style ``model_config.yaml`` of the teacher (``--export-kd-teacher-model-config``)."""
     ckpt_format: str = "auto"
-    """``auto``, ``torch_dist`` or ``torch`` (``--export-kd-teacher-ckpt-format``)."""
+    """``auto``, ``torch_dist``, ``torch`` (``--export-kd-teacher-ckpt-format``) or ``hf`` (a
+    Hugging Face model directory: ``config.json`` and safetensors or ``pytorch_model*.bin``)."""
 
     def __post_init__(self) -> None:
         problems = Problems()

@@ -42,7 +42,10 @@ from kd_module.upstream.modelopt import hidden_state_dict_prefixes
 logger = logging.getLogger(__name__)
 
 CKPT_FORMATS = ("torch_dist", "torch")
-"""Checkpoint formats that can be saved; loading also accepts ``auto``."""
+"""Checkpoint formats that can be saved."""
+LOAD_FORMATS = ("auto", "torch_dist", "torch", "hf")
+"""Checkpoint formats that can be loaded: ``hf`` is a Hugging Face model directory
+(:mod:`kd_module.hf`), ``auto`` detects."""
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 """Megatron-LM's file naming the latest iteration (or ``release``) of a checkpoint root."""
 LEGACY_FILE = "model_optim_rng.pt"
@@ -114,28 +117,33 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def detect_checkpoint_format(path: str | os.PathLike[str]) -> str:
-    """``"torch_dist"`` or ``"torch"``: the format of the checkpoint at ``path``.
+    """``"torch_dist"``, ``"torch"`` or ``"hf"``: the format of the checkpoint at ``path``.
 
     ``path`` is first resolved with :func:`resolve_checkpoint_dir`.
 
     Raises:
         FileNotFoundError: the directory does not exist.
-        ValueError: the directory is empty, or holds neither format.
+        ValueError: the directory is empty, or holds no known format.
     """
+    from kd_module.hf.weights import is_hf_checkpoint
+
     directory = resolve_checkpoint_dir(path)
     if (directory / DIST_METADATA_FILE).is_file():
         return "torch_dist"
     if _legacy_rank_dirs(directory):
         return "torch"
+    if is_hf_checkpoint(directory):
+        return "hf"
     names = sorted(p.name for p in directory.iterdir())
     if not names:
         raise ValueError(
             f"checkpoint {directory}: empty directory; expected a torch_dist checkpoint "
-            f"({DIST_METADATA_FILE}) or a torch checkpoint (mp_rank_* directories)"
+            f"({DIST_METADATA_FILE}), a torch checkpoint (mp_rank_* directories) or a Hugging "
+            "Face model directory (config.json and safetensors)"
         )
     raise ValueError(
-        f"checkpoint {directory}: neither format; expected {DIST_METADATA_FILE} (torch_dist) or "
-        f"mp_rank_* directories (torch), found {_few(names)}"
+        f"checkpoint {directory}: no known format; expected {DIST_METADATA_FILE} (torch_dist), "
+        f"mp_rank_* directories (torch) or config.json with safetensors (hf), found {_few(names)}"
     )
 
 
@@ -409,10 +417,9 @@ def load_model_checkpoint(
     Examples:
         ``load_model_checkpoint(teacher, "/ckpt/llama31_8b")`` (any layout for torch_dist).
     """
-    if ckpt_format not in ("auto", *CKPT_FORMATS):
+    if ckpt_format not in LOAD_FORMATS:
         raise ValueError(
-            f"load checkpoint: ckpt_format={ckpt_format!r} is not one of auto, "
-            f"{', '.join(CKPT_FORMATS)}"
+            f"load checkpoint: ckpt_format={ckpt_format!r} is not one of {', '.join(LOAD_FORMATS)}"
         )
     directory = resolve_checkpoint_dir(path)
     detected = detect_checkpoint_format(directory)
@@ -421,7 +428,11 @@ def load_model_checkpoint(
             f"checkpoint {directory}: ckpt_format={ckpt_format!r} was requested but the "
             f"directory holds a {detected} checkpoint; pass ckpt_format='{detected}' or 'auto'"
         )
-    if detected == "torch_dist":
+    if detected == "hf":
+        from kd_module.hf.importer import load_hf_weights
+
+        load_hf_weights(model, directory)
+    elif detected == "torch_dist":
         _load_torch_dist(model, directory, strict)
     else:
         _load_legacy(model, directory, strict)

@@ -8,6 +8,8 @@ import os
 import tarfile
 from typing import Any
 
+from kd_module.hf.config import CONFIG_FILE, gpt_config_from_hf, read_hf_config
+from kd_module.hf.weights import is_hf_checkpoint
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.keys import MODEL_CONFIG_FILE, NEMO2_MODEL_CONFIG_FILE
 from kd_module.nemo_format.reader import TeacherModelConfig, convert_nemo_model_config
@@ -25,8 +27,9 @@ def load_teacher_model_config(
 
     The file is ``path`` when given; otherwise ``model_config.yaml`` at the root of the teacher
     checkpoint (a directory, or a NeMo 1 ``.nemo`` archive), or a NeMo 2 checkpoint's
-    ``context/model.yaml``; otherwise the teacher reuses the student's architecture, which is
-    logged (right for self-distillation and quantization-aware distillation).
+    ``context/model.yaml``, or a Hugging Face directory's ``config.json`` (see
+    :func:`hf_teacher_model_config`); otherwise the teacher reuses the student's architecture,
+    which is logged (right for self-distillation and quantization-aware distillation).
 
     Args:
         path: explicit config file (Megatron-LM's ``--export-kd-teacher-model-config``).
@@ -62,6 +65,8 @@ def load_teacher_model_config(
             candidate = os.path.join(checkpoint, name)
             if os.path.isfile(candidate):
                 return convert_nemo_model_config(_read_yaml(candidate), student, source=candidate)
+        if is_hf_checkpoint(checkpoint):
+            return hf_teacher_model_config(checkpoint, student.seq_length)
     where = (
         f" and none found in {os.fspath(teacher_checkpoint)}"
         if teacher_checkpoint is not None
@@ -103,3 +108,29 @@ def _read_from_nemo_archive(path: str) -> dict[str, Any] | None:
                 data = parse_yaml(handle, f"teacher model config {path}:{member.name}")
                 return data if data is not None else {}
     return None
+
+
+def hf_teacher_model_config(
+    directory: str | os.PathLike[str], seq_length: int
+) -> TeacherModelConfig:
+    """The architecture, precision and tokenizer of a Hugging Face model directory.
+
+    The architecture is ``config.json``'s (:func:`kd_module.hf.config.gpt_config_from_hf`) at the
+    run's ``seq_length``; the tokenizer section names the HF tokenizer in the same directory
+    when it has one, so that a data module with another tokenizer is refused.
+    """
+    directory = os.fspath(directory)
+    hf = read_hf_config(directory)
+    source = os.path.join(directory, CONFIG_FILE)
+    tokenizer = (
+        {"library": "huggingface", "type": directory}
+        if os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+        or os.path.isfile(os.path.join(directory, "tokenizer.json"))
+        else {}
+    )
+    return TeacherModelConfig(
+        model=gpt_config_from_hf(hf, seq_length, source=source),
+        precision=hf.get("torch_dtype") or hf.get("dtype"),
+        tokenizer=tokenizer,
+        source=source,
+    )

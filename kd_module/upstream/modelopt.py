@@ -43,3 +43,42 @@ def hidden_state_dict_prefixes() -> tuple[str, ...]:
         The prefixes.
     """
     return ("_teacher_model", "_loss_modules")
+
+
+# HF architectures ModelOpt 0.47.0's importer has no rule book for, and the one they share
+# tensor names and layouts with.
+HF_IMPORT_ALIASES = {"MistralForCausalLM": "LlamaForCausalLM"}
+
+
+def import_hf_weights(model: Any, directory: str, dtype: Any) -> None:
+    """Load an HF checkpoint's weights into a megatron ``GPTModel`` stage, in place.
+
+    This is ``modelopt.torch.export.import_mcore_gpt_from_hf`` (ModelOpt 0.47.0, module
+    ``plugins/megatron_importer.py``) with three private points touched:
+
+    - the importer picks its rules by ``config.architectures[0]`` from the book its private
+      ``_populate_rule_book`` builds; Mistral, which that book lacks, gets Llama's rules
+      (:data:`HF_IMPORT_ALIASES`: the same tensor names, shapes and layouts);
+    - ``disable_tqdm`` is set so the import draws no progress bars;
+    - ``_import_state_dict()`` is the private method the public function calls.
+
+    Each rank reads only its own tensor-parallel slices, tensor by tensor, with
+    ``safetensors.safe_open(...).get_slice``; a pipeline stage reads only its own layers.
+
+    Args:
+        model: the local stage (a megatron ``GPTModel``).
+        directory: local HF directory with safetensors weights.
+        dtype: dtype the tensors are cast to on the way in (the model's ``params_dtype``).
+    """
+    from modelopt.torch.export.plugins.megatron_importer import GPTModelImporter
+
+    class _Importer(GPTModelImporter):
+        def _populate_rule_book(self) -> dict[str, Any]:
+            book = super()._populate_rule_book()
+            for alias, known in HF_IMPORT_ALIASES.items():
+                book.setdefault(alias, book[known])
+            return book
+
+    importer = _Importer(model, directory, dtype=dtype)
+    importer.disable_tqdm = True
+    importer._import_state_dict()

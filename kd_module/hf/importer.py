@@ -1,0 +1,161 @@
+"""HF weights into a megatron GPT stage, at any TP/PP layout.
+
+The work is ModelOpt's (``modelopt.torch.export``'s ``GPTModelImporter``, reached through
+:func:`kd_module.upstream.modelopt.import_hf_weights`): it fits megatron-core's local spec
+and Transformer Engine spec alike, merges q/k/v into megatron's grouped ``linear_qkv`` layout
+and gate/up into ``linear_fc1``, and reads each rank's slices straight from the safetensors
+files. What this module adds is what comes before any weight is read: the architecture and
+every tensor name and shape are checked against ``config.json`` and the parallel layout (one
+message on every rank), and ``pytorch_model*.bin`` checkpoints are rewritten as safetensors in
+a temporary directory (ModelOpt reads safetensors only). The HF directory is only read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_module.hf.config import architecture_of, gpt_config_from_hf, read_hf_config
+from kd_module.hf.weights import WeightFiles, weight_files, weight_problems
+from kd_module.models.gpt import GPTModelConfig
+from kd_module.parallel import collectives
+
+logger = logging.getLogger(__name__)
+
+
+def hf_model_config(
+    directory: str | os.PathLike[str], seq_length: int | None = None
+) -> GPTModelConfig:
+    """The megatron architecture of the HF checkpoint in ``directory`` (from ``config.json``)."""
+    return gpt_config_from_hf(
+        read_hf_config(directory), seq_length, source=str(Path(directory) / "config.json")
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _tensor_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def check_hf_checkpoint(
+    directory: str | os.PathLike[str], config: GPTModelConfig, tensor_model_parallel_size: int
+) -> WeightFiles:
+    """The checkpoint's weight files, after every check that needs no weights.
+
+    Raises:
+        ValueError / FileNotFoundError: one message naming the directory and each problem
+            (unsupported architecture, missing shard or tensor, shapes that disagree with
+            ``config.json`` or with ``config``, sizes the TP split cannot divide).
+    """
+    hf = read_hf_config(directory)
+    from_file = gpt_config_from_hf(hf, config.seq_length, source=str(directory))
+    files = weight_files(directory)
+    problems = weight_problems(files, from_file, hf, tensor_model_parallel_size)
+    differs = [
+        f"{key}: model {getattr(config, key)!r}, config.json {getattr(from_file, key)!r}"
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "ffn_hidden_size",
+            "vocab_size",
+            "add_qkv_bias",
+            "qk_layernorm",
+            "share_embeddings_and_output_weights",
+        )
+        if getattr(config, key) != getattr(from_file, key)
+    ]
+    if differs:
+        problems.append("the model being loaded is not this checkpoint's: " + "; ".join(differs))
+    if problems:
+        raise ValueError(f"HF checkpoint {directory}: " + "; ".join(problems))
+    return files
+
+
+def _bin_as_safetensors(files: WeightFiles, target: Path) -> None:
+    """Rewrite ``pytorch_model*.bin`` shards as safetensors under ``target`` (one shard at a
+    time, memory-mapped), with the ``config.json`` beside them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    for index, name in enumerate(files.files):
+        state = torch.load(files.directory / name, map_location="cpu", mmap=True, weights_only=True)
+        out = f"model-{index:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target / out))
+        weight_map.update(dict.fromkeys(state, out))
+        del state
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(files.directory / "config.json", target / "config.json")
+
+
+def load_hf_weights(
+    model: torch.nn.Module, directory: str | os.PathLike[str], config: GPTModelConfig | None = None
+) -> None:
+    """Load the HF checkpoint in ``directory`` into this rank's megatron stage, in place.
+
+    All ranks call it together (PP > 1 with tied embeddings synchronizes the two copies).
+
+    Args:
+        model: the local stage (a megatron ``GPTModel``, possibly wrapped), built for the
+            checkpoint's architecture at the current parallel layout.
+        directory: local HF model directory.
+        config: the architecture ``model`` was built from (checked against ``config.json``);
+            ``None`` reads it from ``config.json``.
+
+    Raises:
+        ValueError / FileNotFoundError: before any weight is read, for the problems
+            :func:`check_hf_checkpoint` finds.
+    """
+    directory = Path(directory)
+    core = _unwrap(model)
+    config = config or hf_model_config(directory)
+    files = check_hf_checkpoint(directory, config, _tensor_parallel_size())
+    dtype = next(core.parameters()).dtype
+    architecture = architecture_of(read_hf_config(directory))
+    logger.info("importing %s (%s) into the megatron model", directory, architecture)
+    from kd_module.upstream.modelopt import import_hf_weights
+
+    if files.kind == "safetensors":
+        import_hf_weights(core, str(directory), dtype)
+        return
+    # pytorch_model*.bin: rank 0 rewrites it as safetensors in a temporary directory that every
+    # rank of this machine reads (run `nemo kd import-hf` once for multi-node jobs).
+    staging = None
+    if collectives.rank() == 0:
+        staging = tempfile.mkdtemp(prefix="kd_hf_bin_")
+        _bin_as_safetensors(files, Path(staging))
+    staging = collectives.all_gather_object(staging)[0]
+    try:
+        import_hf_weights(core, staging, dtype)
+    finally:
+        collectives.barrier()
+        if collectives.rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_hf_loader(directory: str | os.PathLike[str]) -> Any:
+    """``fn(stage)`` loading the HF checkpoint, for ``build_distillation_model``."""
+
+    def load(model: torch.nn.Module) -> None:
+        load_hf_weights(model, directory)
+
+    return load
