@@ -280,7 +280,9 @@ def test_missing_shard_missing_tensor_and_shape_mismatch(hf_dirs, single_rank, t
     missing.mkdir()
     shutil.copy(source / "config.json", missing / "config.json")
     dropped = "model.layers.1.self_attn.k_proj.bias"
-    save_file({k: v for k, v in tensors.items() if k != dropped}, str(missing / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if k != dropped}, str(missing / "model.safetensors")
+    )
     message = _error(lambda: check_hf_checkpoint(missing, config, 1))
     assert f"1 tensor(s) missing from the weights: {dropped}" in message
 
