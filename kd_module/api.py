@@ -270,11 +270,14 @@ def distill(
             on_nonfinite=on_nonfinite,
             check_teacher_integrity=check_teacher_integrity,
         )
+    _adopt_teacher_tokenizer(data, teacher_tokenizer)
     check_inputs(module, data, trainer, teacher_tokenizer)
     run_dir = Path(job.log_dir) / job.name
     from kd_module.rules import writable_dir_problems
 
     problems = writable_dir_problems(run_dir, "run directory")
+    if job.export_hf is not None:
+        problems += _export_hf_problems(module.student_config, job.export_hf)
     if job.checkpoint_every_n_steps is not None and not problems:
         problems = writable_dir_problems(run_dir / "checkpoints", "checkpoint directory")
     if problems:
@@ -303,11 +306,74 @@ def distill(
         module.export_tokenizer = data.tokenizer.to_dict()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     summary = build_summary(module, data, trainer, time.perf_counter() - start)
+    if job.export_hf is not None and trainer.is_global_zero:
+        summary["export_hf"] = str(export_hf_subprocess(run_dir / "student", job.export_hf))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
         logger.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
     return summary
+
+
+def _adopt_teacher_tokenizer(data: Any, teacher_tokenizer: dict[str, Any]) -> None:
+    """A data module left with the default tokenizer takes the teacher's HF tokenizer (the one
+    in an HF teacher directory, or the one its ``model_config.yaml`` names) when it exists."""
+    import os
+
+    from kd_module.data.tokenizers import TokenizerConfig
+
+    library = str(teacher_tokenizer.get("library") or "").lower()
+    path = teacher_tokenizer.get("path") or teacher_tokenizer.get("type")
+    if getattr(data, "tokenizer_given", True) or library not in ("huggingface", "hf"):
+        return
+    if not path or not os.path.isdir(str(path)):
+        return
+    data.tokenizer = TokenizerConfig(library="huggingface", path=str(path))
+    data.tokenizer_given = True
+    logger.info("distill: the data uses the teacher's tokenizer %s", path)
+
+
+def _export_hf_problems(student: Any, output: str) -> list[str]:
+    """Why the student cannot be written as an HF directory at ``output``."""
+    from kd_module.hf.config import architecture_for, export_problems
+    from kd_module.rules import writable_dir_problems
+
+    problems = writable_dir_problems(output, "job.export_hf")
+    architecture = architecture_for(student)
+    problems += [
+        f"job.export_hf: the student cannot be written as {architecture}: {problem}"
+        for problem in export_problems(student, architecture)
+    ]
+    return problems
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+"""torchrun's per-process variables; a child process that keeps them would join the run's group."""
+
+
+def export_hf_subprocess(student_dir: Path, output: str) -> Path:
+    """``python -m kd_module.hf export`` in a fresh single-rank process (this process's
+    distributed state is the run's layout, which the TP=1 conversion must not join)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in LAUNCHER_ENV
+        and not key.startswith(("TORCHELASTIC_", "MASTER_", "TORCH_NCCL_"))
+    }
+    command = [sys.executable, "-m", "kd_module.hf", "export", str(student_dir), str(output)]
+    logger.info("distill: writing the student as an HF directory to %s", output)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"distill: the HF export of {student_dir} to {output} failed (exit "
+            f"{done.returncode}); the student checkpoint is complete, rerun `nemo kd export-hf "
+            f"checkpoint={student_dir} output={output}`:\n{done.stderr[-4000:]}"
+        )
+    return Path(output)
 
 
 def build_summary(module: Any, data: Any, trainer: Any, wall_s: float) -> dict[str, Any]:

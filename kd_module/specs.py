@@ -74,6 +74,10 @@ class RunConfig:
     export: bool = True
     """Write the final student to ``<log_dir>/<name>/student`` as a plain megatron GPT checkpoint
     with its ``model_config.yaml`` (the next round's teacher)."""
+    export_hf: str | None = None
+    """Also write the final student as a Hugging Face model directory here (``config.json``,
+    safetensors, the data's HF tokenizer, ``generation_config.json``), converted from
+    ``<log_dir>/<name>/student`` by global rank 0 after training; needs ``export=True``."""
 
     def __post_init__(self) -> None:
         problems = Problems()
@@ -81,6 +85,11 @@ class RunConfig:
         problems.positive_int(
             "checkpoint_every_n_steps", self.checkpoint_every_n_steps, or_none="None"
         )
+        if self.export_hf is not None and not self.export:
+            problems.add(
+                f"export_hf={self.export_hf!r} needs export=True (the HF directory is converted "
+                "from the exported student)"
+            )
         problems.raise_if_any("run config")
 
 

@@ -10,6 +10,8 @@ it and offers::
     nemo kd cache-teacher --factory tiny_cpu out_dir=runs/tiny_cpu_cache
     nemo kd distill --factory "tiny_cpu(teacher_cache='runs/tiny_cpu_cache')"
     nemo kd distill --factory tiny_cpu teacher.checkpoint=/ckpt job.name=exp1 --dryrun
+    nemo kd export-hf checkpoint=runs/exp1/student output=/models/student-hf
+    nemo kd import-hf hf_dir=/models/Qwen3-8B output=/ckpt/qwen3-8b
 
 ``distill`` takes the recipes (factories) registered by the modules in :data:`RECIPE_MODULES`
 and dotted overrides of their fields (``teacher.checkpoint=``, ``job.name=``,
@@ -34,6 +36,7 @@ from kd_module.cli.quiet import quiet_third_party
 from kd_module.data.prepare import prepare_data_cli
 from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.distillation.config import DistillConfig
+from kd_module.hf.commands import export_hf_command, import_hf_command
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
@@ -57,6 +60,8 @@ OVERRIDABLE = (
     distill,
     build_teacher_cache,
     prepare_data_cli,
+    export_hf_command,
+    import_hf_command,
     GPTModelConfig,
     gpt_data_module,
     TokenizerConfig,
@@ -130,3 +135,15 @@ run.cli.entrypoint(
     name="cache-teacher",
     help="Cache a teacher's top-k logits for offline distillation (--factory NAME).",
 )(build_teacher_cache)
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="export-hf",
+    help="Write a student checkpoint as a Hugging Face model directory.",
+    enable_executor=False,
+)(export_hf_command)
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="import-hf",
+    help="Convert a Hugging Face model directory into a torch_dist checkpoint.",
+    enable_executor=False,
+)(import_hf_command)

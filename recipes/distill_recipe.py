@@ -172,6 +172,7 @@ def run_config(
     keep_last: int = 2,
     resume: bool = False,
     export: bool = True,
+    export_hf: str | None = None,
 ) -> run.Config[RunConfig]:
     """Where the run writes and what it keeps, as config: ``job`` of
     :func:`~kd_module.api.distill`.
@@ -185,6 +186,7 @@ def run_config(
         keep_last: how many run checkpoints to keep.
         resume: continue from the run's latest complete checkpoint, if any.
         export: write the final student to ``<log_dir>/<name>/student``.
+        export_hf: also write it as a Hugging Face model directory here.
 
     Returns:
         ``run.Config(RunConfig, ...)``: ``job`` of :func:`~kd_module.api.distill`; override its
@@ -204,6 +206,7 @@ def run_config(
         keep_last=keep_last,
         resume=resume,
         export=export,
+        export_hf=export_hf,
     )
 
 

@@ -2,7 +2,8 @@
 
 The architectures follow the published model cards and their ``config.json``:
 https://huggingface.co/meta-llama/Llama-3.1-8B and https://huggingface.co/meta-llama/Llama-3.2-1B.
-Both share the 128256-token tokenizer; give its local directory as ``tokenizer_path``.
+Both share the 128256-token tokenizer; teacher and student load straight from
+their Hugging Face directories, and the teacher directory's tokenizer is the data's.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def llama32_1b(seq_length: int = 8192) -> run.Config[GPTModelConfig]:
 
 @run.cli.factory(target=distill, name=NAME)
 def llama31_8b_to_llama32_1b(
-    teacher_path: str = "checkpoints/llama31_8b",
-    tokenizer_path: str = "checkpoints/llama31_8b/tokenizer",
+    teacher_path: str = "checkpoints/Llama-3.1-8B",
+    tokenizer_path: str | None = None,
     student_path: str | None = None,
     distill_config: str | dict | None = None,
     data_paths: str | list[Any] | dict[str, Any] | None = None,
@@ -102,13 +103,18 @@ def llama31_8b_to_llama32_1b(
     checkpoint_every_n_steps: int | None = 500,
     resume: bool = True,
     teacher_cache: str | None = None,
+    export_hf: str | None = None,
 ) -> run.Partial:
     """Distill Llama 3.1 8B into Llama 3.2 1B.
 
     Args:
-        teacher_path: the Llama 3.1 8B megatron checkpoint (torch_dist or torch).
-        tokenizer_path: local directory of the Llama 3 HuggingFace tokenizer.
-        student_path: start the student from this checkpoint (e.g. pruned Llama 3.2 1B).
+        teacher_path: the Llama 3.1 8B Hugging Face directory (``config.json``, safetensors,
+            tokenizer), or a megatron checkpoint (torch_dist or torch).
+        tokenizer_path: local directory of the Llama 3 HuggingFace tokenizer (default: the
+            teacher directory's).
+        student_path: start the student from this checkpoint: the Llama 3.2 1B Hugging Face
+            directory, or a megatron checkpoint (e.g. a pruned teacher); from scratch when
+            ``None``.
         distill_config: distillation YAML or dict; logits only when ``None``.
         data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
         dir: root of run directories.
@@ -125,6 +131,7 @@ def llama31_8b_to_llama32_1b(
         resume: continue from the run's latest checkpoint when the job is restarted.
         teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher
             --factory NAME`` over the same data) instead of running the teacher.
+        export_hf: also write the distilled student as a Hugging Face directory here.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -132,23 +139,24 @@ def llama31_8b_to_llama32_1b(
     Examples:
         CLI::
 
-            nemo kd distill --factory llama31_8b_to_llama32_1b \\
-                teacher.checkpoint=/ckpt/llama31_8b data.paths='[/data/web_text_document]' \\
-                data.tokenizer.path=/ckpt/llama31_8b/tokenizer --dryrun
+            nemo kd distill --factory "llama31_8b_to_llama32_1b(\\
+                teacher_path='/models/Llama-3.1-8B', student_path='/models/Llama-3.2-1B')" \\
+                data.paths='[/data/web_text_document]' --dryrun
 
         Python::
 
-            recipe = llama31_8b_to_llama32_1b("/ckpt/llama31_8b", "/ckpt/llama31_8b/tokenizer")
+            recipe = llama31_8b_to_llama32_1b("/models/Llama-3.1-8B")
     """
     return gpu_pair_recipe(
         teacher_spec(teacher_path, llama31_8b(seq_length)),
         llama32_1b(seq_length),
-        tokenizer_path,
+        teacher_path if tokenizer_path is None else tokenizer_path,
         job=run_config(
             "runs" if dir is None else dir,
             name,
             checkpoint_every_n_steps=checkpoint_every_n_steps,
             resume=resume,
+            export_hf=export_hf,
         ),
         offline=offline_config(teacher_cache),
         student_path=student_path,
@@ -169,8 +177,8 @@ def llama31_8b_to_llama32_1b(
 def llama31_8b_to_llama32_1b_cache(
     out_dir: str = "runs/llama31_8b_to_llama32_1b_cache",
     num_samples: int = 10_000 * 128,
-    teacher_path: str = "checkpoints/llama31_8b",
-    tokenizer_path: str = "checkpoints/llama31_8b/tokenizer",
+    teacher_path: str = "checkpoints/Llama-3.1-8B",
+    tokenizer_path: str | None = None,
     data_paths: str | list[Any] | dict[str, Any] | None = None,
     num_nodes: int = 1,
     num_gpus_per_node: int = 8,
@@ -188,8 +196,9 @@ def llama31_8b_to_llama32_1b_cache(
     Args:
         out_dir: the cache directory.
         num_samples: train samples to cache (the distill recipe's 10000 steps x 128).
-        teacher_path: the teacher's megatron checkpoint.
-        tokenizer_path: local directory of the HuggingFace tokenizer.
+        teacher_path: the teacher's Hugging Face directory or megatron checkpoint.
+        tokenizer_path: local directory of the HuggingFace tokenizer (default: the teacher
+            directory's).
         data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
         num_nodes: machines.
         num_gpus_per_node: GPUs per machine (replicas beyond TP x PP cache disjoint shards).
@@ -210,7 +219,7 @@ def llama31_8b_to_llama32_1b_cache(
     """
     return gpu_pair_cache_recipe(
         teacher_spec(teacher_path, llama31_8b(seq_length)),
-        tokenizer_path,
+        teacher_path if tokenizer_path is None else tokenizer_path,
         out_dir=out_dir,
         num_samples=num_samples,
         data_paths=data_paths,

@@ -2,7 +2,8 @@
 
 The architectures follow the published model cards and their ``config.json``:
 https://huggingface.co/Qwen/Qwen3-8B and https://huggingface.co/Qwen/Qwen3-1.7B.
-Both share the 151936-token tokenizer; give its local directory as ``tokenizer_path``.
+Both share the 151936-token tokenizer; teacher and student load straight from
+their Hugging Face directories, and the teacher directory's tokenizer is the data's.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def qwen3_1p7b(seq_length: int = 4096) -> run.Config[GPTModelConfig]:
 
 @run.cli.factory(target=distill, name=NAME)
 def qwen3_8b_to_qwen3_1p7b(
-    teacher_path: str = "checkpoints/qwen3_8b",
-    tokenizer_path: str = "checkpoints/qwen3_8b/tokenizer",
+    teacher_path: str = "checkpoints/Qwen3-8B",
+    tokenizer_path: str | None = None,
     student_path: str | None = None,
     distill_config: str | dict | None = None,
     data_paths: str | list[Any] | dict[str, Any] | None = None,
@@ -99,13 +100,17 @@ def qwen3_8b_to_qwen3_1p7b(
     checkpoint_every_n_steps: int | None = 500,
     resume: bool = True,
     teacher_cache: str | None = None,
+    export_hf: str | None = None,
 ) -> run.Partial:
     """Distill Qwen3-8B into Qwen3-1.7B.
 
     Args:
-        teacher_path: the Qwen3-8B megatron checkpoint (torch_dist or torch).
-        tokenizer_path: local directory of the Qwen3 HuggingFace tokenizer.
-        student_path: start the student from this checkpoint.
+        teacher_path: the Qwen3-8B Hugging Face directory (``config.json``, safetensors,
+            tokenizer), or a megatron checkpoint (torch_dist or torch).
+        tokenizer_path: local directory of the Qwen3 HuggingFace tokenizer (default: the
+            teacher directory's).
+        student_path: start the student from this checkpoint: the Qwen3-1.7B Hugging Face
+            directory, or a megatron checkpoint; from scratch when ``None``.
         distill_config: distillation YAML or dict; logits only when ``None``.
         data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
         dir: root of run directories.
@@ -122,6 +127,7 @@ def qwen3_8b_to_qwen3_1p7b(
         resume: continue from the run's latest checkpoint when the job is restarted.
         teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher
             --factory NAME`` over the same data) instead of running the teacher.
+        export_hf: also write the distilled student as a Hugging Face directory here.
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -129,22 +135,23 @@ def qwen3_8b_to_qwen3_1p7b(
     Examples:
         CLI::
 
-            nemo kd distill --factory qwen3_8b_to_qwen3_1p7b \\
-                teacher.checkpoint=/ckpt/qwen3_8b data.tokenizer.path=/ckpt/qwen3_8b/tokenizer
+            nemo kd distill --factory "qwen3_8b_to_qwen3_1p7b(teacher_path='/models/Qwen3-8B', \\
+                student_path='/models/Qwen3-1.7B', export_hf='/models/Qwen3-1.7B-kd')"
 
         Python::
 
-            recipe = qwen3_8b_to_qwen3_1p7b("/ckpt/qwen3_8b", "/ckpt/qwen3_8b/tokenizer")
+            recipe = qwen3_8b_to_qwen3_1p7b("/models/Qwen3-8B", student_path="/models/Qwen3-1.7B")
     """
     return gpu_pair_recipe(
         teacher_spec(teacher_path, qwen3_8b(seq_length)),
         qwen3_1p7b(seq_length),
-        tokenizer_path,
+        teacher_path if tokenizer_path is None else tokenizer_path,
         job=run_config(
             "runs" if dir is None else dir,
             name,
             checkpoint_every_n_steps=checkpoint_every_n_steps,
             resume=resume,
+            export_hf=export_hf,
         ),
         offline=offline_config(teacher_cache),
         student_path=student_path,
@@ -165,8 +172,8 @@ def qwen3_8b_to_qwen3_1p7b(
 def qwen3_8b_to_qwen3_1p7b_cache(
     out_dir: str = "runs/qwen3_8b_to_qwen3_1p7b_cache",
     num_samples: int = 10_000 * 128,
-    teacher_path: str = "checkpoints/qwen3_8b",
-    tokenizer_path: str = "checkpoints/qwen3_8b/tokenizer",
+    teacher_path: str = "checkpoints/Qwen3-8B",
+    tokenizer_path: str | None = None,
     data_paths: str | list[Any] | dict[str, Any] | None = None,
     num_nodes: int = 1,
     num_gpus_per_node: int = 8,
@@ -184,8 +191,9 @@ def qwen3_8b_to_qwen3_1p7b_cache(
     Args:
         out_dir: the cache directory.
         num_samples: train samples to cache (the distill recipe's 10000 steps x 128).
-        teacher_path: the teacher's megatron checkpoint.
-        tokenizer_path: local directory of the HuggingFace tokenizer.
+        teacher_path: the teacher's Hugging Face directory or megatron checkpoint.
+        tokenizer_path: local directory of the HuggingFace tokenizer (default: the teacher
+            directory's).
         data_paths: prepared dataset prefixes or blend; synthetic tokens when ``None``.
         num_nodes: machines.
         num_gpus_per_node: GPUs per machine (replicas beyond TP x PP cache disjoint shards).
@@ -206,7 +214,7 @@ def qwen3_8b_to_qwen3_1p7b_cache(
     """
     return gpu_pair_cache_recipe(
         teacher_spec(teacher_path, qwen3_8b(seq_length)),
-        tokenizer_path,
+        teacher_path if tokenizer_path is None else tokenizer_path,
         out_dir=out_dir,
         num_samples=num_samples,
         data_paths=data_paths,

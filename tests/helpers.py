@@ -346,3 +346,26 @@ def gpu_sleep(milliseconds: float) -> None:
 
 if __name__ == "__main__":
     sys.exit(_rank_main(sys.argv[1:]))
+
+
+def save_hf_tokenizer(directory: str | os.PathLike[str], texts: list[str], vocab_size: int) -> int:
+    """Train a tiny byte-level BPE on ``texts`` and save it with transformers; its size.
+
+    The byte alphabet is always in it, so any text encodes; merges fill it up to
+    ``vocab_size`` as far as ``texts`` allow.
+    """
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eod>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eod>")
+    tokenizer.save_pretrained(directory)
+    return len(tokenizer)

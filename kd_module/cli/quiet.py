@@ -46,7 +46,8 @@ KNOWN_WARNINGS = (
     Notice(
         r"transformers \S+ is not tested with current version of modelopt",
         "ModelOpt 0.47.0 (modelopt/torch/__init__.py)",
-        "megatron-kd uses no transformers model through ModelOpt",
+        "the tokenizers extra pins transformers to ModelOpt's tested range; this covers "
+        "environments that bring another",
     ),
     Notice(
         r"full scope is deprecated",

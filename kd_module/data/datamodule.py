@@ -295,6 +295,8 @@ class GPTDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
         self.tokenizer = tokenizer if tokenizer is not None else TokenizerConfig()
+        self.tokenizer_given = tokenizer is not None
+        """False while the tokenizer is the default, which a teacher's HF tokenizer replaces."""
         self.split = split
         self.index_mapping_dir = index_mapping_dir
         self.eod_mask_loss = eod_mask_loss

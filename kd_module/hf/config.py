@@ -275,3 +275,16 @@ def hf_config_from_gpt(
     if architecture == "Qwen2ForCausalLM":
         out["use_sliding_window"] = False
     return out
+
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""Any of these makes a directory an HF tokenizer directory."""
+
+
+def tokenizer_section(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``model_config.yaml`` tokenizer section naming the HF tokenizer in ``directory``
+    (empty when the directory has no tokenizer files)."""
+    directory = os.path.abspath(directory)
+    if any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_MARKERS):
+        return {"library": "huggingface", "type": directory}
+    return {}

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from kd_module.hf.config import architecture_of, gpt_config_from_hf, read_hf_config
+from kd_module.hf.config import (
+    architecture_of,
+    gpt_config_from_hf,
+    read_hf_config,
+    tokenizer_section,
+)
 from kd_module.hf.weights import WeightFiles, weight_files, weight_problems
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.parallel import collectives
@@ -159,3 +164,61 @@ def make_hf_loader(directory: str | os.PathLike[str]) -> Any:
         load_hf_weights(model, directory)
 
     return load
+
+
+def import_hf(
+    directory: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    seq_length: int | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Convert the HF checkpoint in ``directory`` once into a megatron ``torch_dist`` checkpoint.
+
+    ``output`` gets the weights, a ``model_config.yaml`` (architecture, precision, tokenizer)
+    and a copy of the HF tokenizer files under ``output/tokenizer``; it loads at any TP/PP
+    layout (``torch_dist`` reshards) and serves as a teacher or a student checkpoint. Runs in one
+    process (it starts a single CPU rank when none is running); peak memory is about the model
+    once plus one safetensors file.
+
+    Args:
+        directory: local HF model directory (only read).
+        output: the checkpoint directory to write; an existing one is replaced only once the
+            new one is complete.
+        seq_length: the sequence length recorded in ``model_config.yaml`` (default: the model's
+            ``max_position_embeddings``, capped at 4096).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` of the saved weights (default:
+            ``config.json``'s ``torch_dtype``, else ``float32``).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError / FileNotFoundError: before any weight is read, for an unsupported
+            architecture, missing or misshapen tensors, or an unknown ``dtype``.
+    """
+    from kd_module.checkpoints.model import save_model_checkpoint
+    from kd_module.hf.exporter import DTYPES, TOKENIZER_FILES
+    from kd_module.models.gpt import ParallelLayout, build_model
+    from kd_module.parallel import runtime
+
+    hf = read_hf_config(directory)
+    config = hf_model_config(directory, seq_length)
+    dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"HF import: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    check_hf_checkpoint(directory, config, 1)
+    runtime.initialize_distributed(device="cpu")
+    model = build_model(config, ParallelLayout(), params_dtype=DTYPES[str(dtype)])
+    load_hf_weights(model, directory, config)
+    output = Path(output)
+    section = tokenizer_section(directory)
+    if section:
+        section = {**section, "type": str(output.resolve() / "tokenizer")}
+    saved = save_model_checkpoint(model, output, "torch_dist", config, tokenizer=section)
+    if section:
+        (saved / "tokenizer").mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(directory) / name).is_file():
+                shutil.copy(Path(directory) / name, saved / "tokenizer" / name)
+    logger.info("imported %s into %s", directory, saved)
+    return saved

@@ -8,7 +8,12 @@ import os
 import tarfile
 from typing import Any
 
-from kd_module.hf.config import CONFIG_FILE, gpt_config_from_hf, read_hf_config
+from kd_module.hf.config import (
+    CONFIG_FILE,
+    gpt_config_from_hf,
+    read_hf_config,
+    tokenizer_section,
+)
 from kd_module.hf.weights import is_hf_checkpoint
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.nemo_format.keys import MODEL_CONFIG_FILE, NEMO2_MODEL_CONFIG_FILE
@@ -122,15 +127,9 @@ def hf_teacher_model_config(
     directory = os.fspath(directory)
     hf = read_hf_config(directory)
     source = os.path.join(directory, CONFIG_FILE)
-    tokenizer = (
-        {"library": "huggingface", "type": directory}
-        if os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
-        or os.path.isfile(os.path.join(directory, "tokenizer.json"))
-        else {}
-    )
     return TeacherModelConfig(
         model=gpt_config_from_hf(hf, seq_length, source=source),
         precision=hf.get("torch_dtype") or hf.get("dtype"),
-        tokenizer=tokenizer,
+        tokenizer=tokenizer_section(directory),
         source=source,
     )

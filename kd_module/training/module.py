@@ -324,9 +324,10 @@ class GPTModule(L.LightningModule):
             return
         from kd_module.checkpoints.model import export_student
 
-        export_student(
-            self.module, self.export_dir, self.student_config, tokenizer=self.export_tokenizer
-        )
+        # The vocabulary the student was built with, padded from the tokenizer when the config
+        # left it unset: the checkpoint must say how many rows it holds to be loaded again.
+        config = self.student_config.replace(vocab_size=self.padded_vocab_size())
+        export_student(self.module, self.export_dir, config, tokenizer=self.export_tokenizer)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

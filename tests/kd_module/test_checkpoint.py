@@ -370,7 +370,9 @@ def test_format_errors_name_the_path(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "weights.bin").write_text("x")
-    with pytest.raises(ValueError, match=r"neither format; expected metadata.json .*weights.bin"):
+    with pytest.raises(
+        ValueError, match=r"no known format; expected metadata.json .*\(hf\), found weights.bin"
+    ):
         detect_checkpoint_format(other)
     with pytest.raises(ValueError, match="is a file; expected a checkpoint directory"):
         resolve_checkpoint_dir(other / "weights.bin")

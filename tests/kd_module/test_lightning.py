@@ -246,8 +246,13 @@ def test_distill_writes_summary_with_documented_fields(tmp_path):
         ({"tp": 3}, r"world size 1 \(num_nodes x devices\) is not divisible by"),
         ({"global_batch_size": 3}, r"global_batch_size=3 must be a multiple of micro_batch_size=2"),
         ({"seq_length": 64}, r"seq_length 64 .*max_position_embeddings 32|64.*32"),
+        (
+            {"export_hf": "hf"},
+            r"job.export_hf: the student cannot be written as LlamaForCausalLM: "
+            r"normalization='LayerNorm' \(an LlamaForCausalLM needs 'RMSNorm'\)",
+        ),
     ],
-    ids=["layout", "batch", "seq-length"],
+    ids=["layout", "batch", "seq-length", "export-hf"],
 )
 def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
     """Bad layout, batch sizes or sequence length are refused with one message, nothing built."""
@@ -276,9 +281,13 @@ def test_distill_refuses_bad_inputs_before_building(tmp_path, kwargs, message):
             data,
             trainer,
             teacher=TeacherSpec(config=TEACHER),
-            job=RunConfig(log_dir=str(tmp_path)),
+            job=RunConfig(
+                log_dir=str(tmp_path),
+                export_hf=str(tmp_path / kwargs["export_hf"]) if "export_hf" in kwargs else None,
+            ),
         )
     assert not (tmp_path / "default").exists()
+    assert not (tmp_path / "hf").exists()
 
 
 def _short_distill(**arguments):

@@ -36,6 +36,10 @@ def test_specs_import_no_torch_or_lightning():
             r"run config: keep_last=0 must be a positive integer; checkpoint_every_n_steps=-1",
         ),
         (lambda: OfflineConfig("/c", "ful"), r"offline config: loss_mode='ful' is not one of"),
+        (
+            lambda: RunConfig(export=False, export_hf="/hf"),
+            r"run config: export_hf='/hf' needs export=True",
+        ),
     ],
 )
 def test_each_group_checks_its_fields(make, message):

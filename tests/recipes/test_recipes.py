@@ -414,3 +414,142 @@ def test_pair_cache_recipes_cache_what_their_offline_students_read(module):
         assert getattr(cache.data, field) == getattr(offline.data, field), field
     assert offline.offline.teacher_cache == "/cache" and offline.teacher is None
     assert online.offline is None
+
+
+# The published config.json of each pair's models (the fields the import reads).
+_LLAMA3 = dict(
+    architectures=["LlamaForCausalLM"],
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    initializer_range=0.02,
+)
+_QWEN3 = dict(
+    architectures=["Qwen3ForCausalLM"],
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=1000000,
+    rope_scaling=None,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    head_dim=128,
+    num_key_value_heads=8,
+    attention_bias=False,
+    sliding_window=None,
+    use_sliding_window=False,
+    initializer_range=0.02,
+)
+PUBLISHED_CONFIGS = {
+    "Llama-3.1-8B": (
+        llama31_8b_to_llama32_1b.llama31_8b,
+        dict(
+            _LLAMA3,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+        ),
+    ),
+    "Llama-3.2-1B": (
+        llama31_8b_to_llama32_1b.llama32_1b,
+        dict(
+            _LLAMA3,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+        ),
+    ),
+    "Qwen3-8B": (
+        qwen3_8b_to_qwen3_1p7b.qwen3_8b,
+        dict(
+            _QWEN3,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Qwen3-1.7B": (
+        qwen3_8b_to_qwen3_1p7b.qwen3_1p7b,
+        dict(
+            _QWEN3,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_pair_architectures_equal_what_their_hf_config_json_imports_as(name):
+    """The pair recipes' architectures are what the published HF directories load as, so
+    `teacher_path=` / `student_path=` can name those directories (the import compares them)."""
+    from kd_module.hf.config import gpt_config_from_hf
+
+    make, published = PUBLISHED_CONFIGS[name]
+    imported = gpt_config_from_hf(published, seq_length=4096)
+    recipe = fdl.build(make(4096))
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "vocab_size",
+        "normalization",
+        "layernorm_epsilon",
+        "activation",
+        "add_bias_linear",
+        "add_qkv_bias",
+        "qk_layernorm",
+        "position_embedding_type",
+        "rotary_base",
+        "rope_scaling",
+        "share_embeddings_and_output_weights",
+        "max_position_embeddings",
+    ):
+        assert getattr(recipe, key) == getattr(imported, key), key
+    if recipe.rope_scaling:
+        assert recipe.rope_scaling_factor == imported.rope_scaling_factor
+
+
+def test_pair_recipes_take_hf_directories_and_their_tokenizer():
+    """With HF directories the teacher directory's tokenizer is the data's by default, and
+    export_hf reaches the run config."""
+    for recipe in (
+        llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b(
+            "/models/teacher", student_path="/models/student", export_hf="/models/out"
+        ),
+        qwen3_8b_to_qwen3_1p7b.qwen3_8b_to_qwen3_1p7b(
+            "/models/teacher", student_path="/models/student", export_hf="/models/out"
+        ),
+    ):
+        assert recipe.teacher.checkpoint == "/models/teacher"
+        assert recipe.data.tokenizer.path == "/models/teacher"
+        assert recipe.student_checkpoint == "/models/student"
+        assert recipe.job.export_hf == "/models/out"

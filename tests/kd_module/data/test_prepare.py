@@ -87,21 +87,10 @@ def test_cli_reports_bad_arguments_by_name(tmp_path, capsys):
 def test_huggingface_tokenizer_dataset_round_trips(tmp_path):
     """A tiny byte-level BPE saved with transformers prepares data that decodes to the input."""
     pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
+    pytest.importorskip("tokenizers")
+    from tests.helpers import save_hf_tokenizer
 
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<eod>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(TEXTS * 10, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eod>").save_pretrained(
-        tmp_path / "hf"
-    )
+    save_hf_tokenizer(tmp_path / "hf", TEXTS * 10, vocab_size=300)
 
     config = TokenizerConfig(library="huggingface", path=str(tmp_path / "hf"))
     jsonl = _write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
