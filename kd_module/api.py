@@ -61,6 +61,24 @@ def _vocabulary_problems(module: Any) -> list[str]:
     return []
 
 
+def _hf_problems(label: str, path: str | None, config: Any, tp: int) -> list[str]:
+    """An HF checkpoint's tensors against ``config`` and the TP size, from the headers alone."""
+    if path is None or config is None:
+        return []
+    from kd_module.checkpoints.model import detect_checkpoint_format, resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(path)
+    if detect_checkpoint_format(directory) != "hf":
+        return []
+    from kd_module.hf.importer import check_hf_checkpoint
+
+    try:
+        check_hf_checkpoint(directory, config, tp)
+    except (ValueError, FileNotFoundError) as error:
+        return [f"{label}: {error}"]
+    return []
+
+
 def check_inputs(
     module: Any,
     data: Any,
@@ -117,11 +135,22 @@ def check_inputs(
             problems.append(str(error))
     problems += _placement_problems(module, layout, problems)
     problems += _vocabulary_problems(module)
-    for label, path, requested in (
-        ("teacher_checkpoint", module.teacher_checkpoint, module.teacher_ckpt_format),
-        ("student_checkpoint", module.student_checkpoint, module.student_ckpt_format),
+    for label, path, requested, config in (
+        (
+            "teacher_checkpoint",
+            module.teacher_checkpoint,
+            module.teacher_ckpt_format,
+            module.teacher_config,
+        ),
+        (
+            "student_checkpoint",
+            module.student_checkpoint,
+            module.student_ckpt_format,
+            module.student_config,
+        ),
     ):
-        problems += checkpoint_problems(label, path, requested)
+        found = checkpoint_problems(label, path, requested)
+        problems += found or _hf_problems(label, path, config, layout.tensor_model_parallel_size)
     problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
     problems.positive_int("trainer.max_steps", trainer.max_steps)
     problems.raise_if_any("distill")

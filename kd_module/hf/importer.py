@@ -57,10 +57,47 @@ def _tensor_parallel_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+COMPARED_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "ffn_hidden_size",
+    "vocab_size",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "share_embeddings_and_output_weights",
+)
+"""The architecture fields an HF checkpoint fixes, compared with the model it is loaded into."""
+
+
+def architecture_differences(model: Any, from_file: GPTModelConfig) -> list[str]:
+    """``key: model X, config.json Y`` for each of :data:`COMPARED_FIELDS` that differs.
+
+    ``model`` is a :class:`GPTModelConfig` or a mapping of those fields; a field it leaves
+    ``None`` (a vocabulary padded from the tokenizer later) is not compared.
+    """
+    values = model if isinstance(model, dict) else {k: getattr(model, k) for k in COMPARED_FIELDS}
+    return [
+        f"{key}: model {values[key]!r}, config.json {getattr(from_file, key)!r}"
+        for key in COMPARED_FIELDS
+        if values.get(key) is not None and values[key] != getattr(from_file, key)
+    ]
+
+
 def check_hf_checkpoint(
-    directory: str | os.PathLike[str], config: GPTModelConfig, tensor_model_parallel_size: int
+    directory: str | os.PathLike[str],
+    config: GPTModelConfig | dict[str, Any],
+    tensor_model_parallel_size: int,
 ) -> WeightFiles:
     """The checkpoint's weight files, after every check that needs no weights.
+
+    Args:
+        directory: the HF model directory.
+        config: the architecture of the model the weights go into (a :class:`GPTModelConfig`,
+            or a mapping of :data:`COMPARED_FIELDS`).
+        tensor_model_parallel_size: the TP size the weights are split across.
 
     Raises:
         ValueError / FileNotFoundError: one message naming the directory and each problem
@@ -68,30 +105,28 @@ def check_hf_checkpoint(
             ``config.json`` or with ``config``, sizes the TP split cannot divide).
     """
     hf = read_hf_config(directory)
-    from_file = gpt_config_from_hf(hf, config.seq_length, source=str(directory))
+    seq_length = config.get("seq_length") if isinstance(config, dict) else config.seq_length
+    from_file = gpt_config_from_hf(hf, seq_length, source=str(directory))
     files = weight_files(directory)
     problems = weight_problems(files, from_file, hf, tensor_model_parallel_size)
-    differs = [
-        f"{key}: model {getattr(config, key)!r}, config.json {getattr(from_file, key)!r}"
-        for key in (
-            "num_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "kv_channels",
-            "ffn_hidden_size",
-            "vocab_size",
-            "add_qkv_bias",
-            "qk_layernorm",
-            "share_embeddings_and_output_weights",
-        )
-        if getattr(config, key) != getattr(from_file, key)
-    ]
+    differs = architecture_differences(config, from_file)
     if differs:
         problems.append("the model being loaded is not this checkpoint's: " + "; ".join(differs))
     if problems:
         raise ValueError(f"HF checkpoint {directory}: " + "; ".join(problems))
     return files
+
+
+def _built_architecture(core: torch.nn.Module) -> dict[str, Any]:
+    """:data:`COMPARED_FIELDS` of a built megatron ``GPTModel`` stage."""
+    config = core.config
+    values = {key: getattr(config, key, None) for key in COMPARED_FIELDS}
+    values["vocab_size"] = getattr(core, "vocab_size", None)
+    values["share_embeddings_and_output_weights"] = getattr(
+        core, "share_embeddings_and_output_weights", None
+    )
+    values["seq_length"] = getattr(core, "max_sequence_length", None)
+    return values
 
 
 def _bin_as_safetensors(files: WeightFiles, target: Path) -> None:
@@ -124,7 +159,7 @@ def load_hf_weights(
             checkpoint's architecture at the current parallel layout.
         directory: local HF model directory.
         config: the architecture ``model`` was built from (checked against ``config.json``);
-            ``None`` reads it from ``config.json``.
+            ``None`` checks the built model's own sizes.
 
     Raises:
         ValueError / FileNotFoundError: before any weight is read, for the problems
@@ -132,8 +167,9 @@ def load_hf_weights(
     """
     directory = Path(directory)
     core = _unwrap(model)
-    config = config or hf_model_config(directory)
-    files = check_hf_checkpoint(directory, config, _tensor_parallel_size())
+    files = check_hf_checkpoint(
+        directory, config or _built_architecture(core), _tensor_parallel_size()
+    )
     dtype = next(core.parameters()).dtype
     architecture = architecture_of(read_hf_config(directory))
     logger.info("importing %s (%s) into the megatron model", directory, architecture)

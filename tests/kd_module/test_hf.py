@@ -59,9 +59,9 @@ ARCHS = {
 }
 
 
-def _make_hf(directory: Path, name: str, seed: int = 0) -> Path:
+def _make_hf(directory: Path, name: str, seed: int = 0, **overrides) -> Path:
     config_class, extra = ARCHS[name]
-    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     # Random norms, so that a norm weight imported into the wrong place shows in the logits.
@@ -386,3 +386,82 @@ def test_pp2_import_equals_transformers(hf_dirs, name):
     first, last = run_distributed(_import_pp2, 2, str(hf_dirs[name]), timeout=240)
     assert first is None
     torch.testing.assert_close(last, _hf_logits(hf_dirs[name]), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- distill() with HF directories
+
+
+def _distill_hf(student, teacher_dir: Path, student_dir: Path, job):
+    """One step of distill() from HF directories, in this process; its summary."""
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.data import GPTDataModule
+    from kd_module.specs import TeacherSpec
+    from kd_module.training.optim import OptimizerConfig
+    from kd_module.training.strategy import MegatronStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronStrategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    data = GPTDataModule(
+        mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=2, num_train_samples=2
+    )
+    return distill(
+        student,
+        data,
+        trainer,
+        teacher=TeacherSpec(checkpoint=str(teacher_dir)),
+        student_checkpoint=str(student_dir),
+        # The first step's learning rate is 0 (linear warmup from 0), so the student's weights
+        # leave the run as they came in.
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=10),
+        job=job,
+    )
+
+
+def test_distill_from_hf_teacher_and_student_directories(tmp_path):
+    """A Qwen3 teacher and a Llama student, both HF directories: a student config that is not
+    the directory's is refused before anything is built; the run's HF export gives back the
+    student directory's tensors (its only step had learning rate 0)."""
+    from kd_module.hf.importer import hf_model_config
+    from kd_module.specs import RunConfig
+
+    vocab = 320  # the byte tokenizer of the mock data has 258 tokens
+    teacher_dir = _make_hf(tmp_path / "teacher", "qwen3", vocab_size=vocab)
+    student_dir = _make_hf(tmp_path / "student", "llama_tied", 1, vocab_size=vocab)
+    student = hf_model_config(student_dir, seq_length=SEQ)
+    with pytest.raises(ValueError) as refused:
+        _distill_hf(
+            student.replace(hidden_size=32),
+            teacher_dir,
+            student_dir,
+            RunConfig(log_dir=str(tmp_path / "runs")),
+        )
+    assert (
+        f"student_checkpoint: HF checkpoint {student_dir}: the model being loaded is not this "
+        "checkpoint's: hidden_size: model 32, config.json 64"
+    ) in str(refused.value)
+    assert not (tmp_path / "runs").exists()
+
+    out = tmp_path / "student-hf"
+    summary = _distill_hf(
+        student,
+        teacher_dir,
+        student_dir,
+        RunConfig(log_dir=str(tmp_path / "runs"), export_hf=str(out)),
+    )
+    assert summary["export_hf"] == str(out)
+    assert summary["configs"]["teacher"]["qk_layernorm"] is True  # from the Qwen3 config.json
+    original, exported = _tensors(student_dir), _tensors(out)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor), key
