@@ -45,7 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
+import os
 import shutil
 import sys
 import tempfile
@@ -254,7 +254,9 @@ def _slices_match(model: Any, directory: str) -> bool:
     )
 
 
-def measure_import(directory: str, tensor_model_parallel_size: int) -> dict[str, Any]:
+def measure_import(
+    directory: str, tensor_model_parallel_size: int, params_dtype: str
+) -> dict[str, Any]:
     """On each rank: build the empty megatron model, then time and measure the HF import."""
     # Libraries the import uses, imported before the baseline: their cost does not grow with
     # the checkpoint.
@@ -269,8 +271,7 @@ def measure_import(directory: str, tensor_model_parallel_size: int) -> dict[str,
     torch.set_num_threads(1)
     runtime.initialize_distributed(tensor_model_parallel_size, 1, seed=0)
     config = hf_model_config(directory, seq_length=SEQ_LENGTH)
-    settings = json.loads((Path(directory) / "bench-settings.json").read_text())
-    dtype = getattr(torch, DTYPES[settings["dtype"]])
+    dtype = getattr(torch, DTYPES[params_dtype])
     _trim_heap()
     rss_libraries = _rss_mb()
     start = time.perf_counter()
@@ -278,6 +279,7 @@ def measure_import(directory: str, tensor_model_parallel_size: int) -> dict[str,
     build_s = time.perf_counter() - start
     _trim_heap()
     rss_model = _rss_mb()
+    peak_before = _status_kb("VmHWM")["VmHWM"] / 1024
     shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     torch.distributed.barrier()
     _reset_hwm()
@@ -301,7 +303,7 @@ def measure_import(directory: str, tensor_model_parallel_size: int) -> dict[str,
         "peak_over_libraries_mb": peak - rss_libraries,
         "max_rss_anon_mb": sampler.max_anon_kb / 1024,
         "max_rss_file_mb": sampler.max_file_kb / 1024,
-        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_before_import_mb": peak_before,
         "weights_match": _slices_match(model, directory),
     }
 
@@ -309,14 +311,44 @@ def measure_import(directory: str, tensor_model_parallel_size: int) -> dict[str,
 # ---------------------------------------------------------------- the driver
 
 
-def run_layout(directory: Path, tp: int, checkpoint: dict[str, Any], timeout: float) -> dict:
-    """One fresh torchrun launch at TP=``tp``; per-rank figures and the ratios of the worst."""
+def evict_page_cache(directory: Path) -> None:
+    """Drop the weight files' pages from the page cache (``POSIX_FADV_DONTNEED``: clean pages,
+    no privileges needed), so that the next import reads them from disk."""
+
+    for path in directory.glob("*.safetensors"):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def _launch(directory: Path, tp: int, params_dtype: str, timeout: float) -> list[dict[str, Any]]:
     from tests.helpers import run_distributed
 
     # By name: under ``python -m`` this module is ``__main__``, which ranks cannot import.
-    ranks = run_distributed(
-        "bench.hf_import:measure_import", tp, str(directory), tp, timeout=timeout
+    return run_distributed(
+        "bench.hf_import:measure_import", tp, str(directory), tp, params_dtype, timeout=timeout
     )
+
+
+def run_layout(
+    directory: Path,
+    tp: int,
+    params_dtype: str,
+    checkpoint: dict[str, Any],
+    timeout: float,
+    cold_cache: bool = True,
+) -> dict[str, Any]:
+    """Fresh launches at TP=``tp``: with ``cold_cache``, first one with the files evicted from
+    the page cache (``cold_*``), then one with them cached, whose worst rank gives the memory
+    figures and the ratios."""
+    cold = []
+    if cold_cache:
+        evict_page_cache(directory)
+        cold = _launch(directory, tp, params_dtype, timeout)
+    ranks = _launch(directory, tp, params_dtype, timeout)
     ckpt_mb = checkpoint["checkpoint_bytes"] / _MB
     file_mb = checkpoint["largest_file_bytes"] / _MB
     worst = max(ranks, key=lambda r: r["peak_over_libraries_mb"])
@@ -324,21 +356,29 @@ def run_layout(directory: Path, tp: int, checkpoint: dict[str, Any], timeout: fl
     return {
         "ranks": ranks,
         "import_s": max(r["import_s"] for r in ranks),
-        "import_gb_per_s": checkpoint["checkpoint_bytes"] / 1e9 / max(r["import_s"] for r in ranks),
+        "cold_import_s": max((r["import_s"] for r in cold), default=None),
+        "cold_peak_rss_mb": max((r["peak_rss_mb"] for r in cold), default=None),
         "peak_over_libraries_to_checkpoint": worst["peak_over_libraries_mb"] / ckpt_mb,
         "peak_rss_to_checkpoint": worst["peak_rss_mb"] / ckpt_mb,
         "import_increase_to_largest_file": worst["import_increase_mb"] / file_mb,
         "peak_over_libraries_to_shard_plus_file": worst["peak_over_libraries_mb"]
         / shard_plus_file_mb,
         "peak_rss_to_shard_plus_file": worst["peak_rss_mb"] / shard_plus_file_mb,
-        "weights_match": all(r["weights_match"] for r in ranks),
+        "weights_match": all(r["weights_match"] for r in ranks + cold),
+        "cold_ranks": cold,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a ~1 M parameter model (CI smoke)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="checkpoint's")
+    parser.add_argument(
+        "--params-dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="the megatron model's (default: the checkpoint's; another one makes the import cast)",
+    )
     parser.add_argument("--max-shard-mb", type=float, default=None, help="largest weight file")
     parser.add_argument(
         "--work-dir",
@@ -350,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options = parser.parse_args(argv)
     name = "quick" if options.quick else "full"
     model = dict(MODELS[name])
+    params_dtype = options.params_dtype or options.dtype
     if options.max_shard_mb:
         model["max_shard_mb"] = options.max_shard_mb
 
@@ -376,15 +417,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "hf_config": {k: v for k, v in model.items() if k != "max_shard_mb"},
                 "max_shard_mb": model["max_shard_mb"],
                 "dtype": options.dtype,
-                "megatron_params_dtype": options.dtype,
+                "megatron_params_dtype": params_dtype,
                 "torch_threads_per_rank": 1,
-                "page_cache": "warm (the files were written or read just before)",
+                "page_cache": "cold_*: weight files evicted (POSIX_FADV_DONTNEED) before a launch "
+                "(not with --quick); the rest: a launch with the files in the page cache",
                 "peak_rss": "VmHWM during load_hf_weights (reset just before), per rank",
             },
             "checkpoint": checkpoint,
         }
         for tp in options.tp:
-            result = run_layout(directory, tp, checkpoint, options.timeout)
+            result = run_layout(
+                directory, tp, params_dtype, checkpoint, options.timeout, not options.quick
+            )
             summary[f"tp{tp}"] = result
             print(f"[bench.hf_import] TP={tp}: {json.dumps(result)}", file=sys.stderr, flush=True)
         summary["targets"] = _targets(summary)
