@@ -7,11 +7,15 @@ at most ``--max-shard-mb`` and ``model.safetensors.index.json``. It is written t
 one shard in memory at a time, and kept in ``--work-dir`` for later runs.
 
 Every measurement is a fresh process (``tests.helpers.run_distributed``: torchrun, gloo; TP=1 is
-one rank, TP=2 two). Each rank initializes megatron's parallel state, imports the libraries the
-import needs (megatron-core, ModelOpt's importer and with it transformers), builds the empty
-megatron model in the checkpoint's dtype and returns freed heap to the OS (``malloc_trim``),
-then calls :func:`kd_module.hf.importer.load_hf_weights`. Memory figures, per rank, from
-``/proc/self/status``:
+one rank, TP=2 two), one torch thread per rank. Per TP size there are two launches: the first
+after the weight files were evicted from the page cache (``cold_import_s``, read from disk), the
+second with them cached; the memory figures and ratios are the second's (the first's peaks are
+kept under ``cold_ranks``). ``--quick`` skips the cold launch. Each rank initializes megatron's
+parallel state, imports the libraries the import needs (megatron-core, ModelOpt's importer and
+with it transformers), builds the empty megatron model in the checkpoint's dtype
+(``--params-dtype`` another one, so that the import casts) and returns freed heap to the OS
+(``malloc_trim``), then calls :func:`kd_module.hf.importer.load_hf_weights`. Memory figures, per
+rank, from ``/proc/self/status``:
 
 - ``rss_libraries_mb``: resident set before the model is built (interpreter and libraries);
 - ``rss_model_mb``: after the model is built (the import's baseline);
@@ -22,7 +26,8 @@ then calls :func:`kd_module.hf.importer.load_hf_weights`. Memory figures, per ra
 - ``peak_over_libraries_mb = peak_rss_mb - rss_libraries_mb``: the model plus the import's
   transient memory, i.e. the memory that grows with the checkpoint;
 - ``max_rss_anon_mb`` / ``max_rss_file_mb``: the largest anonymous and file-backed resident sets
-  a sampling thread (every 10 ms) saw during the import, to tell copies from mapped file pages.
+  a sampling thread (every 10 ms) saw during the import, to tell copies from mapped file pages;
+- ``peak_rss_before_import_mb``: the high-water mark of everything before (building the model).
 
 Targets (issue #17), with the fixed library footprint left out: at TP=1 ``peak_over_libraries``
 at most 1.5x the checkpoint's bytes (``tp1_peak_to_checkpoint``); at TP=2, on every rank, at
