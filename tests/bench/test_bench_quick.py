@@ -38,3 +38,52 @@ def test_kd_loss_quick_prints_json_summary() -> None:
         assert CASE_KEYS <= case.keys(), case
         # Same bf16 inputs, same math: only fp32 summation order and bf16 gradient rounding differ.
         assert case["max_abs_diff"] < 1e-3, case
+
+
+HF_IMPORT_RANK_KEYS = {
+    "rank_shard_bytes",
+    "import_s",
+    "rss_libraries_mb",
+    "rss_model_mb",
+    "peak_rss_mb",
+    "import_increase_mb",
+    "peak_over_libraries_mb",
+    "max_rss_anon_mb",
+    "max_rss_file_mb",
+    "weights_match",
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(240)
+def test_hf_import_quick_prints_json_summary() -> None:
+    """`python -m bench.hf_import --quick` ends with JSON: sizes, per-rank memory at TP=1 and 2."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.hf_import", "--quick"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    checkpoint = summary["checkpoint"]
+    assert checkpoint["num_files"] > 1
+    assert checkpoint["largest_file_bytes"] < checkpoint["checkpoint_bytes"]
+    # Headers and the index add a little to the tensors' bytes.
+    assert checkpoint["tensor_bytes"] <= checkpoint["checkpoint_bytes"]
+    assert checkpoint["checkpoint_bytes"] < 1.01 * checkpoint["tensor_bytes"] + 65536
+    for tp in (1, 2):
+        layout = summary[f"tp{tp}"]
+        assert len(layout["ranks"]) == tp
+        assert layout["weights_match"]
+        for rank in layout["ranks"]:
+            assert HF_IMPORT_RANK_KEYS <= rank.keys(), rank
+            assert rank["rss_libraries_mb"] <= rank["rss_model_mb"] <= rank["peak_rss_mb"]
+            assert rank["import_increase_mb"] >= 0 and rank["import_s"] > 0
+        # Each rank holds about 1/TP of the parameters (norms are replicated).
+        shard = layout["ranks"][0]["rank_shard_bytes"]
+        assert checkpoint["tensor_bytes"] / tp <= shard < checkpoint["tensor_bytes"] / tp * 1.05
+    assert set(summary["targets"]) == {"tp1_peak_to_checkpoint", "tp2_peak_to_shard_plus_file"}
