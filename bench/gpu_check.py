@@ -234,6 +234,12 @@ NOT_VERIFIED = (
         "needs Transformer Engine attention and 2 GPUs",
     ),
     (
+        "hf_import_on_cuda",
+        "tests/kd_module/test_hf.py::test_hf_import_and_export_on_gpu",
+        "needs transformers 5.x, whose huggingface-hub 1.x brings the httpx chain; those wheels "
+        "are not carried yet (the GPU machine's modelopt wheels pin huggingface-hub 0.26.5)",
+    ),
+    (
         "mamba",
         "tests/kd_module/test_distillation.py::test_mamba_hybrid_student_distills_on_gpu",
         "needs mamba-ssm, causal-conv1d and Transformer Engine",

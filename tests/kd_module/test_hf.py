@@ -465,3 +465,45 @@ def test_distill_from_hf_teacher_and_student_directories(tmp_path):
     assert sorted(exported) == sorted(original)
     for key, tensor in original.items():
         assert torch.equal(exported[key], tensor), key
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_hf_import_and_export_on_gpu(hf_dirs, impl):
+    """On CUDA, with the local spec and (where installed) Transformer Engine's: the imported
+    model's logits equal transformers' CPU forward (fp32, TF32 off) and its state dict maps back
+    to the original tensors bit for bit (TE keeps the norms inside linear_qkv / linear_fc1)."""
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine")
+    from kd_module.checkpoints.model import load_model_checkpoint
+    from kd_module.hf.exporter import hf_state_dict
+    from kd_module.hf.importer import hf_model_config
+    from kd_module.models.gpt import build_model
+    from kd_module.parallel import runtime
+
+    source = hf_dirs["qwen3"]
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runtime.initialize_distributed(seed=1, device="cuda")
+    try:
+        config = hf_model_config(source, seq_length=SEQ).replace(transformer_impl=impl)
+        model = build_model(config).eval()
+        assert next(model.parameters()).is_cuda
+        names = {type(module).__name__ for module in model.modules()}
+        assert any(name.startswith("TE") for name in names) == (impl != "local"), names
+        load_model_checkpoint(model, source)
+        tokens, positions = _tokens()
+        with torch.no_grad():
+            logits = model(tokens.cuda(), positions.cuda(), None).float().cpu()
+        torch.testing.assert_close(logits, _hf_logits(source), rtol=1e-4, atol=1e-5)
+        state = {k: v.cpu() for k, v in model.state_dict().items() if "_extra_state" not in k}
+        exported, original = hf_state_dict(state, config, "Qwen3ForCausalLM"), _tensors(source)
+        assert sorted(exported) == sorted(original)
+        for key, tensor in original.items():
+            assert torch.equal(exported[key], tensor), key
+    finally:
+        runtime.destroy_distributed()
+        torch.backends.cuda.matmul.allow_tf32 = matmul
