@@ -186,7 +186,7 @@ def vocab_parallel_max(logits: Tensor, chunk_size: int, group: Any) -> Tensor:
     """
     maxima = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for start in _chunks(logits.shape[0], chunk_size):
-        maxima[start : start + chunk_size] = logits[start : start + chunk_size].amax(dim=-1)
+        maxima[start : start + chunk_size] = _row_max(logits[start : start + chunk_size])
     return _all_reduce(maxima, dist.ReduceOp.MAX, group)
 
 
