@@ -740,11 +740,7 @@ class LogitsKDLoss(torch.nn.Module):
             ValueError: on mismatched shapes, ``top_k`` larger than the full vocabulary, or a
                 padded vocabulary smaller than ``shared_vocab_size``.
         """
-        if (
-            student_logits.shape[:-1] != teacher_logits.shape[:-1]
-            or student_logits.dim() < 1
-            or (self.shared_vocab_size is None and student_logits.shape != teacher_logits.shape)
-        ):
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.dim() < 1:
             raise ValueError(
                 "LogitsKDLoss: student and teacher logits must have the same shape [s, b, v], got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
