@@ -381,8 +381,8 @@ def test_shrunk_padded_vocab_pair_distills_through_the_trainer():
     )
     trainer.fit(module, datamodule=data)
     core = unwrap(module.module)
-    assert core.output_layer.weight.shape[0] == 320
-    assert core.teacher_model.output_layer.weight.shape[0] == 384
+    assert core.embedding.word_embeddings.weight.shape[0] == 320
+    assert core.teacher_model.embedding.word_embeddings.weight.shape[0] == 384
     assert len(steps) == 3 and all(math.isfinite(step["kd_loss"]) for step in steps)
     assert steps[0]["logits_loss"] == pytest.approx(expected["masked"], rel=1e-5)
     assert steps[0]["kd_loss"] == pytest.approx(expected["masked"], rel=1e-5)
