@@ -705,8 +705,10 @@ class LogitsKDLoss(torch.nn.Module):
         if shared is None:
             if student_local != teacher_local:
                 raise ValueError(
-                    f"LogitsKDLoss: student vocabulary {student_vocab} and teacher vocabulary "
-                    f"{teacher_vocab} differ; pass shared_vocab_size (the tokenizer's size)"
+                    "LogitsKDLoss: without shared_vocab_size student and teacher logits must have "
+                    f"the same shape, but the student vocabulary {student_vocab} and teacher "
+                    f"vocabulary {teacher_vocab} differ; pass shared_vocab_size (the tokenizer's "
+                    "size) to distill over the real vocabulary"
                 )
             return None
         if shared > min(student_vocab, teacher_vocab):

@@ -105,7 +105,7 @@ def test_loss_refuses_a_padded_vocabulary_smaller_than_the_shared_one():
     student = _padded_logits(1, STUDENT_VOCAB)
     with pytest.raises(ValueError, match=r"shared_vocab_size=50 is larger than .* teacher's 40"):
         LogitsKDLoss(shared_vocab_size=50)(student, student[..., :40])
-    with pytest.raises(ValueError, match=r"student vocabulary 48 and teacher vocabulary 64"):
+    with pytest.raises(ValueError, match=r"student vocabulary 48 and teacher vocabulary 64 differ"):
         LogitsKDLoss()(student, _padded_logits(2, TEACHER_VOCAB))
     with pytest.raises(ValueError, match=r"top_k=41 is larger than the shared vocabulary"):
         LogitsKDLoss(top_k=41, shared_vocab_size=SHARED)
