@@ -406,3 +406,40 @@ def _step_reference(model, batches) -> dict:
             sums[key] += float((per_token * mask).sum())
         count += float(mask.sum())
     return {key: value / count for key, value in sums.items()}
+
+
+def test_teacher_cache_job_excludes_padding_rows(tmp_path):
+    """build_teacher_cache(exclude_padded_vocab=True) for a teacher padded to 384 (byte
+    tokenizer, 258 tokens) stores no index >= 258 and records shared_vocab_size; the same
+    teacher cached without it does pick padding rows (so the check can fail)."""
+    import numpy as np
+
+    from kd_module.data import GPTDataModule
+    from kd_module.offline.job import build_teacher_cache
+    from kd_module.specs import TeacherSpec
+    from tests.helpers import init_weights_by_global_key
+
+    def cache(out_dir, **kwargs):
+        data = GPTDataModule(
+            mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=2, num_train_samples=4
+        )
+        manifest = build_teacher_cache(
+            data,
+            str(out_dir),
+            TeacherSpec(config=TEACHER),
+            k=16,
+            dtype="fp32",
+            accelerator="cpu",
+            precision="fp32",
+            teacher_init_fn=lambda m: init_weights_by_global_key(m, seed=2, std=0.3),
+            **kwargs,
+        )
+        indices = np.concatenate([np.load(p) for p in sorted(out_dir.glob("*indices.npy"))])
+        return manifest, indices
+
+    manifest, indices = cache(tmp_path / "shared", exclude_padded_vocab=True)
+    assert manifest["shared_vocab_size"] == BYTE_TOKENS
+    assert indices.size and int(indices.max()) < BYTE_TOKENS
+    manifest, indices = cache(tmp_path / "padded")
+    assert "shared_vocab_size" not in manifest
+    assert int(indices.max()) >= BYTE_TOKENS
