@@ -440,6 +440,20 @@ def test_teacher_cache_job_excludes_padding_rows(tmp_path):
     manifest, indices = cache(tmp_path / "shared", exclude_padded_vocab=True)
     assert manifest["shared_vocab_size"] == BYTE_TOKENS
     assert indices.size and int(indices.max()) < BYTE_TOKENS
+    # A student padded to 320 (< the teacher's 384) trains from it over the 258 shared entries.
+    from kd_module.offline.module import OfflineDistillationModule
+
+    module = OfflineDistillationModule(STUDENT, str(tmp_path / "shared"))
+    assert module.training_objective.shared_vocab_size == BYTE_TOKENS
+    data = GPTDataModule(
+        mock=True, seq_length=SEQ, micro_batch_size=2, global_batch_size=2, num_train_samples=4
+    )
+    assert module.data_problems(data, max_steps=2) == []
+    small = OfflineDistillationModule(STUDENT.replace(vocab_size=256), str(tmp_path / "shared"))
+    (problem,) = small.data_problems(data, max_steps=2)
+    assert "student vocab_size=256 is smaller than the cached teacher's shared_vocab_size 258" in (
+        problem
+    )
     manifest, indices = cache(tmp_path / "padded")
     assert "shared_vocab_size" not in manifest
     assert int(indices.max()) >= BYTE_TOKENS
