@@ -48,17 +48,25 @@ def _placement_problems(module: Any, layout: Any, earlier: list[str]) -> list[st
     return [f"distill config: {problem}" for problem in out]
 
 
-def _vocabulary_problems(module: Any) -> list[str]:
-    """Teacher and student vocabularies, when both configs fix one, must be the same."""
-    if module.teacher_config is None:
+def _vocabulary_problems(module: Any, tokenizer_size: int | None) -> list[str]:
+    """Each padded vocabulary a config fixes holds the tokenizer's entries; the paddings may
+    differ (the KD loss then compares the tokenizer's vocabulary only)."""
+    from kd_module.distillation.model import vocabulary_problems
+
+    if module.teacher_config is None or tokenizer_size is None:
         return []
     student, teacher = module.student_config.vocab_size, module.teacher_config.vocab_size
-    if student and teacher and student != teacher:
-        return [
-            f"vocabulary: teacher vocab_size={teacher} differs from student vocab_size={student}; "
-            "teacher and student must share one (padded) vocabulary"
-        ]
-    return []
+    problems = vocabulary_problems(student or None, teacher or None, tokenizer_size)
+    return [f"vocabulary: {problem}" for problem in problems]
+
+
+def _tokenizer_size(tokenizer: Any) -> int | None:
+    """The data tokenizer's vocabulary size; ``None`` when its library is not installed (that
+    is reported when the data module builds it)."""
+    try:
+        return int(tokenizer.build().vocab_size)
+    except ImportError:
+        return None
 
 
 def _hf_problems(label: str, path: str | None, config: Any, tp: int) -> list[str]:
@@ -134,7 +142,8 @@ def check_inputs(
         except ValueError as error:
             problems.append(str(error))
     problems += _placement_problems(module, layout, problems)
-    problems += _vocabulary_problems(module)
+    tokenizer_size = _tokenizer_size(data.tokenizer)
+    problems += _vocabulary_problems(module, tokenizer_size)
     for label, path, requested, config in (
         (
             "teacher_checkpoint",
@@ -151,7 +160,7 @@ def check_inputs(
     ):
         found = checkpoint_problems(label, path, requested)
         problems += found or _hf_problems(label, path, config, layout.tensor_model_parallel_size)
-    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {})
+    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {}, tokenizer_size)
     problems.positive_int("trainer.max_steps", trainer.max_steps)
     problems.raise_if_any("distill")
 

@@ -104,8 +104,15 @@ def positive_int_problems(**values: Any) -> list[str]:
     return list(problems)
 
 
-def tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) -> list[str]:
-    """The teacher's NeMo ``tokenizer:`` section against the data's tokenizer."""
+def tokenizer_problems(
+    data_tokenizer: Any, teacher_tokenizer: dict[str, Any], data_vocab_size: int | None = None
+) -> list[str]:
+    """The teacher's NeMo ``tokenizer:`` section against the data's tokenizer.
+
+    The libraries must agree, and when the section gives the teacher tokenizer's ``vocab_size``
+    it must be the data tokenizer's (``data_vocab_size``): embedding tables may be padded
+    differently, the tokenizers themselves must be one.
+    """
     if not teacher_tokenizer:
         return []
     library = str(teacher_tokenizer.get("library") or "").lower() or None
@@ -116,6 +123,26 @@ def tokenizer_problems(data_tokenizer: Any, teacher_tokenizer: dict[str, Any]) -
             f"tokenizer: the teacher's model_config.yaml uses library={library!r} but the data "
             f"uses library={data_tokenizer.library!r}; teacher and student must share a tokenizer"
         ]
+    teacher_size = teacher_tokenizer.get("vocab_size")
+    if (
+        data_vocab_size is not None
+        and isinstance(teacher_size, int)
+        and not isinstance(teacher_size, bool)
+    ):
+        if teacher_size != data_vocab_size:
+            teacher_name = (
+                teacher_tokenizer.get("type")
+                or teacher_tokenizer.get("model")
+                or teacher_tokenizer.get("library")
+                or "?"
+            )
+            data_name = data_tokenizer.path or data_tokenizer.library
+            return [
+                f"tokenizer: the teacher's tokenizer {teacher_name!s} has vocab_size="
+                f"{teacher_size} but the data's tokenizer {data_name!s} has vocab_size="
+                f"{data_vocab_size}; teacher and student must share a tokenizer (only the "
+                "padding of their embedding tables may differ)"
+            ]
     return []
 
 

@@ -30,6 +30,14 @@ token's loss and gradient row NaN and leaves every other token untouched. A ``-i
 zero-probability entry: it contributes nothing where it sits in the distribution the expectation
 is taken over, and makes the divergence ``+inf`` where the other distribution puts mass on it.
 Empty inputs (no tokens) give an empty loss and an empty gradient without communicating.
+
+Teacher and student with differently padded embedding tables (one tokenizer, e.g. Qwen2.5-7B's
+152064 rows against Qwen2.5-0.5B's 151936 for 151665 tokens): with ``shared_vocab_size=N``
+both distributions are taken over the real vocabulary ``[0, N)`` only; the padding columns are
+left out on both sides and get an exactly zero gradient. Under tensor parallelism each rank
+holds a contiguous shard of its own model's padded size, so the shards do not line up; each
+token chunk of the teacher is gathered over the TP group and cut to the student's range (see
+:class:`_VocabAlignment`), so the extra memory stays one ``[chunk_size, teacher_vocab]`` buffer.
 """
 
 from __future__ import annotations
@@ -112,6 +120,64 @@ def _chunks(num_tokens: int, chunk_size: int) -> range:
     return range(0, num_tokens, chunk_size)
 
 
+@dataclass(frozen=True)
+class _VocabAlignment:
+    """This rank's student columns inside the shared vocabulary, and where the teacher's are.
+
+    The student's shard starts at global column ``start`` (``rank * v_local``); its first
+    ``valid`` columns are below the shared vocabulary size, the rest are padding. When the
+    teacher's shard width differs from the student's (and TP > 1), the teacher's columns for
+    the same global range sit on up to two other ranks: each chunk of teacher tokens is
+    all-gathered over the TP group and cut to ``[start, start + valid)``. That is exact (the
+    values are only moved) and bounded (one ``[chunk, teacher_vocab]`` buffer per chunk, in the
+    teacher's dtype); the chunk is gathered again in backward instead of being kept.
+    """
+
+    start: int
+    """Global index of this rank's first student column."""
+    valid: int
+    """Student columns of this rank that are in the shared vocabulary (may be 0)."""
+    gather: bool
+    """Teacher shards do not line up with the student's: gather each chunk over ``group``."""
+    group: Any
+    """The tensor-parallel group (``None`` on one rank)."""
+
+
+class _AlignedTeacher:
+    """``teacher[rows]`` read as the student's valid columns, chunk by chunk.
+
+    Stands in for the teacher tensor in the chunked loss loops, which only index rows and read
+    ``shape``; every rank indexes the same chunks in the same order, so the gathers pair up.
+    """
+
+    def __init__(self, logits: Tensor, alignment: _VocabAlignment) -> None:
+        self.logits = logits
+        self.alignment = alignment
+        self.shape = (logits.shape[0], alignment.valid)
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        align = self.alignment
+        chunk = self.logits[rows]
+        if not align.gather:
+            return chunk[:, : align.valid]
+        (full,) = all_gather_last_dim([chunk], align.group)
+        return full[:, align.start : align.start + align.valid]
+
+
+def _aligned(student: Tensor, teacher: Tensor, alignment: _VocabAlignment | None) -> tuple:
+    """The student's valid columns (a view) and the teacher read in the same columns."""
+    if alignment is None:
+        return student, teacher
+    return student[:, : alignment.valid], _AlignedTeacher(teacher, alignment)
+
+
+def _row_max(x: Tensor) -> Tensor:
+    """Per-row maximum; ``-inf`` for a shard with no columns (only padding on this rank)."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], -math.inf)
+    return x.amax(dim=-1)
+
+
 def vocab_parallel_max(logits: Tensor, chunk_size: int, group: Any) -> Tensor:
     """fp32 per-row maximum of [rows, v_local] vocab-parallel logits over the whole vocabulary.
 
@@ -120,7 +186,7 @@ def vocab_parallel_max(logits: Tensor, chunk_size: int, group: Any) -> Tensor:
     """
     maxima = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for start in _chunks(logits.shape[0], chunk_size):
-        maxima[start : start + chunk_size] = logits[start : start + chunk_size].amax(dim=-1)
+        maxima[start : start + chunk_size] = _row_max(logits[start : start + chunk_size])
     return _all_reduce(maxima, dist.ReduceOp.MAX, group)
 
 
@@ -243,8 +309,8 @@ def _kl_forward(
         rows = slice(start, start + spec.chunk_size)
         p = _scaled_fp32((student if reverse else teacher)[rows], spec.temperature)
         q = _scaled_fp32((teacher if reverse else student)[rows], spec.temperature)
-        m_p = p.amax(dim=-1)
-        m_q = q.amax(dim=-1)
+        m_p = _row_max(p)
+        m_q = _row_max(q)
         p.sub_(m_p.unsqueeze(-1))
         q.sub_(m_q.unsqueeze(-1))
         stats[3, rows] = m_q
@@ -259,8 +325,9 @@ def _kl_forward(
     global_max = _all_reduce(torch.stack([m_p, m_q]), dist.ReduceOp.MAX, group)
     local_shift = torch.stack([m_p, m_q]) - global_max
     scale_p, scale_q = torch.exp(local_shift)
-    # Re-express each rank's shifted difference against the global maxima.
-    a = a + z_p * (local_shift[0] - local_shift[1])
+    # Re-express each rank's shifted difference against the global maxima. A rank without
+    # columns (z = 0, both shifts -inf) adds nothing: its 0 * (-inf - -inf) would be NaN.
+    a = a + torch.where(z_p > 0, z_p * (local_shift[0] - local_shift[1]), 0.0)
     sums = _all_reduce(
         torch.stack([z_p * scale_p, a * scale_p, z_q * scale_q]), dist.ReduceOp.SUM, group
     )
@@ -280,7 +347,7 @@ def _log_sum_exp(student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any) ->
         rows = slice(start, start + spec.chunk_size)
         for side, logits in enumerate((student, teacher)):
             x = _scaled_fp32(logits[rows], spec.temperature)
-            m = x.amax(dim=-1)
+            m = _row_max(x)
             local[0, side, rows] = m
             local[1, side, rows] = x.sub_(m.unsqueeze(-1)).exp_().sum(dim=-1)
             del x
@@ -324,16 +391,22 @@ def _dense_forward(
 
 
 def _dense_backward(
-    student: Tensor, teacher: Tensor, spec: _KDSpec, stats: tuple[Tensor, ...], grad_loss: Tensor
+    student: Tensor,
+    teacher: Tensor,
+    spec: _KDSpec,
+    stats: tuple[Tensor, ...],
+    grad_loss: Tensor,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Gradient w.r.t. the (local shard of the) student logits, recomputed chunk by chunk.
 
     With ``s = student / T`` and ``d_j`` the per-entry log-ratio of the distribution the
     expectation is over: forward KL ``p_s - p_t``; reverse KL ``p_s * (log p_s - log p_t - KL)``;
     JSD ``(1 - beta) * p_s * (log p_s - log m - KL(p_s || m))``; all divided by ``T``.
+    Written into ``out`` when given (a view of a wider gradient), else into a new tensor.
     """
     lse_student, lse_teacher, extra = stats
-    grad = torch.empty_like(student)
+    grad = torch.empty_like(student) if out is None else out
     scale = grad_loss.to(torch.float32) / spec.temperature
     for start in _chunks(student.shape[0], spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
@@ -359,42 +432,85 @@ def _dense_backward(
 
 
 class _LogitsKDFunction(torch.autograd.Function):
-    """Full-vocabulary loss on [tokens, local_vocab] logits; saves per-token statistics only."""
+    """Full-vocabulary loss on [tokens, local_vocab] logits; saves per-token statistics only.
+
+    With an alignment, only the student's shared-vocabulary columns enter, against the teacher's
+    same columns; the padding columns' gradient is zero.
+    """
 
     @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Tensor, spec: _KDSpec, group: Any) -> Tensor:
-        loss, stats = _dense_forward(student, teacher, spec, group)
-        ctx.spec = spec
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        spec: _KDSpec,
+        group: Any,
+        alignment: _VocabAlignment | None = None,
+    ) -> Tensor:
+        loss, stats = _dense_forward(*_aligned(student, teacher, alignment), spec, group)
+        ctx.spec, ctx.alignment = spec, alignment
         ctx.save_for_backward(student, teacher, *stats)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         student, teacher, *stats = ctx.saved_tensors
-        grad = _dense_backward(student, teacher, ctx.spec, tuple(stats), grad_loss)
-        return grad, None, None, None
+        alignment = ctx.alignment
+        if alignment is None:
+            grad = _dense_backward(student, teacher, ctx.spec, tuple(stats), grad_loss)
+            return grad, None, None, None, None
+        grad = torch.empty_like(student)
+        grad[:, alignment.valid :].zero_()
+        valid_student, aligned_teacher = _aligned(student, teacher, alignment)
+        _dense_backward(
+            valid_student,
+            aligned_teacher,
+            ctx.spec,
+            tuple(stats),
+            grad_loss,
+            out=grad[:, : alignment.valid],
+        )
+        return grad, None, None, None, None
 
 
 def _top_k_candidates(
-    student: Tensor, teacher: Tensor, top_k: int, spec: _KDSpec, group: Any
+    student: Tensor,
+    teacher: Tensor,
+    top_k: int,
+    spec: _KDSpec,
+    group: Any,
+    alignment: _VocabAlignment | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The teacher's global top-k entries: (student values, teacher values, global vocab index).
 
     Each rank takes its local top-k (selection in the input dtype: widening is exact and the
     temperature is monotonic), the candidates are gathered over the TP group, and the global
     top-k is picked among them. Values are fp32 and divided by the temperature.
+
+    With an alignment only the shared-vocabulary columns are candidates. A rank with fewer of
+    them than the others fills its slots (the gather needs equal sizes) with ``-inf`` values and
+    index -1, which no rank owns; with ``top_k`` at most the shared vocabulary they are never
+    picked over a finite logit.
     """
-    num_tokens, local_vocab = teacher.shape
-    local_k = min(top_k, local_vocab)
+    local_vocab = student.shape[-1]
+    slots = min(top_k, local_vocab)
     rank = 0 if group is None else dist.get_rank(group)
-    values = torch.empty(2, num_tokens, local_k, dtype=torch.float32, device=teacher.device)
-    index = torch.empty(num_tokens, local_k, dtype=torch.int64, device=teacher.device)
+    offset = rank * local_vocab
+    student, teacher = _aligned(student, teacher, alignment)
+    num_tokens, width = teacher.shape
+    local_k = min(slots, width)
+    device = student.device
+    values = torch.empty(2, num_tokens, slots, dtype=torch.float32, device=device)
+    index = torch.empty(num_tokens, slots, dtype=torch.int64, device=device)
+    if local_k < slots:
+        values[:, :, local_k:] = -math.inf
+        index[:, local_k:] = -1
     for start in _chunks(num_tokens, spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
         top_teacher, top_index = torch.topk(teacher[rows], local_k, dim=-1)
-        values[0, rows] = torch.gather(student[rows], -1, top_index).float()
-        values[1, rows] = top_teacher.float()
-        index[rows] = top_index + rank * local_vocab
+        values[0, rows, :local_k] = torch.gather(student[rows], -1, top_index).float()
+        values[1, rows, :local_k] = top_teacher.float()
+        index[rows, :local_k] = top_index + offset
     values.div_(spec.temperature)
     values, index = all_gather_last_dim([values, index], group)
     _, pick = torch.topk(values[1], top_k, dim=-1)
@@ -410,9 +526,17 @@ class _TopKLogitsKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, student: Tensor, teacher: Tensor, spec: _KDSpec, top_k: int, group: Any
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        spec: _KDSpec,
+        top_k: int,
+        group: Any,
+        alignment: _VocabAlignment | None = None,
     ) -> Tensor:
-        top_student, top_teacher, index = _top_k_candidates(student, teacher, top_k, spec, group)
+        top_student, top_teacher, index = _top_k_candidates(
+            student, teacher, top_k, spec, group, alignment
+        )
         inner = replace(spec, temperature=1.0)
         loss, stats = _dense_forward(top_student, top_teacher, inner, None)
         ctx.spec = inner
@@ -434,7 +558,7 @@ class _TopKLogitsKDFunction(torch.autograd.Function):
         # Entries owned by other ranks are clamped onto this shard with a zero value; scatter_add
         # keeps them from overwriting an owned entry at the same position.
         grad.scatter_add_(-1, local.clamp(0, shape[-1] - 1), top_grad.masked_fill(~owned, 0.0))
-        return grad.to(dtype), None, None, None, None
+        return grad.to(dtype), None, None, None, None, None
 
 
 class _FusedProjectionKDFunction(torch.autograd.Function):
@@ -497,6 +621,10 @@ class LogitsKDLoss(torch.nn.Module):
         tp_group: process group the vocabulary is split across; ``None`` means megatron's
             tensor-parallel group when megatron is initialized with TP > 1, else no
             communication.
+        shared_vocab_size: the real vocabulary both models share (the tokenizer's size ``N``):
+            only entries ``[0, N)`` enter both distributions, the padding columns at or beyond
+            ``N`` are left out and get a zero gradient, and the teacher's padded size may differ
+            from the student's. ``None``: the whole padded vocabulary, the same on both sides.
 
     Raises:
         ValueError: naming every invalid argument.
@@ -504,6 +632,8 @@ class LogitsKDLoss(torch.nn.Module):
     Examples:
         >>> loss_fn = LogitsKDLoss("forward_kl", temperature=2.0)
         >>> per_token = loss_fn(student_logits, teacher_logits)  # [s, b, v_local] -> [s, b]
+        >>> # Qwen2.5-0.5B student (151936 rows) from Qwen2.5-7B (152064), 151665 tokens:
+        >>> loss_fn = LogitsKDLoss("forward_kl", shared_vocab_size=151665)
     """
 
     def __init__(
@@ -514,6 +644,7 @@ class LogitsKDLoss(torch.nn.Module):
         top_k: int | None = None,
         chunk_size: int = 1024,
         tp_group: Any = None,
+        shared_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -529,6 +660,19 @@ class LogitsKDLoss(torch.nn.Module):
             problems.append(f"top_k={top_k!r} must be a positive int or None")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             problems.append(f"chunk_size={chunk_size!r} must be a positive int")
+        if shared_vocab_size is not None and (
+            isinstance(shared_vocab_size, bool)
+            or not isinstance(shared_vocab_size, int)
+            or shared_vocab_size <= 0
+        ):
+            problems.append(
+                f"shared_vocab_size={shared_vocab_size!r} must be a positive int or None"
+            )
+        elif top_k is not None and shared_vocab_size is not None and top_k > shared_vocab_size:
+            problems.append(
+                f"top_k={top_k} is larger than the shared vocabulary "
+                f"(shared_vocab_size={shared_vocab_size})"
+            )
         if problems:
             raise ValueError("LogitsKDLoss: " + "; ".join(problems))
         self.loss_type = loss_type
@@ -537,27 +681,68 @@ class LogitsKDLoss(torch.nn.Module):
         self.top_k = top_k
         self.chunk_size = chunk_size
         self.tp_group = tp_group
+        self.shared_vocab_size = shared_vocab_size
 
     def extra_repr(self) -> str:
         return (
             f"loss_type={self.loss_type!r}, temperature={self.temperature}, "
-            f"jsd_beta={self.jsd_beta}, top_k={self.top_k}, chunk_size={self.chunk_size}"
+            f"jsd_beta={self.jsd_beta}, top_k={self.top_k}, chunk_size={self.chunk_size}, "
+            f"shared_vocab_size={self.shared_vocab_size}"
+        )
+
+    def _alignment(
+        self, student_local: int, teacher_local: int, group: Any
+    ) -> _VocabAlignment | None:
+        """How this rank's shards meet the shared vocabulary; ``None`` when nothing is cut.
+
+        Raises:
+            ValueError: when a side's padded vocabulary is smaller than the shared one, or the
+                sides differ without a shared vocabulary.
+        """
+        world = _group_size(group)
+        student_vocab, teacher_vocab = student_local * world, teacher_local * world
+        shared = self.shared_vocab_size
+        if shared is None:
+            if student_local != teacher_local:
+                raise ValueError(
+                    "LogitsKDLoss: without shared_vocab_size student and teacher logits must have "
+                    f"the same shape, but the student vocabulary {student_vocab} and teacher "
+                    f"vocabulary {teacher_vocab} differ; pass shared_vocab_size (the tokenizer's "
+                    "size) to distill over the real vocabulary"
+                )
+            return None
+        if shared > min(student_vocab, teacher_vocab):
+            raise ValueError(
+                f"LogitsKDLoss: shared_vocab_size={shared} is larger than the student's "
+                f"(padded) vocabulary {student_vocab} or the teacher's {teacher_vocab}"
+            )
+        if shared == student_vocab and student_local == teacher_local:
+            return None  # nothing to cut or move: today's path, bit for bit
+        start = (0 if group is None else dist.get_rank(group)) * student_local
+        return _VocabAlignment(
+            start=start,
+            valid=min(max(shared - start, 0), student_local),
+            gather=student_local != teacher_local and world > 1,
+            group=group,
         )
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """Per-token loss summed over the full vocabulary.
+        """Per-token loss summed over the full (or the shared) vocabulary.
 
         Args:
             student_logits: [s, b, v_local], this rank's vocabulary shard; any float dtype.
-            teacher_logits: [s, b, v_local], same shard of the teacher; detached here.
+            teacher_logits: [s, b, v_local], same shard of the teacher; detached here. With
+                ``shared_vocab_size`` its last dimension is the teacher's own shard width
+                (``teacher_vocab / TP``), which may differ from the student's.
 
         Returns:
             fp32 [s, b], identical on every TP rank; gradients flow to ``student_logits`` only.
 
         Raises:
-            ValueError: on mismatched shapes, or ``top_k`` larger than the full vocabulary.
+            ValueError: on mismatched shapes, ``top_k`` larger than the full vocabulary, or a
+                padded vocabulary smaller than ``shared_vocab_size``.
         """
-        if student_logits.shape != teacher_logits.shape or student_logits.dim() < 1:
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.dim() < 1:
             raise ValueError(
                 "LogitsKDLoss: student and teacher logits must have the same shape [s, b, v], got "
                 f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
@@ -570,16 +755,21 @@ class LogitsKDLoss(torch.nn.Module):
             raise ValueError(
                 f"LogitsKDLoss: top_k={self.top_k} is larger than the vocabulary ({full_vocab})"
             )
+        alignment = self._alignment(local_vocab, teacher_logits.shape[-1], group)
         student = student_logits.reshape(-1, local_vocab)
-        teacher = teacher_logits.detach().reshape(-1, local_vocab)
+        teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
         if student.shape[0] == 0:
             # Nothing to reduce; ranks agree on the token count, so skipping comms is safe.
             return (student.float().sum(dim=-1) * 0.0).reshape(token_shape)
         spec = _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size)
-        if self.top_k is None:
+        if alignment is None and self.top_k is None:
             loss = _LogitsKDFunction.apply(student, teacher, spec, group)
-        else:
+        elif alignment is None:
             loss = _TopKLogitsKDFunction.apply(student, teacher, spec, self.top_k, group)
+        elif self.top_k is None:
+            loss = _LogitsKDFunction.apply(student, teacher, spec, group, alignment)
+        else:
+            loss = _TopKLogitsKDFunction.apply(student, teacher, spec, self.top_k, group, alignment)
         return loss.reshape(token_shape)
 
     def forward_from_hidden(
@@ -601,6 +791,8 @@ class LogitsKDLoss(torch.nn.Module):
         """
         if self.top_k is not None:
             raise ValueError("LogitsKDLoss.forward_from_hidden: top_k is not supported")
+        if self.shared_vocab_size is not None:
+            raise ValueError("LogitsKDLoss.forward_from_hidden: shared_vocab_size is not supported")
         expected = (*hidden_states.shape[:-1], output_weight.shape[0])
         if (
             tuple(teacher_logits.shape) != expected

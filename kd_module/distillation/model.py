@@ -119,9 +119,17 @@ def _projection_layer(student: Any, teacher: Any) -> torch.nn.Module:
 
 
 def build_criterion(
-    distill: DistillConfig, student: Any, teacher: Any, chunk_size: int = 1024
+    distill: DistillConfig,
+    student: Any,
+    teacher: Any,
+    chunk_size: int = 1024,
+    shared_vocab_size: int | None = None,
 ) -> dict[tuple[str, str], torch.nn.Module]:
-    """ModelOpt criterion dict for the last pipeline stage: logits pair plus intermediate pairs."""
+    """ModelOpt criterion dict for the last pipeline stage: logits pair plus intermediate pairs.
+
+    ``shared_vocab_size`` (see :class:`~kd_module.distillation.losses.LogitsKDLoss`) restricts
+    the logits loss to the real vocabulary when teacher and student pad theirs differently.
+    """
     from kd_module.distillation.losses import KDLogitsCriterion, LogitsKDLoss
 
     logits_loss = LogitsKDLoss(
@@ -130,6 +138,7 @@ def build_criterion(
         jsd_beta=distill.jsd_beta,
         top_k=distill.logit_kl_topk,
         chunk_size=chunk_size,
+        shared_vocab_size=shared_vocab_size,
     )
     criterion: dict[tuple[str, str], torch.nn.Module] = {
         tuple(distill.logit_layers): KDLogitsCriterion(student.config, logits_loss)
@@ -219,6 +228,31 @@ def validate_modules(
         raise ValueError("distill config: " + "; ".join(problems))
 
 
+def vocabulary_problems(
+    student_vocab: int | None, teacher_vocab: int | None, shared_vocab_size: int | None
+) -> list[str]:
+    """Whether teacher and student can be distilled over one vocabulary (messages unprefixed).
+
+    Each padded vocabulary must hold the tokenizer's ``shared_vocab_size`` entries; different
+    paddings need it (the loss then compares ``[0, shared_vocab_size)``).
+    """
+    problems = []
+    if shared_vocab_size is not None:
+        for who, padded in (("teacher", teacher_vocab), ("student", student_vocab)):
+            if padded is not None and padded < shared_vocab_size:
+                problems.append(
+                    f"the {who}'s padded vocab_size {padded} is smaller than the tokenizer's "
+                    f"{shared_vocab_size} tokens; the {who} cannot have been trained with this "
+                    "tokenizer (check its config's vocab_size, or the data's tokenizer)"
+                )
+    elif student_vocab != teacher_vocab:
+        problems.append(
+            f"teacher vocab_size {teacher_vocab} differs from student vocab_size {student_vocab}"
+            "; pass shared_vocab_size (the tokenizer's size) to distill over the real vocabulary"
+        )
+    return problems
+
+
 def check_virtual_pipeline(layout: ParallelLayout) -> None:
     """Megatron-LM's restriction: no interleaved (virtual) pipeline schedule with distillation."""
     if layout.virtual_pipeline_model_parallel_size not in (None, 1):
@@ -241,6 +275,7 @@ def build_distillation_model(
     teacher_loader: Any = None,
     student_init: Any = None,
     loss_chunk_size: int = 1024,
+    shared_vocab_size: int | None = None,
 ) -> DistillationParts:
     """Build student and frozen teacher for this rank's pipeline stage inside a DistillationModel.
 
@@ -252,13 +287,18 @@ def build_distillation_model(
         distill: distillation config; ``None`` means logits-only defaults.
         layout: parallel sizes (must match megatron's parallel state).
         vocab_size: padded vocabulary size when the configs leave it unset.
-        teacher_vocab_size: the teacher's padded vocabulary (defaults to the student's); a
-            difference is an error.
+        teacher_vocab_size: the teacher's padded vocabulary when its config leaves it unset
+            (defaults to the student's).
         params_dtype: parameter dtype (fp32 default).
         teacher: an already built teacher stage (its weights are used as they are).
         teacher_loader: ``fn(teacher_module) -> None`` loading teacher weights in place.
         student_init: ``fn(student_module) -> None`` initializing student weights in place.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
+        shared_vocab_size: the tokenizer's size ``N`` (the data tokenizer's ``vocab_size``).
+            Both padded vocabularies must hold it. When they differ (one tokenizer, embedding
+            tables padded differently) the KD loss is taken over ``[0, N)`` only; when they are
+            equal the whole padded vocabulary is compared, as it always was (row ``i`` is the
+            same token on both sides, padding included). ``None``: the padded sizes must match.
 
     Returns:
         The :class:`DistillationParts`.
@@ -274,11 +314,12 @@ def build_distillation_model(
     check_virtual_pipeline(layout)
     student_vocab = student_config.vocab_size or vocab_size
     teacher_vocab = teacher_config.vocab_size or teacher_vocab_size or student_vocab
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"vocabulary: teacher vocab_size {teacher_vocab} differs from student vocab_size "
-            f"{student_vocab}; teacher and student must share one (padded) vocabulary"
-        )
+    problems = vocabulary_problems(student_vocab, teacher_vocab, shared_vocab_size)
+    if problems:
+        raise ValueError("vocabulary: " + "; ".join(problems))
+    # Equal tables are compared whole (today's loss, bit for bit); only differently padded ones
+    # need the cut to the shared vocabulary.
+    loss_vocab = None if student_vocab == teacher_vocab else shared_vocab_size
     problems = student_config.layout_problems(
         layout.tensor_model_parallel_size,
         layout.pipeline_model_parallel_size,
@@ -311,7 +352,9 @@ def build_distillation_model(
     freeze(teacher)
 
     is_last = parallel_state.is_pipeline_last_stage()
-    criterion = build_criterion(distill, student, teacher, loss_chunk_size) if is_last else {}
+    criterion = (
+        build_criterion(distill, student, teacher, loss_chunk_size, loss_vocab) if is_last else {}
+    )
     balancer = KDLossBalancer(distill.kd_loss_scale, distill.skip_lm_loss)
     model = mtd.convert(
         student,

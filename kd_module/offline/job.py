@@ -34,6 +34,7 @@ def build_teacher_cache(
     num_nodes: int = 1,
     devices: int = 1,
     teacher_init_fn: Any = None,
+    exclude_padded_vocab: bool = False,
     **deprecated: Any,
 ) -> dict[str, Any]:
     """Cache a teacher's top-k logits over a dataset's train split, for offline distillation.
@@ -64,6 +65,10 @@ def build_teacher_cache(
         devices: ranks per machine (like the trainer's ``devices``); the launch must match.
         teacher_init_fn: ``fn(teacher_stage)`` initializing weights when there is no checkpoint
             (tests, notebooks).
+        exclude_padded_vocab: cache the distribution over the tokenizer's vocabulary only
+            (``shared_vocab_size`` = the data tokenizer's size: no padding row of the teacher's
+            embedding table is ever a top-k entry or in the log-sum-exp), for students whose
+            tables are padded differently. ``False``: the teacher's whole padded vocabulary.
         **deprecated: the flat keywords of the release before (``teacher_checkpoint``,
             ``teacher_model_config``, ``teacher_ckpt_format``; ``teacher=GPTModelConfig``),
             mapped onto ``teacher`` with a ``DeprecationWarning``.
@@ -146,7 +151,17 @@ def build_teacher_cache(
             check_seq_length(data.seq_length, architecture.padded_max_position_embeddings)
         except ValueError as error:
             problems.add(f"teacher: {error}")
-    problems.extend(tokenizer_problems(data.tokenizer, teacher_tokenizer))
+    tokenizer_size = data.tokenizer.build().vocab_size
+    problems.extend(tokenizer_problems(data.tokenizer, teacher_tokenizer, tokenizer_size))
+    shared_vocab_size = tokenizer_size if exclude_padded_vocab else None
+    if architecture is not None and architecture.vocab_size:
+        if architecture.vocab_size < tokenizer_size:
+            problems.add(
+                f"vocabulary: the teacher's padded vocab_size {architecture.vocab_size} is "
+                f"smaller than the tokenizer's {tokenizer_size} tokens"
+            )
+    if shared_vocab_size is not None and isinstance(k, int) and k > shared_vocab_size:
+        problems.add(f"k={k} is larger than the tokenizer's {shared_vocab_size} tokens")
     if not data.mock:
         try:
             check_prefixes_exist(data.prefixes())
@@ -171,6 +186,8 @@ def build_teacher_cache(
         "seq_length": data.seq_length,
         "vocab_size": vocab,
     }
+    if shared_vocab_size is not None:
+        manifest["shared_vocab_size"] = shared_vocab_size
     if (Path(out_dir) / "manifest.json").exists():  # a restart: same settings, before any work
         TeacherCache(out_dir).check_manifest(
             manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
@@ -210,6 +227,7 @@ def build_teacher_cache(
             micro_batch_size=data.micro_batch_size,
             dtype=dtype,
             shard_size=shard_size,
+            shared_vocab_size=shared_vocab_size,
         )
         logger.info(
             "cache-teacher: %d samples cached in %s (%.1f s)",

@@ -41,15 +41,20 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
     Computing ``log q_tail`` from the tail's own sum, rather than as ``log(1 - sum_i q_i)``,
     keeps it exact when the student's top-k mass is close to 1. Chunked over tokens, one fp32
     chunk of exponentials at a time; backward recomputes them (as ``LogitsKDLoss`` does).
+    Only this rank's first ``valid`` columns count (the rest are padding beyond the shared
+    vocabulary; their gradient is zero); ``valid`` may be 0.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, excluded: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, logits: Tensor, excluded: Tensor, chunk: int, valid: int
+    ) -> tuple[Tensor, Tensor]:
         group = resolve_tp_group()
+        full, logits = logits, logits[:, :valid]
         rows = logits.shape[0]
         shift = vocab_parallel_max(logits, chunk, group)
-        sums = torch.empty(2, rows, dtype=torch.float32, device=logits.device)
-        for start in range(0, rows, chunk):
+        sums = torch.zeros(2, rows, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows if valid else 0, chunk):
             end = start + chunk
             exp = torch.exp(logits[start:end].float() - shift[start:end, None])
             sums[0, start:end] = exp.sum(dim=-1)
@@ -59,21 +64,25 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
         if group is not None:
             dist.all_reduce(sums, group=group)
         lse = shift + torch.log(sums)  # the tail's is -inf when it is empty
-        ctx.save_for_backward(logits, excluded, lse)
-        ctx.chunk = chunk
+        ctx.save_for_backward(full, excluded, lse)
+        ctx.chunk, ctx.valid = chunk, valid
         return lse[0], lse[1]
 
     @staticmethod
     def backward(ctx: Any, grad_all: Tensor, grad_tail: Tensor) -> tuple:
-        logits, excluded, lse = ctx.saved_tensors
+        full, excluded, lse = ctx.saved_tensors
+        valid = ctx.valid
+        logits = full[:, :valid]
         # d lse_all / dx = softmax; d lse_tail / dx = softmax * exp(lse_all - lse_tail) on the
         # tail, 0 on excluded entries. The exponent is capped: beyond exp(80) the tail's mass is
         # below fp32's range anyway.
         ratio = torch.exp((lse[0] - lse[1]).clamp(max=80.0))
         tail_scale = torch.where(torch.isfinite(lse[1]), grad_tail.float() * ratio, 0.0)
         grad_all = grad_all.float()
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.chunk):
+        full_grad = torch.empty_like(full)
+        full_grad[:, valid:].zero_()
+        grad = full_grad[:, :valid]
+        for start in range(0, logits.shape[0] if valid else 0, ctx.chunk):
             end = start + ctx.chunk
             softmax = torch.exp(logits[start:end].float() - lse[0, start:end, None])
             chunk_grad = softmax * (grad_all[start:end] + tail_scale[start:end])[:, None]
@@ -84,7 +93,7 @@ class _VocabParallelLogSumExps(torch.autograd.Function):
                 chunk_grad.gather(-1, target),
             )
             grad[start:end] = chunk_grad.scatter_(-1, target, fixed).to(grad.dtype)
-        return grad, None, None
+        return full_grad, None, None, None
 
 
 def _excluded_targets(excluded: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,13 +114,16 @@ def _excluded_targets(excluded: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(owned, excluded, first), any_owned
 
 
-def _student_log_sum_exps(student: Tensor, indices: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def _student_log_sum_exps(
+    student: Tensor, indices: Tensor, chunk: int, shared_vocab_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Differentiable full-vocabulary and tail log-sum-exps of vocab-parallel logits.
 
     Args:
         student: [..., v_local] logits (this rank's contiguous vocabulary shard).
         indices: [..., k] global vocabulary indices excluded from the tail.
         chunk: tokens per chunk.
+        shared_vocab_size: only columns below it count; ``None``: all of them.
 
     Returns:
         fp32 ``(lse_all, lse_tail)``, each [...], identical on every TP rank.
@@ -120,10 +132,13 @@ def _student_log_sum_exps(student: Tensor, indices: Tensor, chunk: int) -> tuple
     local_vocab = student.shape[-1]
     rank = 0 if group is None else dist.get_rank(group)
     local = indices - rank * local_vocab
-    local = torch.where((local >= 0) & (local < local_vocab), local, torch.full_like(local, -1))
+    valid = local_vocab
+    if shared_vocab_size is not None:
+        valid = min(max(shared_vocab_size - rank * local_vocab, 0), local_vocab)
+    local = torch.where((local >= 0) & (local < valid), local, torch.full_like(local, -1))
     flat = student.reshape(-1, local_vocab)
     lse_all, lse_tail = _VocabParallelLogSumExps.apply(
-        flat, local.reshape(flat.shape[0], -1), chunk
+        flat, local.reshape(flat.shape[0], -1), chunk, valid
     )
     return lse_all.reshape(student.shape[:-1]), lse_tail.reshape(student.shape[:-1])
 
@@ -141,6 +156,7 @@ def offline_topk_kd_loss(
     temperature: float = 1.0,
     mode: str = "renormalized",
     chunk_size: int = 1024,
+    shared_vocab_size: int | None = None,
 ) -> Tensor:
     """Per-token forward KL ``KL(teacher || student)`` against cached teacher top-k logits.
 
@@ -169,6 +185,11 @@ def offline_topk_kd_loss(
         mode: one of :data:`OFFLINE_LOSS_MODES`.
         chunk_size: tokens per chunk of the student's log-sum-exps (``"tail"``), which never
             hold an fp32 copy of all the logits.
+        shared_vocab_size: the real vocabulary teacher and student share (the tokenizer's
+            size, the cache's ``shared_vocab_size``): student columns at or beyond it (padding)
+            are left out of its log-sum-exp and tail, and get no gradient. ``None``: the
+            student's whole padded vocabulary. The cached indices must be below it (a cache
+            written with the same ``shared_vocab_size`` guarantees that).
 
     Note:
         :meth:`TeacherCache.lookup` returns ``[b, s, ...]``; transpose its outputs with
@@ -199,6 +220,8 @@ def offline_topk_kd_loss(
         )
     if mode == "tail" and tuple(lse.shape) != token_shape:
         problems.append(f"lse {tuple(lse.shape)} must be {list(token_shape)}")
+    if shared_vocab_size is not None:
+        problems.positive_int("shared_vocab_size", shared_vocab_size)
     if problems:
         raise ValueError("offline_topk_kd_loss: " + "; ".join(problems))
     student = _gather_student(student_logits, indices.long()).float()
@@ -208,7 +231,9 @@ def offline_topk_kd_loss(
         log_p = torch.log_softmax(teacher / temperature, dim=-1)
         return _x_log_ratio(log_p.exp(), log_p, log_q).sum(dim=-1)
     log_p = teacher - lse.detach().float().unsqueeze(-1)
-    lse_all, lse_tail = _student_log_sum_exps(student_logits, indices.long(), chunk_size)
+    lse_all, lse_tail = _student_log_sum_exps(
+        student_logits, indices.long(), chunk_size, shared_vocab_size
+    )
     log_q = student - lse_all.unsqueeze(-1)
     p = log_p.exp()
     top = _x_log_ratio(p, log_p, log_q).sum(dim=-1)

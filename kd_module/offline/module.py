@@ -36,6 +36,17 @@ CACHE_KEYS = ("teacher_values", "teacher_indices", "teacher_lse")
 """Batch entries the cache adds, ``[b, s, k]``, ``[b, s, k]`` and ``[b, s]``."""
 
 
+def _cached_vocab(manifest: dict[str, Any]) -> tuple[int, str] | None:
+    """The vocabulary the cache's entries live in, and its name: the shared (real) vocabulary
+    when the cache was written with one (the student may pad differently), else the teacher's
+    padded vocabulary."""
+    if manifest.get("shared_vocab_size") is not None:
+        return int(manifest["shared_vocab_size"]), "shared_vocab_size"
+    if manifest.get("vocab_size") is not None:
+        return int(manifest["vocab_size"]), "vocab_size"
+    return None
+
+
 def offline_config_problems(distill: DistillConfig, mode: str) -> list[str]:
     """What an offline run cannot do with this distillation config and loss mode."""
     problems = []
@@ -141,7 +152,11 @@ class OfflineDistillationModule(GPTModule):
 
     @property
     def training_objective(self) -> OfflineKDObjective:
-        return OfflineKDObjective.from_config(self.distill_config, self.offline_loss_mode)
+        return OfflineKDObjective.from_config(
+            self.distill_config,
+            self.offline_loss_mode,
+            shared_vocab_size=self.cache.manifest.get("shared_vocab_size"),
+        )
 
     @property
     def validation_objective(self) -> LMObjective:
@@ -176,22 +191,23 @@ class OfflineDistillationModule(GPTModule):
                 f"needs {needed} train samples but the teacher cache {self.teacher_cache} holds "
                 f"{manifest['num_samples']}; cache more or train fewer steps"
             )
-        cached_vocab, vocab = manifest.get("vocab_size"), self.student_config.vocab_size
-        if cached_vocab is not None and vocab and vocab < cached_vocab:
+        cached_vocab, vocab = _cached_vocab(manifest), self.student_config.vocab_size
+        if cached_vocab is not None and vocab and vocab < cached_vocab[0]:
             problems.append(
                 f"vocabulary: student vocab_size={vocab} is smaller than the cached teacher's "
-                f"{cached_vocab}"
+                f"{cached_vocab[1]} {cached_vocab[0]}"
             )
         return problems
 
     def configure_model(self) -> None:
         """Build the student; refuse a vocabulary smaller than the cached teacher's."""
         vocab = self.padded_vocab_size()
-        cached = self.cache.manifest.get("vocab_size")
-        if cached is not None and vocab < cached:
+        cached = _cached_vocab(self.cache.manifest)
+        if cached is not None and vocab < cached[0]:
             raise ValueError(
                 f"offline distillation: the student's (padded) vocab_size {vocab} is smaller "
-                f"than the cached teacher's {cached} (teacher cache {self.teacher_cache})"
+                f"than the cached teacher's {cached[1]} {cached[0]} (teacher cache "
+                f"{self.teacher_cache})"
             )
         super().configure_model()
 

@@ -44,17 +44,24 @@ class OfflineKDObjective(Objective):
     """Train on the KD loss alone (the LM loss is only logged)."""
     chunk_size: int = 1024
     """Tokens per chunk of the logged-only LM loss."""
+    shared_vocab_size: int | None = None
+    """The cache's real vocabulary: student columns at or beyond it (padding) are left out of the
+    KD loss; ``None``: the student's whole padded vocabulary."""
 
     report_keys = REPORT_KEYS
 
     @classmethod
-    def from_config(cls, distill: DistillConfig, mode: str) -> OfflineKDObjective:
-        """The objective of a distillation config and an offline loss mode."""
+    def from_config(
+        cls, distill: DistillConfig, mode: str, shared_vocab_size: int | None = None
+    ) -> OfflineKDObjective:
+        """The objective of a distillation config, an offline loss mode and the cache's shared
+        vocabulary."""
         return cls(
             mode=mode,
             temperature=float(distill.logit_kl_temperature),
             kd_loss_scale=float(distill.kd_loss_scale),
             skip_lm_loss=bool(distill.skip_lm_loss),
+            shared_vocab_size=shared_vocab_size,
         )
 
     def forward_step(self, data_iterator: Any, model: Any) -> tuple:
@@ -81,6 +88,7 @@ class OfflineKDObjective(Objective):
             batch["teacher_lse"],
             temperature=self.temperature,
             mode=self.mode,
+            shared_vocab_size=self.shared_vocab_size,
         )
         kd_sum = torch.sum(kd * mask)
         terms = mix_terms(

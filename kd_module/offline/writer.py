@@ -7,6 +7,7 @@ only incomplete shards are computed again."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,37 +53,67 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def teacher_logits_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_logits_topk(
+    logits: Tensor, k: int, shared_vocab_size: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Global top-k and full log-sum-exp of vocab-parallel logits.
 
     Each tensor-parallel rank takes its local top-k; candidates are gathered over the TP group and
     the global top-k picked among them (as ``LogitsKDLoss``'s top-k does). The log-sum-exp of the
     full distribution reduces the per-token maximum and sum of exponentials over the group.
 
+    With ``shared_vocab_size`` ``N`` the distribution is the one over the real vocabulary
+    ``[0, N)``: padding columns at or beyond ``N`` are never among the top-k and are left out of
+    the log-sum-exp. A rank with fewer real columns than the others fills its candidate slots
+    (the gather needs equal sizes) with ``-inf``, which ``k <= N`` finite logits always beat.
+
     Args:
         logits: [..., v_local], this rank's contiguous vocabulary shard.
-        k: entries to keep; at most the full vocabulary.
+        k: entries to keep; at most the full (or the shared) vocabulary.
+        shared_vocab_size: the tokenizer's size ``N``, or ``None`` for the whole padded
+            vocabulary.
 
     Returns:
         ``(values, indices, lse)``: values [..., k] in the input dtype, sorted descending; global
         vocabulary indices [..., k] (int64); fp32 log-sum-exp [...]. Identical on every TP rank.
+
+    Raises:
+        ValueError: when ``k`` exceeds the vocabulary, or the padded vocabulary is smaller than
+            ``shared_vocab_size``.
     """
     group = resolve_tp_group()
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     local_vocab = logits.shape[-1]
-    if k > local_vocab * world:
+    vocab = local_vocab * world
+    if shared_vocab_size is not None and shared_vocab_size > vocab:
         raise ValueError(
-            f"teacher cache: k={k} is larger than the vocabulary ({local_vocab * world})"
+            f"teacher cache: shared_vocab_size={shared_vocab_size} is larger than the teacher's "
+            f"padded vocabulary ({vocab})"
         )
-    values, index = torch.topk(logits, min(k, local_vocab), dim=-1)
+    vocab = vocab if shared_vocab_size is None else shared_vocab_size
+    if k > vocab:
+        raise ValueError(f"teacher cache: k={k} is larger than the vocabulary ({vocab})")
+    slots = min(k, local_vocab)
+    valid = min(max(vocab - rank * local_vocab, 0), local_vocab)
+    token_shape = logits.shape[:-1]
+    rows = logits.reshape(-1, local_vocab)[:, :valid]  # a view: no copy of the logits
+    values, index = torch.topk(rows, min(slots, valid), dim=-1)
     index = index + rank * local_vocab
-    maximum = logits.amax(dim=-1).float()
+    if valid < slots:
+        pad = slots - valid
+        values = torch.cat([values, values.new_full((values.shape[0], pad), -math.inf)], -1)
+        index = torch.cat([index, index.new_zeros((index.shape[0], pad))], -1)
+    values, index = values.reshape(*token_shape, slots), index.reshape(*token_shape, slots)
+    if valid:
+        maximum = rows.amax(dim=-1).float().reshape(token_shape)
+    else:  # this rank holds only padding
+        maximum = torch.full(token_shape, -math.inf, device=logits.device)
     values, index = all_gather_last_dim([values, index], group)
     if world > 1:
         dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
     # Chunked over tokens: no fp32 copy of all the logits at once.
-    rows, flat_max = logits.reshape(-1, local_vocab), maximum.reshape(-1, 1)
+    flat_max = maximum.reshape(-1, 1)
     sum_exp = torch.cat(
         [
             torch.exp(rows[start : start + 1024].float() - flat_max[start : start + 1024]).sum(-1)
@@ -113,7 +144,11 @@ def _collate(samples: list[dict[str, Any]], device: torch.device) -> dict[str, T
 
 
 def _teacher_topk_chunk(
-    model: torch.nn.Module, batches: list[dict[str, Tensor]], k: int, dtype: str
+    model: torch.nn.Module,
+    batches: list[dict[str, Tensor]],
+    k: int,
+    dtype: str,
+    shared_vocab_size: int | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Teacher top-k of each micro-batch through megatron's forward-only schedule.
 
@@ -128,7 +163,7 @@ def _teacher_topk_chunk(
         output = stage(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
 
         def collect(logits: Tensor, non_loss_data: bool = False) -> tuple:
-            values, index, lse = teacher_logits_topk(logits, k)
+            values, index, lse = teacher_logits_topk(logits, k, shared_vocab_size)
             values = values.to(DTYPES[dtype].dtype).cpu()
             return values, index.to(torch.int32).cpu(), lse.cpu()
 
@@ -178,6 +213,7 @@ def cache_teacher(
     shard_size: int = 1024,
     micro_batches_per_call: int = 16,
     on_shard_done: Callable[[int], None] | None = None,
+    shared_vocab_size: int | None = None,
 ) -> dict:
     """Run the teacher over samples ``0 .. num_samples-1`` of ``dataset``; cache top-k per token.
 
@@ -210,6 +246,10 @@ def cache_teacher(
             top-k results held in memory before they are written).
         on_shard_done: called with the shard number after each shard this rank wrote is marked
             complete.
+        shared_vocab_size: the tokenizer's size ``N`` when the teacher's embedding table is
+            padded beyond it: the top-k and log-sum-exp are over ``[0, N)`` (no stored index is
+            ``>= N``) and the manifest records it, so that a student with another padding
+            distills over the same vocabulary. ``None``: the teacher's whole padded vocabulary.
 
     Returns:
         The final manifest (also in ``out_dir/manifest.json``), with ``complete: true``.
@@ -232,6 +272,13 @@ def cache_teacher(
     ):
         problems.positive_int(name, value)
     problems.one_of("dtype", dtype, CACHE_DTYPES)
+    if (
+        shared_vocab_size is not None
+        and problems.positive_int("shared_vocab_size", shared_vocab_size)
+        and isinstance(k, int)
+        and k > shared_vocab_size
+    ):
+        problems.add(f"k={k} is larger than shared_vocab_size={shared_vocab_size}")
     if num_samples is None and dataset is not None:
         num_samples = len(dataset)
     if (
@@ -242,7 +289,10 @@ def cache_teacher(
         problems.add(f"num_samples={num_samples} is more than the dataset's {len(dataset)}")
     problems.raise_if_any("cache_teacher")
     out = Path(out_dir)
-    expected = manifest_with_settings(dict(manifest), k, dtype, shard_size, num_samples)
+    manifest = dict(manifest)
+    if shared_vocab_size is not None:
+        manifest["shared_vocab_size"] = shared_vocab_size
+    expected = manifest_with_settings(manifest, k, dtype, shard_size, num_samples)
     if (out / MANIFEST_FILE).exists():
         TeacherCache(out).check_manifest(expected)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -279,7 +329,7 @@ def cache_teacher(
                 batches.append(batch)
                 fingerprints.append(token_fingerprint(batch["tokens"]).cpu())
             with torch.no_grad():
-                results = _teacher_topk_chunk(model, batches, k, dtype)
+                results = _teacher_topk_chunk(model, batches, k, dtype, shared_vocab_size)
             if not writer:
                 continue
             if arrays is None:

@@ -474,6 +474,7 @@ class DistillationModule(GPTModule):
             teacher_loader=teacher_loader,
             student_init=student_init,
             loss_chunk_size=self.loss_chunk_size,
+            shared_vocab_size=self.data.tokenizer.build().vocab_size,
         )
         self.module = parts.model
 
