@@ -69,6 +69,23 @@ def _tokenizer_size(tokenizer: Any) -> int | None:
         return None
 
 
+def _with_hf_tokenizer_size(section: dict[str, Any], data_tokenizer: Any) -> dict[str, Any]:
+    """The teacher's tokenizer section with the size of the HF tokenizer it names, when that is
+    not the data's own tokenizer directory (an HF directory's section gives no size)."""
+    from kd_module.data.tokenizers import TokenizerConfig
+
+    library = str(section.get("library") or "").lower()
+    path = section.get("path") or section.get("type")
+    if section.get("vocab_size") is not None or library not in ("huggingface", "hf"):
+        return section
+    if not path or not Path(str(path)).is_dir() or data_tokenizer.library != "huggingface":
+        return section
+    if Path(str(path)).resolve() == Path(str(data_tokenizer.path)).resolve():
+        return section
+    size = _tokenizer_size(TokenizerConfig(library="huggingface", path=str(path)))
+    return section if size is None else {**section, "vocab_size": size}
+
+
 def _hf_problems(label: str, path: str | None, config: Any, tp: int) -> list[str]:
     """An HF checkpoint's tensors against ``config`` and the TP size, from the headers alone."""
     if path is None or config is None:
@@ -160,7 +177,8 @@ def check_inputs(
     ):
         found = checkpoint_problems(label, path, requested)
         problems += found or _hf_problems(label, path, config, layout.tensor_model_parallel_size)
-    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer or {}, tokenizer_size)
+    teacher_tokenizer = _with_hf_tokenizer_size(teacher_tokenizer or {}, data.tokenizer)
+    problems += tokenizer_problems(data.tokenizer, teacher_tokenizer, tokenizer_size)
     problems.positive_int("trainer.max_steps", trainer.max_steps)
     problems.raise_if_any("distill")
 

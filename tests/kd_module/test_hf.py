@@ -507,3 +507,47 @@ def test_hf_import_and_export_on_gpu(hf_dirs, impl):
     finally:
         runtime.destroy_distributed()
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def test_a_teacher_directory_with_another_tokenizer_is_refused_naming_both(hf_dirs, tmp_path):
+    """An HF teacher directory whose tokenizer is not the data's (sizes differ) is refused,
+    naming both tokenizers and sizes, before anything is built."""
+    pytest.importorskip("tokenizers")
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.data import GPTDataModule
+    from kd_module.data.tokenizers import TokenizerConfig
+    from kd_module.hf.importer import hf_model_config
+    from kd_module.specs import RunConfig, TeacherSpec
+    from kd_module.training.strategy import MegatronStrategy
+    from tests.helpers import save_hf_tokenizer
+
+    texts = ["one tokenizer for the teacher, another for the data\n"] * 20
+    teacher = _copy(hf_dirs["qwen3"], tmp_path / "teacher")
+    teacher_size = save_hf_tokenizer(teacher, texts, vocab_size=300)
+    data_size = save_hf_tokenizer(tmp_path / "data-tok", texts, vocab_size=280)
+    assert teacher_size != data_size
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, strategy=MegatronStrategy()
+    )
+    data = GPTDataModule(
+        mock=True,
+        seq_length=SEQ,
+        micro_batch_size=2,
+        global_batch_size=2,
+        tokenizer=TokenizerConfig(library="huggingface", path=str(tmp_path / "data-tok")),
+    )
+    with pytest.raises(ValueError) as refused:
+        distill(
+            hf_model_config(hf_dirs["llama_tied"], seq_length=SEQ),
+            data,
+            trainer,
+            teacher=TeacherSpec(checkpoint=str(teacher)),
+            job=RunConfig(log_dir=str(tmp_path / "runs")),
+        )
+    assert (
+        f"the teacher's tokenizer {teacher} has vocab_size={teacher_size} but the data's "
+        f"tokenizer {tmp_path / 'data-tok'} has vocab_size={data_size}"
+    ) in str(refused.value)
+    assert not (tmp_path / "runs").exists()
