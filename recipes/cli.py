@@ -10,6 +10,7 @@ it and offers::
     nemo kd cache-teacher --factory tiny_cpu out_dir=runs/tiny_cpu_cache
     nemo kd distill --factory "tiny_cpu(teacher_cache='runs/tiny_cpu_cache')"
     nemo kd distill --factory tiny_cpu teacher.checkpoint=/ckpt job.name=exp1 --dryrun
+    nemo kd prune --factory tiny_cpu output=runs/pruned
     nemo kd export-hf checkpoint=runs/exp1/student output=/models/student-hf
     nemo kd import-hf hf_dir=/models/Qwen3-8B output=/ckpt/qwen3-8b
 
@@ -40,6 +41,7 @@ from kd_module.hf.commands import export_hf_command, import_hf_command
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
+from kd_module.pruning.job import prune
 from kd_module.specs import OfflineConfig, RunConfig, TeacherSpec
 from kd_module.training.optim import OptimizerConfig
 
@@ -54,11 +56,12 @@ RECIPE_MODULES = (
     "recipes.llama31_8b_to_llama32_1b",
     "recipes.qwen3_8b_to_qwen3_1p7b",
 )
-"""Modules whose ``@run.cli.factory(target=distill | build_teacher_cache, name=NAME)`` recipes the
-CLI offers."""
+"""Modules whose ``@run.cli.factory(target=distill | build_teacher_cache | prune, name=NAME)``
+recipes the CLI offers."""
 OVERRIDABLE = (
     distill,
     build_teacher_cache,
+    prune,
     prepare_data_cli,
     export_hf_command,
     import_hf_command,
@@ -147,3 +150,8 @@ run.cli.entrypoint(
     help="Convert a Hugging Face model directory into a torch_dist checkpoint.",
     enable_executor=False,
 )(import_hf_command)
+run.cli.entrypoint(
+    namespace=NAMESPACE,
+    name="prune",
+    help="Prune a teacher into a smaller student (Minitron; --factory NAME).",
+)(prune)

@@ -20,8 +20,10 @@ from kd_module.data.corpus import CACHE_ENV
 from kd_module.distillation.config import DistillConfig
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
+from kd_module.pruning.job import prune
 from recipes.distill_recipe import (
     cache_teacher_recipe,
+    data_config,
     distill_recipe,
     offline_config,
     run_config,
@@ -244,4 +246,60 @@ def tiny_cpu_cache(
         accelerator="cpu",
         precision="fp32",
         num_gpus_per_node=num_gpus_per_node,
+    )
+
+
+def tiny_pruned_target(seq_length: int = SEQ_LENGTH) -> run.Config[GPTModelConfig]:
+    """The demo teacher (4 layers, width 128, 4 heads of 32 channels, FFN 512) pruned to half its
+    depth, width and heads: 2 layers, width 64, 2 heads of 32 channels, FFN 256."""
+    return run.Config(
+        GPTModelConfig,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        ffn_hidden_size=256,
+        seq_length=seq_length,
+        make_vocab_size_divisible_by=64,
+    )
+
+
+@run.cli.factory(target=prune, name=NAME)
+def tiny_cpu_prune(
+    output: str = os.path.join("runs", "tiny_cpu_pruned"),
+    teacher_path: str | None = None,
+    data_paths: Any = None,
+    mock_data: bool = False,
+    calibration_samples: int = 256,
+) -> run.Partial:
+    """Prune the demo teacher to :func:`tiny_pruned_target` on CPU (Minitron), calibrated on
+    :func:`tiny_cpu`'s data; the result is a ``student_checkpoint`` for distillation.
+
+    Args:
+        output: the pruned checkpoint's directory.
+        teacher_path: the teacher checkpoint; the demo's cached teacher when ``None``.
+        data_paths: dataset prefixes; the embedded corpus when ``None``.
+        mock_data: synthetic tokens instead of any corpus.
+        calibration_samples: train samples the importance is measured over.
+
+    Returns:
+        ``run.Partial(kd_module.pruning.job.prune, ...)``.
+
+    Examples:
+        ``nemo kd prune --factory tiny_cpu output=runs/pruned``
+    """
+    if mock_data and data_paths is not None:
+        raise ValueError(
+            f"tiny_cpu: data_paths={data_paths!r} is not used with mock_data=True; leave it None"
+        )
+    if data_paths is None and not mock_data:
+        data_paths = run.Config(embedded_corpus_paths)
+    return run.Partial(
+        prune,
+        data=data_config(data_paths, SEQ_LENGTH, 8, 8),
+        output=output,
+        teacher=teacher_spec(
+            teacher_path if teacher_path is not None else run.Config(demo_teacher_checkpoint)
+        ),
+        target=tiny_pruned_target(),
+        calibration_samples=calibration_samples,
     )

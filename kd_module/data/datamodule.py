@@ -498,3 +498,13 @@ class GPTDataModule(L.LightningDataModule):
         """Micro-batches per optimizer step on one data-parallel rank."""
         _, size = data_parallel_rank_and_size()
         return self.global_batch_size // (self.micro_batch_size * size)
+
+
+def model_inputs(samples: list[dict[str, Any]], device: Any) -> dict[str, Any]:
+    """A GPT's forward inputs of dataset ``samples`` (``tokens``, ``position_ids`` and, when
+    the data makes one, ``attention_mask``), stacked by torch's default collate, on ``device``."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate(samples)
+    keys = ("tokens", "position_ids", "attention_mask")
+    return {key: batch[key].to(device) for key in keys if batch.get(key) is not None}

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
-from torch.utils.data import default_collate
 
 from kd_module.checkpoints.atomic import write_json_atomic
-from kd_module.data.datamodule import data_parallel_rank_and_size
+from kd_module.data.datamodule import data_parallel_rank_and_size, model_inputs
 from kd_module.distillation.losses import all_gather_last_dim, resolve_tp_group
 from kd_module.offline.format import (
     CACHE_DTYPES,
@@ -134,13 +133,6 @@ def _is_writer() -> bool:
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
     )
-
-
-def _collate(samples: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
-    """The teacher's inputs of ``samples``, stacked by torch's default collate, on ``device``."""
-    batch = default_collate(samples)
-    keys = ("tokens", "position_ids", "attention_mask")
-    return {key: batch[key].to(device) for key in keys if batch.get(key) is not None}
 
 
 def _teacher_topk_chunk(
@@ -318,7 +310,7 @@ def cache_teacher(
             for start in range(0, len(chunk), micro_batch_size):
                 rows = chunk[start : start + micro_batch_size]
                 rows = rows + [rows[-1]] * (micro_batch_size - len(rows))  # pad the last one
-                batch = _collate([dataset[i] for i in rows], device)
+                batch = model_inputs([dataset[i] for i in rows], device)
                 if seq_length is None:
                     seq_length = batch["tokens"].shape[1]
                 if batch["tokens"].shape[1] != seq_length:

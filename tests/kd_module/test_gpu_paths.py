@@ -20,7 +20,7 @@ from kd_module.models.gpt import GPTModelConfig, ParallelLayout
 
 SEQ = 32
 STUDENT = GPTModelConfig(
-    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=256
+    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, vocab_size=320
 )
 TEACHER = STUDENT.replace(num_layers=4, hidden_size=64, ffn_hidden_size=128)
 
@@ -82,7 +82,7 @@ _CPU_RUN_ON_A_GPU_MACHINE = textwrap.dedent(
     from tests.helpers import init_weights_by_global_key
 
     student = GPTModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                             seq_length=32, vocab_size=256)
+                             seq_length=32, vocab_size=320)
     teacher = student.replace(num_layers=2, hidden_size=64)
     data = lambda: GPTDataModule(mock=True, seq_length=32, micro_batch_size=2,
                                  global_batch_size=4, num_train_samples=12)

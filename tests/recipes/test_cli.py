@@ -279,3 +279,57 @@ def test_cli_dryrun_to_yaml_and_help_import_no_lightning_megatron_or_modelopt(fl
     assert "HEAVY []" in result.stdout, result.stdout[-3000:]
     if flags[0] == "--to-yaml":
         assert (tmp_path / "tiny_cpu.yaml").is_file()
+
+
+def test_cli_prune_then_distill_the_pruned_student(tiny_teacher, tmp_path):
+    """`nemo kd prune --factory tiny_cpu` cuts a student out of the teacher (one layer, half
+    the heads), and `nemo kd distill` trains it from that checkpoint."""
+    pruned = tmp_path / "pruned"
+    result = _nemo(
+        "kd",
+        "prune",
+        "--factory",
+        "tiny_cpu(mock_data=True)",
+        "-y",
+        f"teacher.checkpoint={tiny_teacher}",
+        f"output={pruned}",
+        "target.num_layers=1",
+        "calibration_samples=16",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((pruned / "pruning.json").read_text())
+    assert report["pruned"]["num_layers"] == 1 and report["pruned"]["num_attention_heads"] == 2
+    assert report["pruned"]["parameters"] < report["teacher"]["parameters"]
+    config = yaml.safe_load((pruned / "model_config.yaml").read_text())
+    assert (config["num_layers"], config["num_attention_heads"], config["kv_channels"]) == (
+        1,
+        2,
+        16,
+    )
+
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu",
+        "-y",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        f"teacher.checkpoint={tiny_teacher}",
+        f"student_checkpoint={pruned}",
+        "student.num_attention_heads=2",
+        "student.kv_channels=16",
+        "student.ffn_hidden_size=256",
+        "data.paths=None",
+        "data.mock=true",
+        "data.global_batch_size=8",
+        f"job.log_dir={tmp_path / 'runs'}",
+        "job.name=pruned",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "pruned" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert summary["configs"]["student_checkpoint"] == str(pruned)
