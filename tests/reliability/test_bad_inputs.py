@@ -305,7 +305,7 @@ CASES = [
     Case(
         "checkpoint-neither-format",
         lambda f: _distill(f, teacher_checkpoint=str(f["neither"])),
-        r"no known format; expected metadata.json \(torch_dist\) .*found weights.bin",
+        r"no known format; expected metadata.json \(torch_dist\), .*found weights.bin",
     ),
     Case(
         "checkpoint-dangling-tracker",
