@@ -13,9 +13,12 @@ from typing import Any
 import nemo_run as run
 
 from kd_module.api import distill
+from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.models.gpt import GPTModelConfig
 from kd_module.offline.job import build_teacher_cache
+from kd_module.pruning.job import prune
 from recipes.distill_recipe import (
+    data_config,
     gpu_pair_cache_recipe,
     gpu_pair_recipe,
     offline_config,
@@ -230,4 +233,80 @@ def llama31_8b_to_llama32_1b_cache(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,
+    )
+
+
+MINITRON_4B = {
+    "width": {"hidden_size": 3072, "ffn_hidden_size": 9216},
+    "depth": {"num_layers": 16},
+}
+"""NVIDIA's published prunings of Llama 3.1 8B: Llama-3.1-Minitron-4B-Width (hidden 4096 ->
+3072, FFN 14336 -> 9216; heads, groups and 32 layers kept) and -Depth (32 -> 16 layers), both
+about 4.5 B parameters."""
+
+
+def llama31_minitron_4b(kind: str = "width", seq_length: int = 8192) -> run.Config[GPTModelConfig]:
+    """Llama 3.1 8B pruned to a Minitron 4B shape (``kind``: ``width`` or ``depth``)."""
+    if kind not in MINITRON_4B:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(MINITRON_4B)}")
+    teacher = llama31_8b(seq_length)
+    for key, value in MINITRON_4B[kind].items():
+        setattr(teacher, key, value)
+    return teacher
+
+
+@run.cli.factory(target=prune, name=NAME)
+def llama31_8b_to_llama32_1b_prune(
+    output: str = "checkpoints/Llama-3.1-Minitron-4B-Width",
+    kind: str = "width",
+    teacher_path: str = "checkpoints/Llama-3.1-8B",
+    tokenizer_path: str | None = None,
+    data_paths: str | list[Any] | dict[str, Any] | None = None,
+    seq_length: int = 8192,
+    calibration_samples: int = 1024,
+    accelerator: str = "gpu",
+    export_hf: str | None = None,
+) -> run.Partial:
+    """Prune Llama 3.1 8B to a published Minitron 4B shape, as a student to distill.
+
+    Llama 3.2 1B cannot be pruned from Llama 3.1 8B (its heads are 64 channels wide, the 8B's
+    128), so this factory cuts the shapes NVIDIA published for this teacher; distill the result
+    with ``student_checkpoint=OUTPUT`` and the matching ``student`` architecture.
+
+    Args:
+        output: the pruned checkpoint's directory.
+        kind: ``width`` (hidden 3072, FFN 9216) or ``depth`` (16 layers).
+        teacher_path: the teacher's Hugging Face directory or megatron checkpoint.
+        tokenizer_path: the HuggingFace tokenizer (default: the teacher directory's).
+        data_paths: prepared dataset prefixes or blend to calibrate on; synthetic tokens when
+            ``None`` (a test only: importance needs real text).
+        seq_length: tokens per calibration sample.
+        calibration_samples: samples the importance is measured over (the Minitron paper
+            uses 1024).
+        accelerator: ``gpu`` (one GPU; the teacher is built whole) or ``cpu``.
+        export_hf: also write the pruned model as a Hugging Face directory here.
+
+    Returns:
+        ``run.Partial(kd_module.pruning.job.prune, ...)``.
+
+    Examples:
+        CLI::
+
+            nemo kd prune --factory "llama31_8b_to_llama32_1b(kind='depth', \\
+                teacher_path='/models/Llama-3.1-8B', data_paths=['/data/web_text_document'])"
+    """
+    tokenizer = run.Config(
+        TokenizerConfig,
+        library="huggingface",
+        path=teacher_path if tokenizer_path is None else tokenizer_path,
+    )
+    return run.Partial(
+        prune,
+        data=data_config(data_paths, seq_length, 1, 1, tokenizer=tokenizer),
+        output=output,
+        teacher=teacher_spec(teacher_path, llama31_8b(seq_length)),
+        target=llama31_minitron_4b(kind, seq_length),
+        calibration_samples=calibration_samples,
+        accelerator=accelerator,
+        export_hf=export_hf,
     )

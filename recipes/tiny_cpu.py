@@ -82,7 +82,8 @@ def demo_teacher_checkpoint(cache_root: str | None = None) -> str:
 
 
 def tiny_student(seq_length: int = SEQ_LENGTH) -> run.Config[GPTModelConfig]:
-    """The demo's student: 1 layer, width 64, 4 heads, byte vocabulary padded to 64."""
+    """A 1-layer student: width 64, 4 heads, byte vocabulary padded to 64 (the pinned golden
+    curve is this pair's; `make demo`'s student is a prunable 2-layer one)."""
     return run.Config(
         GPTModelConfig,
         num_layers=1,

@@ -20,6 +20,9 @@ SUMMARY_KEYS = (
     "kd_student_val_loss",
     "lm_only_student_val_loss",
     "offline_kd_student_val_loss",
+    "pruned_student_val_loss",
+    "pruned_kd_student_val_loss",
+    "kd_gap_closed",
     "tokens",
     "wall_s",
 )
@@ -90,11 +93,39 @@ def test_quick_run_compares_students_fairly(quick_run):
 def test_quick_run_prints_table_verdict_and_plot(quick_run):
     """stdout has the table's four rows and the verdict; the PNG file is a PNG."""
     stdout = quick_run["stdout"]
-    for label in ("teacher", "KD student", "LM-only student", "KD student, offline", "verdict:"):
+    for label in (
+        "teacher",
+        "KD student",
+        "LM-only student",
+        "KD student, offline",
+        "pruned, not trained",
+        "pruned + KD student",
+        "verdict:",
+    ):
         assert label in stdout, stdout
     pytest.importorskip("matplotlib")
     png = (quick_run["out"] / demo.PLOT_FILE).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_prunes_the_student_from_the_teacher_and_scores_every_row(quick_run):
+    """The pruned student has the students' size and its own (pruned) initial weights, trains
+    on the same tokens; each row's loss is the mean of its last validations and its share of
+    the gap to the teacher is (lm_only - row) / (lm_only - teacher)."""
+    summary = quick_run["summary"]
+    runs = summary["runs"]
+    pruned, pruned_kd, kd = runs["pruned_student"], runs["pruned_kd_student"], runs["kd_student"]
+    assert pruned["parameters"] == pruned_kd["parameters"] == kd["parameters"]
+    assert pruned["pruning"]["pruned"]["parameters"] == kd["parameters"]
+    assert pruned_kd["tokens"] == kd["tokens"] and pruned["tokens"] == 0
+    assert pruned_kd["initial_weights_sum"] != kd["initial_weights_sum"]
+    assert summary["kd_student_val_loss"] == pytest.approx(
+        sum(loss for _, loss in kd["curve"][-demo.LAST_VALIDATIONS :]) / demo.LAST_VALIDATIONS
+    )
+    lm_only, teacher = summary["lm_only_student_val_loss"], summary["teacher_val_loss"]
+    for name in ("kd_student", "offline_kd_student", "pruned_kd_student"):
+        expected = (lm_only - summary[f"{name}_val_loss"]) / (lm_only - teacher)
+        assert summary["kd_gap_closed"][name] == pytest.approx(expected), name
 
 
 def test_teacher_is_cached_and_reused(quick_run, monkeypatch):

@@ -87,3 +87,24 @@ def test_hf_import_quick_prints_json_summary() -> None:
         shard = layout["ranks"][0]["rank_shard_bytes"]
         assert checkpoint["tensor_bytes"] / tp <= shard < checkpoint["tensor_bytes"] / tp * 1.05
     assert set(summary["targets"]) == {"tp1_peak_to_checkpoint", "tp2_peak_to_shard_plus_file"}
+
+
+@pytest.mark.timeout(300)
+def test_demo_sweep_quick_prints_each_variant_against_the_lm_only_baseline(tmp_path) -> None:
+    """`python -m bench.demo_sweep --quick --only ...` ends with JSON: per variant its held-out
+    loss and the share of the LM-only gap it closes, computed from the losses it reports."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), KD_CACHE_DIR=str(tmp_path / "cache"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.demo_sweep", "--quick", "--only", "kd_scale_1", "kd_only"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert [row["name"] for row in summary["variants"]] == ["kd_scale_1", "kd_only"]
+    lm_only, teacher = summary["lm_only_val_loss"], summary["teacher_val_loss"]
+    for row in summary["variants"]:
+        assert row["gap_closed"] == pytest.approx((lm_only - row["val_loss"]) / (lm_only - teacher))

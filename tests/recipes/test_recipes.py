@@ -553,3 +553,22 @@ def test_pair_recipes_take_hf_directories_and_their_tokenizer():
         assert recipe.data.tokenizer.path == "/models/teacher"
         assert recipe.student_checkpoint == "/models/student"
         assert recipe.job.export_hf == "/models/out"
+
+
+@pytest.mark.parametrize(
+    ("kind", "parameters"), [("width", 4_512_746_496), ("depth", 4_540_469_248)]
+)
+def test_llama_prune_factory_targets_the_published_minitron_4b_shapes(kind, parameters):
+    """Llama-3.1-Minitron-4B-Width and -Depth (about 4.5 B parameters each) are valid prunings
+    of the pair's teacher, and the prune factory calibrates on the teacher's tokenizer."""
+    from kd_module.pruning import minitron
+
+    recipe = llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b_prune(
+        "/out", kind=kind, teacher_path="/models/Llama-3.1-8B"
+    )
+    teacher, target = fdl.build(recipe.teacher.config), fdl.build(recipe.target)
+    assert minitron.target_problems(teacher, target, 128_256) == []
+    assert minitron.parameter_count(minitron.pruned_config(teacher, target), 128_256) == parameters
+    assert recipe.data.tokenizer.path == "/models/Llama-3.1-8B"
+    with pytest.raises(ValueError, match="kind='both' is not one of width, depth"):
+        llama31_8b_to_llama32_1b.llama31_minitron_4b("both")
