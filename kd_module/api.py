@@ -217,6 +217,8 @@ def distill(
     offline: OfflineConfig | None = None,
     student_checkpoint: str | None = None,
     student_ckpt_format: str = "auto",
+    student_from: str = "init",
+    prune_calibration_samples: int = 256,
     distill_config: str | dict | Any = None,
     optimizer: Any = None,
     loss_chunk_size: int = 1024,
@@ -241,6 +243,12 @@ def distill(
             made of.
         student_checkpoint: initialize the student from these weights (``None``: from scratch).
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        student_from: ``"init"`` (random weights, or ``student_checkpoint``) or ``"prune"``:
+            prune the teacher to ``student``'s architecture first (Minitron,
+            :func:`~kd_module.pruning.job.prune`, into ``<job.log_dir>/<job.name>/pruned``,
+            reused when it is already there) and start the student from it.
+        prune_calibration_samples: with ``student_from="prune"``, the train samples the
+            pruning's importance is measured over.
         distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
         optimizer: :class:`~kd_module.training.optim.OptimizerConfig`.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
@@ -284,6 +292,11 @@ def distill(
     Problems(group_problems(groups)).raise_if_any("distill")
     teacher, offline = groups["teacher"], groups["offline"]
     job = groups["job"] or RunConfig()
+    problems = Problems()
+    problems.one_of("student_from", student_from, STUDENT_FROM)
+    if student_from == "prune" and offline is not None:
+        problems.add("student_from='prune' needs the teacher; it does not work with offline")
+    problems.raise_if_any("distill")
     teacher_tokenizer: dict[str, Any] = {}
     if offline is not None:
         from kd_module.offline.module import OfflineDistillationModule
@@ -312,6 +325,16 @@ def distill(
         if architecture is None:
             resolved = load_teacher_model_config(teacher.model_config, student, teacher.checkpoint)
             architecture, teacher_tokenizer = resolved.model, resolved.tokenizer or {}
+        if student_from == "prune":
+            student, student_checkpoint = _pruned_student(
+                student,
+                architecture,
+                teacher,
+                data,
+                job,
+                student_checkpoint,
+                prune_calibration_samples,
+            )
         module = DistillationModule(
             student=student,
             teacher=architecture,
@@ -389,6 +412,104 @@ def _adopt_teacher_tokenizer(data: Any, teacher_tokenizer: dict[str, Any]) -> No
     logger.info("distill: the data uses the teacher's tokenizer %s", path)
 
 
+STUDENT_FROM = ("init", "prune")
+"""Where :func:`distill`'s student starts: its initialization (or ``student_checkpoint``), or
+the teacher pruned to its architecture."""
+
+
+def _single_rank_env() -> dict[str, str]:
+    """This process's environment without torchrun's variables, for a child process that must
+    not join the run's process group."""
+    import os
+
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in LAUNCHER_ENV
+        and not key.startswith(("TORCHELASTIC_", "MASTER_", "TORCH_NCCL_"))
+    }
+
+
+def _pruned_student(
+    student: Any,
+    teacher_config: Any,
+    teacher: TeacherSpec,
+    data: Any,
+    job: RunConfig,
+    student_checkpoint: str | None,
+    calibration_samples: int,
+) -> tuple[Any, str]:
+    """The student's architecture and checkpoint after pruning the teacher to ``student``.
+
+    Global rank 0 prunes in a fresh single-rank process (the pruning runs at TP=1 whatever the
+    run's layout) into ``<run>/pruned``; the other ranks wait for it. A ``<run>/pruned`` that is
+    already complete (a restarted job) is used as it is.
+    """
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from kd_module.nemo_format.discovery import load_teacher_model_config
+    from kd_module.pruning.minitron import target_problems
+
+    problems = Problems()
+    if student_checkpoint is not None:
+        problems.add(
+            f"student_from='prune' starts the student from the pruned teacher; leave "
+            f"student_checkpoint unset (got {student_checkpoint!r})"
+        )
+    if teacher.checkpoint is None:
+        problems.add("student_from='prune' needs teacher.checkpoint (the weights to prune)")
+    problems += [f"student_from='prune': {p}" for p in target_problems(teacher_config, student)]
+    problems.raise_if_any("distill")
+    output = Path(job.log_dir) / job.name / "pruned"
+    done = output / "pruning.json"
+    if not done.is_file():
+        if os.environ.get("RANK", "0") == "0":
+            output.parent.mkdir(parents=True, exist_ok=True)
+            request = output.parent / ".prune-request.pkl"
+            request.write_bytes(
+                pickle.dumps(
+                    {
+                        "data": data,
+                        "output": str(output),
+                        "teacher": TeacherSpec(
+                            checkpoint=teacher.checkpoint,
+                            config=teacher_config,
+                            ckpt_format=teacher.ckpt_format,
+                        ),
+                        "target": student,
+                        "calibration_samples": calibration_samples,
+                    }
+                )
+            )
+            logger.info("distill: pruning the teacher into %s", output)
+            command = [sys.executable, "-m", "kd_module.pruning", str(request)]
+            finished = subprocess.run(
+                command, env=_single_rank_env(), capture_output=True, text=True, check=False
+            )
+            request.unlink(missing_ok=True)
+            if finished.returncode != 0:
+                raise RuntimeError(
+                    f"distill: pruning the teacher into {output} failed (exit "
+                    f"{finished.returncode}):\n{finished.stderr[-4000:]}"
+                )
+        else:
+            _wait_for(done, timeout_s=6 * 3600)
+    pruned = load_teacher_model_config(None, student, str(output)).model
+    return pruned.replace(transformer_impl=student.transformer_impl), str(output)
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    """Poll for ``path`` (another rank is writing it; no process group exists yet)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"distill: {path} did not appear within {timeout_s:.0f} s")
+        time.sleep(2.0)
+
+
 def _export_hf_problems(student: Any, output: str) -> list[str]:
     """Why the student cannot be written as an HF directory at ``output``."""
     from kd_module.hf.config import architecture_for, export_problems
@@ -410,16 +531,10 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_R
 def export_hf_subprocess(student_dir: Path, output: str) -> Path:
     """``python -m kd_module.hf export`` in a fresh single-rank process (this process's
     distributed state is the run's layout, which the TP=1 conversion must not join)."""
-    import os
     import subprocess
     import sys
 
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in LAUNCHER_ENV
-        and not key.startswith(("TORCHELASTIC_", "MASTER_", "TORCH_NCCL_"))
-    }
+    env = _single_rank_env()
     command = [sys.executable, "-m", "kd_module.hf", "export", str(student_dir), str(output)]
     logger.info("distill: writing the student as an HF directory to %s", output)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import nemo_run as run
 
-from kd_module.api import distill
+from kd_module.api import STUDENT_FROM, distill
 from kd_module.data.tokenizers import TokenizerConfig
 from kd_module.lightning_factories import gpt_data_module, lightning_trainer, megatron_strategy
 from kd_module.models.gpt import GPTModelConfig, ParallelLayout
@@ -237,6 +237,7 @@ def distill_recipe(
     offline: run.Config[OfflineConfig] | OfflineConfig | None = None,
     student_path: str | None = None,
     student_ckpt_format: str = "auto",
+    student_from: str = "init",
     distill_config: str | dict | None = None,
     num_nodes: int = 1,
     num_gpus_per_node: int = 8,
@@ -279,6 +280,8 @@ def distill_recipe(
             run.
         student_path: initialize the student from this checkpoint; ``None`` starts from scratch.
         student_ckpt_format: ``auto``, ``torch_dist`` or ``torch``.
+        student_from: ``"init"`` (from scratch or ``student_path``) or ``"prune"``: prune the
+            teacher to ``student_config`` first and start from it (Minitron).
         distill_config: distillation YAML path or dict (``--export-kd-distill-cfg``); ``None``
             distills the logits only.
         num_nodes: machines.
@@ -359,6 +362,9 @@ def distill_recipe(
         problems.positive_int(label, value)
     problems.positive_int("seq_length", seq_length, or_none="None")
     problems.one_of("accelerator", accelerator, ACCELERATORS)
+    problems.one_of("student_from", student_from, STUDENT_FROM)
+    if student_from == "prune" and student_path is not None:
+        problems.add("student_from='prune' starts from the pruned teacher; leave student_path None")
     problems.extend(precision_problems(precision, cuda=accelerator != "cpu"))
     layout = ParallelLayout(
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -408,6 +414,7 @@ def distill_recipe(
         offline=offline,
         student_checkpoint=student_path,
         student_ckpt_format=student_ckpt_format,
+        student_from=student_from,
         distill_config=distill_config,
         optimizer=optimizer,
         loss_chunk_size=loss_chunk_size,

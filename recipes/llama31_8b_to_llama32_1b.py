@@ -107,6 +107,8 @@ def llama31_8b_to_llama32_1b(
     resume: bool = True,
     teacher_cache: str | None = None,
     export_hf: str | None = None,
+    student_from: str = "init",
+    prune_kind: str = "width",
 ) -> run.Partial:
     """Distill Llama 3.1 8B into Llama 3.2 1B.
 
@@ -135,6 +137,10 @@ def llama31_8b_to_llama32_1b(
         teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher
             --factory NAME`` over the same data) instead of running the teacher.
         export_hf: also write the distilled student as a Hugging Face directory here.
+        student_from: ``"init"`` (Llama 3.2 1B from scratch or ``student_path``) or
+            ``"prune"``: the student is Llama 3.1 8B pruned to a Minitron 4B shape (Llama 3.2
+            1B's 64-channel heads cannot be cut from the 8B's 128-channel ones).
+        prune_kind: with ``student_from="prune"``, ``width`` or ``depth`` (:data:`MINITRON_4B`).
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -152,7 +158,9 @@ def llama31_8b_to_llama32_1b(
     """
     return gpu_pair_recipe(
         teacher_spec(teacher_path, llama31_8b(seq_length)),
-        llama32_1b(seq_length),
+        llama31_minitron_4b(prune_kind, seq_length)
+        if student_from == "prune"
+        else llama32_1b(seq_length),
         teacher_path if tokenizer_path is None else tokenizer_path,
         job=run_config(
             "runs" if dir is None else dir,
@@ -163,6 +171,7 @@ def llama31_8b_to_llama32_1b(
         ),
         offline=offline_config(teacher_cache),
         student_path=student_path,
+        student_from=student_from,
         distill_config=distill_config,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,

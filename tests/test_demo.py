@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -178,20 +177,37 @@ def test_settings_reject_bad_values_all_at_once():
 
 
 def test_verdict_and_table_from_a_summary():
-    """The verdict fails when KD does not win; the table shows each run's numbers."""
+    """The verdict fails when KD does not win or pruned + KD closes less than half the gap;
+    the table shows each run's numbers and the gap each KD row closes."""
     run = {"parameters": 1000, "tokens": 2048, "tokens_per_s": 512.0, "wall_s": 4.0}
     summary = {
         "teacher_val_loss": 1.5,
         "kd_student_val_loss": 2.25,
         "lm_only_student_val_loss": 2.5,
-        "runs": {"teacher": run, "kd_student": run, "lm_only_student": run},
+        "pruned_kd_student_val_loss": 1.9,
+        "runs": {
+            "teacher": run,
+            "lm_only_student": run,
+            "kd_student": run,
+            "pruned_kd_student": run,
+        },
     }
+    summary["gap_closed"] = {
+        name: demo.gap_closed(summary, name) for name in ("kd_student", "pruned_kd_student")
+    }
+    assert summary["gap_closed"]["kd_student"] == pytest.approx(0.25)  # (2.5 - 2.25) / 1.0
+    assert summary["gap_closed"]["pruned_kd_student"] == pytest.approx(0.6)
     ok, message = demo.verdict(summary)
-    assert ok and "by 0.2500" in message
+    assert ok and "by 0.2500" in message and "closes 60%" in message
     ok, message = demo.verdict({**summary, "kd_student_val_loss": 2.5})
-    assert not ok and "FAIL" in message
+    assert not ok and "does not beat the LM-only student" in message
+    short = {**summary, "gap_closed": {**summary["gap_closed"], "pruned_kd_student": 0.4}}
+    ok, message = demo.verdict(short)
+    assert not ok and "closes 40% of the gap to the teacher, less than 50%" in message
     table = demo.format_table(summary).splitlines()
-    assert len(table) == 5
-    assert table[2].split()[:4] == ["teacher", "1,000", "1.5000", "2,048"]
-    assert table[3].split()[-2:] == ["512", "4.0"]
-    assert math.isclose(float(table[4].split()[-4]), 2.5)
+    assert len(table) == 6
+    assert table[2].split()[:5] == ["teacher", "1,000", "1.5000", "-", "2,048"]
+    assert table[3].split()[-6:] == ["1,000", "2.5000", "-", "2,048", "512", "4.0"]
+    assert table[4].split()[-6:] == ["1,000", "2.2500", "25%", "2,048", "512", "4.0"]
+    assert table[5].split()[:4] == ["pruned", "+", "KD", "student"]
+    assert table[5].split()[-5:-3] == ["1.9000", "60%"]

@@ -317,3 +317,45 @@ def test_bad_targets_are_refused_before_anything_is_built(tmp_path, kwargs, mess
         prune(_data(), str(tmp_path / "out"), teacher=TeacherSpec(config=LLAMA_LIKE), **arguments)
     assert message in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            {"student": LLAMA_LIKE.replace(num_layers=2, kv_channels=8)},
+            "student_from='prune': target kv_channels=8 differs from the teacher's head size 16",
+        ),
+        (
+            {"student_checkpoint": "/somewhere"},
+            "student_from='prune' starts the student from the pruned teacher; leave "
+            "student_checkpoint unset",
+        ),
+        ({"teacher_checkpoint": None}, "student_from='prune' needs teacher.checkpoint"),
+    ],
+    ids=["head-size", "student-checkpoint", "no-teacher-weights"],
+)
+def test_distill_student_from_prune_refuses_before_anything_runs(tmp_path, arguments, message):
+    import lightning as L
+
+    from kd_module.api import distill
+    from kd_module.specs import RunConfig, TeacherSpec
+    from kd_module.training.strategy import MegatronStrategy
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, strategy=MegatronStrategy()
+    )
+    with pytest.raises(ValueError) as refused:
+        distill(
+            arguments.get("student", LLAMA_LIKE.replace(num_layers=2)),
+            _data(),
+            trainer,
+            teacher=TeacherSpec(
+                checkpoint=arguments.get("teacher_checkpoint", str(tmp_path)), config=LLAMA_LIKE
+            ),
+            job=RunConfig(log_dir=str(tmp_path / "runs")),
+            student_checkpoint=arguments.get("student_checkpoint"),
+            student_from="prune",
+        )
+    assert message in str(refused.value)
+    assert not (tmp_path / "runs").exists()

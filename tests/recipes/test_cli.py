@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,6 +26,29 @@ def _nemo(*args: str, cwd: Path, python_flags: tuple[str, ...] = ()) -> subproce
         text=True,
         timeout=400,
     )
+
+
+def short_mock_distill(tmp_path: Path, name: str, *overrides: str) -> tuple[Any, Path]:
+    """`nemo kd distill --factory tiny_cpu` for 2 steps on mock data into
+    ``tmp_path/runs/name``, with ``overrides``; the completed process and the run directory."""
+    result = _nemo(
+        "kd",
+        "distill",
+        "--factory",
+        "tiny_cpu",
+        "-y",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        "data.paths=None",
+        "data.mock=true",
+        "data.global_batch_size=8",
+        f"job.log_dir={tmp_path / 'runs'}",
+        f"job.name={name}",
+        *overrides,
+        cwd=tmp_path,
+    )
+    return result, tmp_path / "runs" / name
 
 
 def test_cli_distill_tiny_cpu_runs_for_real_with_overrides(tiny_teacher, tmp_path):
@@ -308,28 +332,34 @@ def test_cli_prune_then_distill_the_pruned_student(tiny_teacher, tmp_path):
         16,
     )
 
-    result = _nemo(
-        "kd",
-        "distill",
-        "--factory",
-        "tiny_cpu",
-        "-y",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=1",
+    result, run_dir = short_mock_distill(
+        tmp_path,
+        "pruned",
         f"teacher.checkpoint={tiny_teacher}",
         f"student_checkpoint={pruned}",
         "student.num_attention_heads=2",
         "student.kv_channels=16",
         "student.ffn_hidden_size=256",
-        "data.paths=None",
-        "data.mock=true",
-        "data.global_batch_size=8",
-        f"job.log_dir={tmp_path / 'runs'}",
-        "job.name=pruned",
-        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "pruned" / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2
     assert summary["configs"]["student_checkpoint"] == str(pruned)
+
+
+def test_cli_distill_student_from_prune(tiny_teacher, tmp_path):
+    """`student_from=prune`: the run prunes the teacher to the recipe's student (one layer of
+    two) into <run>/pruned, then distills from it."""
+    result, run_dir = short_mock_distill(
+        tmp_path,
+        "from_prune",
+        "student_from=prune",
+        "prune_calibration_samples=16",
+        f"teacher.checkpoint={tiny_teacher}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["configs"]["student_checkpoint"] == str(run_dir / "pruned")
+    report = json.loads((run_dir / "pruned" / "pruning.json").read_text())
+    assert report["pruned"]["num_layers"] == 1 and len(report["kept_layers"]) == 1
+    assert report["calibration"]["samples"] == 16

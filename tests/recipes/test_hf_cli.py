@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.recipes.test_cli import _nemo
+from tests.recipes.test_cli import _nemo, short_mock_distill
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -102,27 +102,15 @@ def test_distill_from_an_hf_teacher_exports_the_student_to_hf(hf_teacher, tmp_pa
     out loads with AutoModelForCausalLM and gives the megatron student's logits."""
     directory, vocab = hf_teacher
     exported = tmp_path / "student-hf"
-    result = _nemo(
-        "kd",
-        "distill",
-        "--factory",
-        "tiny_cpu",
-        "-y",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=2",
+    result, run_dir = short_mock_distill(
+        tmp_path,
+        "hf",
         f"teacher.checkpoint={directory}",
-        "data.paths=None",
-        "data.mock=true",
-        "data.global_batch_size=8",
-        f"job.log_dir={tmp_path / 'runs'}",
-        "job.name=hf",
         f"job.export_hf={exported}",
+        "trainer.limit_val_batches=2",
         *LLAMA_STUDENT,
-        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "hf"
     summary = json.loads((run_dir / "summary.json").read_text())
     teacher = summary["configs"]["teacher"]
     assert (teacher["num_layers"], teacher["num_query_groups"], teacher["vocab_size"]) == (

@@ -572,3 +572,21 @@ def test_llama_prune_factory_targets_the_published_minitron_4b_shapes(kind, para
     assert recipe.data.tokenizer.path == "/models/Llama-3.1-8B"
     with pytest.raises(ValueError, match="kind='both' is not one of width, depth"):
         llama31_8b_to_llama32_1b.llama31_minitron_4b("both")
+
+
+def test_pair_recipe_student_from_prune_distills_a_minitron_shape():
+    """`student_from="prune"` on the Llama pair makes the student a Minitron 4B shape of the
+    teacher (Llama 3.2 1B's heads cannot be cut from the 8B's) and reaches distill; a bad value
+    or a student_path beside it is refused by the generic recipe."""
+    recipe = llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b(
+        "/models/Llama-3.1-8B", student_from="prune", prune_kind="depth"
+    )
+    assert recipe.student_from == "prune"
+    student = fdl.build(recipe.student)
+    assert (student.num_layers, student.hidden_size) == (16, 4096)
+    with pytest.raises(ValueError, match="student_from='grow' is not one of init, prune"):
+        llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b("/t", student_from="grow")
+    with pytest.raises(ValueError, match="leave student_path None"):
+        llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b(
+            "/t", student_path="/s", student_from="prune"
+        )
