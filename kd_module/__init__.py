@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "distill": "kd_module.api",
     "build_teacher_cache": "kd_module.offline.job",
+    "prune": "kd_module.pruning.job",
     "DistillationModule": "kd_module.training.module",
     "MegatronStrategy": "kd_module.training.strategy",
     "OptimizerConfig": "kd_module.training.optim",

@@ -80,6 +80,16 @@ def qwen3_1p7b(seq_length: int = 4096) -> run.Config[GPTModelConfig]:
     )
 
 
+def qwen3_8b_pruned_6b(seq_length: int = 4096) -> run.Config[GPTModelConfig]:
+    """Qwen3-8B width-pruned to at most 6 B parameters (the size of ModelOpt's Qwen3-8B -> 6B
+    pruning example, not its exact shape): hidden 4096 -> 3328 and FFN 12288 -> 9984 together
+    (``kd_module.pruning.minitron.budget_target(qwen3_8b, 6e9)``), heads, groups and 36 layers
+    kept: 5.83 B parameters."""
+    config = qwen3_8b(seq_length)
+    config.hidden_size, config.ffn_hidden_size = 3328, 9984
+    return config
+
+
 @run.cli.factory(target=distill, name=NAME)
 def qwen3_8b_to_qwen3_1p7b(
     teacher_path: str = "checkpoints/Qwen3-8B",
@@ -101,6 +111,7 @@ def qwen3_8b_to_qwen3_1p7b(
     resume: bool = True,
     teacher_cache: str | None = None,
     export_hf: str | None = None,
+    student_from: str = "init",
 ) -> run.Partial:
     """Distill Qwen3-8B into Qwen3-1.7B.
 
@@ -128,6 +139,9 @@ def qwen3_8b_to_qwen3_1p7b(
         teacher_cache: distill offline from this teacher cache (``nemo kd cache-teacher
             --factory NAME`` over the same data) instead of running the teacher.
         export_hf: also write the distilled student as a Hugging Face directory here.
+        student_from: ``"init"`` (Qwen3-1.7B from scratch or ``student_path``) or ``"prune"``:
+            the student is Qwen3-8B width-pruned to 6 B parameters (:func:`qwen3_8b_pruned_6b`;
+            Qwen3-1.7B ties its embeddings, the 8B does not, so it cannot be cut from it).
 
     Returns:
         ``run.Partial(kd_module.api.distill, ...)``.
@@ -144,7 +158,7 @@ def qwen3_8b_to_qwen3_1p7b(
     """
     return gpu_pair_recipe(
         teacher_spec(teacher_path, qwen3_8b(seq_length)),
-        qwen3_1p7b(seq_length),
+        qwen3_8b_pruned_6b(seq_length) if student_from == "prune" else qwen3_1p7b(seq_length),
         teacher_path if tokenizer_path is None else tokenizer_path,
         job=run_config(
             "runs" if dir is None else dir,
@@ -155,6 +169,7 @@ def qwen3_8b_to_qwen3_1p7b(
         ),
         offline=offline_config(teacher_cache),
         student_path=student_path,
+        student_from=student_from,
         distill_config=distill_config,
         num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,

@@ -12,9 +12,12 @@ import kd_module
 
 def test_the_package_exports_about_ten_stable_names():
     assert 8 <= len(kd_module.__all__) <= 12, kd_module.__all__
-    assert {"distill", "DistillationModule", "MegatronStrategy", "GPTModelConfig"} <= set(
+    assert {"distill", "prune", "DistillationModule", "MegatronStrategy", "GPTModelConfig"} <= set(
         kd_module.__all__
     )
+    from kd_module.pruning.job import prune
+
+    assert kd_module.prune is prune
 
 
 def test_a_moved_name_resolves_with_a_warning_naming_its_home():

@@ -248,23 +248,43 @@ def test_cli_cache_teacher_then_offline_distill(tiny_teacher, tmp_path):
     assert summary["configs"]["teacher"] is None and summary["train"]["logits_loss"] > 0
 
 
-def test_cli_cache_teacher_dryrun_of_a_gpu_pair_imports_no_megatron(tmp_path):
-    """`nemo kd cache-teacher --factory llama31_8b_to_llama32_1b --dryrun` resolves overrides
-    without importing megatron or ModelOpt."""
+@pytest.mark.parametrize(
+    ("command", "overrides", "task", "shown"),
+    [
+        (
+            "cache-teacher",
+            ("out_dir=/data/cache", "num_samples=12345"),
+            "kd_module.offline.job:build_teacher_cache",
+            ("12345", "/data/cache"),
+        ),
+        (
+            "prune",
+            ("output=/ckpt/minitron", "calibration_samples=777"),
+            "kd_module.pruning.job:prune",
+            ("777", "/ckpt/minitron", "hidden_size=3072"),
+        ),
+    ],
+    ids=["cache-teacher", "prune"],
+)
+def test_cli_task_dryrun_of_a_gpu_pair_imports_no_megatron(
+    tmp_path, command, overrides, task, shown
+):
+    """`nemo kd cache-teacher|prune --factory llama31_8b_to_llama32_1b --dryrun` resolves
+    overrides without importing megatron or ModelOpt."""
     result = _nemo(
         "kd",
-        "cache-teacher",
+        command,
         "--factory",
         "llama31_8b_to_llama32_1b",
         "--dryrun",
-        "out_dir=/data/cache",
-        "num_samples=12345",
+        *overrides,
         cwd=tmp_path,
         python_flags=("-X", "importtime"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Dry run for task kd_module.offline.job:build_teacher_cache" in result.stdout
-    assert "12345" in result.stdout and "/data/cache" in result.stdout
+    assert f"Dry run for task {task}" in result.stdout
+    for text in shown:
+        assert text in result.stdout, text
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert [name for name in imported if name.split(".")[0] in ("megatron", "modelopt")] == []
 

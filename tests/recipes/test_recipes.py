@@ -590,3 +590,18 @@ def test_pair_recipe_student_from_prune_distills_a_minitron_shape():
         llama31_8b_to_llama32_1b.llama31_8b_to_llama32_1b(
             "/t", student_path="/s", student_from="prune"
         )
+
+
+def test_qwen_pruned_student_is_the_6b_budget_of_the_teacher():
+    """The Qwen pair's `student_from="prune"` student is what a 6 B budget prunes Qwen3-8B to."""
+    from kd_module.pruning import minitron
+
+    recipe = qwen3_8b_to_qwen3_1p7b.qwen3_8b_to_qwen3_1p7b("/t", student_from="prune")
+    teacher, student = fdl.build(recipe.teacher.config), fdl.build(recipe.student)
+    expected = minitron.budget_target(teacher, 6_000_000_000, 151_936)
+    assert (student.hidden_size, student.ffn_hidden_size) == (
+        expected.hidden_size,
+        expected.ffn_hidden_size,
+    )
+    assert minitron.target_problems(teacher, student, 151_936) == []
+    assert recipe.student_from == "prune"
