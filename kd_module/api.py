@@ -25,7 +25,7 @@ from kd_module.specs import (
 )
 from kd_module.versions import jsonable, package_versions
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
@@ -183,11 +183,13 @@ def check_inputs(
     problems.raise_if_any("distill")
 
 
-def _attach_logger(trainer: Any, run_dir: Path) -> None:
-    from lightning.pytorch.loggers import CSVLogger
+def _attach_logger(trainer: Any, run_dir: Path, logger: Any = None) -> None:
+    """The CSV logger at ``run_dir`` and the loggers ``logger`` names, unless the trainer came
+    with its own (``Trainer(logger=...)``)."""
+    from kd_module.lightning_factories import build_loggers
 
     if not trainer.loggers:
-        trainer.loggers = [CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
+        trainer.loggers = build_loggers(logger, run_dir)
 
 
 def _drop_default_checkpointing(trainer: Any) -> None:
@@ -219,6 +221,7 @@ def distill(
     student_ckpt_format: str = "auto",
     student_from: str = "init",
     prune_calibration_samples: int = 256,
+    logger: str | list[str] | None = None,
     distill_config: str | dict | Any = None,
     optimizer: Any = None,
     loss_chunk_size: int = 1024,
@@ -249,6 +252,10 @@ def distill(
             reused when it is already there) and start the student from it.
         prune_calibration_samples: with ``student_from="prune"``, the train samples the
             pruning's importance is measured over.
+        logger: loggers beside the CSV one (``<job.log_dir>/<job.name>/metrics.csv``):
+            ``tensorboard``, ``wandb``, ``mlflow``, Lightning logger objects, or a list of them
+            (:func:`~kd_module.lightning_factories.build_loggers`); ignored when the trainer
+            brings its own loggers.
         distill_config: distillation YAML (``--export-kd-distill-cfg``), dict or config.
         optimizer: :class:`~kd_module.training.optim.OptimizerConfig`.
         loss_chunk_size: tokens per chunk of the memory-efficient logits loss.
@@ -294,8 +301,13 @@ def distill(
     job = groups["job"] or RunConfig()
     problems = Problems()
     problems.one_of("student_from", student_from, STUDENT_FROM)
-    if student_from == "prune" and offline is not None:
-        problems.add("student_from='prune' needs the teacher; it does not work with offline")
+    from kd_module.lightning_factories import logger_problems
+
+    problems += logger_problems(logger)
+    if student_from == "prune":
+        problems.positive_int("prune_calibration_samples", prune_calibration_samples)
+        if offline is not None:
+            problems.add("student_from='prune' needs the teacher; it does not work with offline")
     problems.raise_if_any("distill")
     teacher_tokenizer: dict[str, Any] = {}
     if offline is not None:
@@ -361,7 +373,7 @@ def distill(
         problems = writable_dir_problems(run_dir / "checkpoints", "checkpoint directory")
     if problems:
         raise ValueError("distill: " + "; ".join(problems))
-    _attach_logger(trainer, run_dir)
+    _attach_logger(trainer, run_dir, logger)
     checkpoint_dir = run_dir / "checkpoints"
     _drop_default_checkpointing(trainer)
     if job.checkpoint_every_n_steps is not None:
@@ -376,10 +388,10 @@ def distill(
 
         latest = latest_checkpoint(checkpoint_dir)
         if latest is None:
-            logger.info("distill: resume requested, no complete checkpoint in %s", checkpoint_dir)
+            log.info("distill: resume requested, no complete checkpoint in %s", checkpoint_dir)
         else:
             ckpt_path = str(latest)
-            logger.info("distill: resuming from %s", latest)
+            log.info("distill: resuming from %s", latest)
     if job.export:
         module.export_dir = str(run_dir / "student")
         module.export_tokenizer = data.tokenizer.to_dict()
@@ -390,7 +402,7 @@ def distill(
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
-        logger.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
+        log.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
     return summary
 
 
@@ -409,7 +421,7 @@ def _adopt_teacher_tokenizer(data: Any, teacher_tokenizer: dict[str, Any]) -> No
         return
     data.tokenizer = TokenizerConfig(library="huggingface", path=str(path))
     data.tokenizer_given = True
-    logger.info("distill: the data uses the teacher's tokenizer %s", path)
+    log.info("distill: the data uses the teacher's tokenizer %s", path)
 
 
 STUDENT_FROM = ("init", "prune")
@@ -484,7 +496,7 @@ def _pruned_student(
                     }
                 )
             )
-            logger.info("distill: pruning the teacher into %s", output)
+            log.info("distill: pruning the teacher into %s", output)
             command = [sys.executable, "-m", "kd_module.pruning", str(request)]
             finished = subprocess.run(
                 command, env=_single_rank_env(), capture_output=True, text=True, check=False
@@ -536,7 +548,7 @@ def export_hf_subprocess(student_dir: Path, output: str) -> Path:
 
     env = _single_rank_env()
     command = [sys.executable, "-m", "kd_module.hf", "export", str(student_dir), str(output)]
-    logger.info("distill: writing the student as an HF directory to %s", output)
+    log.info("distill: writing the student as an HF directory to %s", output)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(

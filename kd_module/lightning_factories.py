@@ -153,3 +153,99 @@ def gpt_data_module(
         num_val_samples=num_val_samples,
         consumed_samples=consumed_samples,
     )
+
+
+LOGGERS = {
+    "csv": ("CSVLogger", None),
+    "tensorboard": ("TensorBoardLogger", "tensorboard"),
+    "wandb": ("WandbLogger", "wandb"),
+    "mlflow": ("MLFlowLogger", "mlflow"),
+}
+"""Loggers a run can name (``logger=tensorboard``): Lightning's class and the package it needs."""
+
+
+def _logger_names(logger: Any) -> list[Any]:
+    """``logger`` as a list; a string may list several names (``tensorboard,wandb`` or
+    ``[tensorboard,wandb]``, which is how nemo-run passes ``logger=[tensorboard,wandb]``)."""
+    if logger is None:
+        return []
+    if isinstance(logger, str):
+        names = logger.strip().removeprefix("[").removesuffix("]").split(",")
+        return [name.strip().strip("'\"") for name in names if name.strip()]
+    return list(logger) if isinstance(logger, (list, tuple)) else [logger]
+
+
+def logger_problems(logger: Any) -> list[str]:
+    """Why ``logger`` (a name of :data:`LOGGERS`, a Lightning logger, or a list of them) cannot
+    be built, checked before any model is: unknown names and packages that are not installed."""
+    import importlib.util
+
+    from kd_module.rules import Problems
+
+    problems = Problems()
+    for entry in _logger_names(logger):
+        if not isinstance(entry, str):
+            continue  # a Lightning logger object, used as it is
+        if problems.one_of("logger", entry, tuple(LOGGERS)):
+            package = LOGGERS[entry][1]
+            if package and importlib.util.find_spec(package) is None:
+                problems.add(
+                    f"logger={entry!r} needs the {package!r} package; pip install "
+                    f"{'mlflow-skinny' if package == 'mlflow' else package}"
+                )
+    return problems
+
+
+def build_loggers(logger: Any, run_dir: Any) -> list[Any]:
+    """The run's Lightning loggers: always the CSV logger at ``run_dir`` (``metrics.csv``), plus
+    each one ``logger`` names, all writing under ``run_dir`` unless their own settings say
+    otherwise (``WANDB_MODE``, ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI``).
+
+    - ``tensorboard``: event files in ``<run_dir>/tensorboard``;
+    - ``wandb``: project ``$WANDB_PROJECT`` (default ``megatron-kd``), run named after the run,
+      files in ``<run_dir>/wandb`` (``WANDB_MODE=offline`` keeps it off the network);
+    - ``mlflow``: experiment ``megatron-kd``, run named after the run, tracking at
+      ``$MLFLOW_TRACKING_URI`` or, without it, MLflow's file store in ``<run_dir>/mlruns``
+      (``MLFLOW_ALLOW_FILE_STORE=true`` is set for it: MLflow 3 refuses that backend otherwise).
+
+    Lightning loggers log on global rank 0 only.
+    """
+    import os
+    from pathlib import Path
+
+    from lightning.pytorch import loggers
+
+    run_dir = Path(run_dir)
+    built = [loggers.CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
+    for entry in _logger_names(logger):
+        if not isinstance(entry, str):
+            built.append(entry)
+        elif entry == "tensorboard":
+            built.append(
+                loggers.TensorBoardLogger(
+                    save_dir=str(run_dir.parent), name=run_dir.name, version="tensorboard"
+                )
+            )
+        elif entry == "wandb":
+            (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+            built.append(
+                loggers.WandbLogger(
+                    name=run_dir.name,
+                    save_dir=str(run_dir),
+                    project=os.environ.get("WANDB_PROJECT", "megatron-kd"),
+                )
+            )
+        elif entry == "mlflow":
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                # A file store in the run directory needs no server. MLflow 3 keeps the file
+                # backend in maintenance mode and refuses it unless this opt-out is set; give
+                # MLFLOW_TRACKING_URI (a server or sqlite:///...) to use another backend.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = (run_dir / "mlruns").resolve().as_uri()
+            built.append(
+                loggers.MLFlowLogger(
+                    experiment_name="megatron-kd", run_name=run_dir.name, tracking_uri=uri
+                )
+            )
+    return built

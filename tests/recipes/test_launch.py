@@ -184,6 +184,67 @@ def test_two_ranks_through_the_local_torchrun_executor_train_like_one_process(dp
 
 @pytest.mark.multirank
 @pytest.mark.timeout(600)
+def test_two_torchrun_agents_as_two_nodes_train_like_one_process(dp2_and_dp1_runs, tiny_teacher):
+    """Two torchrun agents, each its own process tree (``--nnodes 2 --nproc-per-node 1``, c10d
+    rendezvous on 127.0.0.1), run the recipe with ``num_nodes=2``: the 1-rank run's losses and
+    gradient norms at every step, and a world of 2 across 2 nodes."""
+    import signal
+    import subprocess
+
+    from kd_module.parallel.collectives import free_port
+
+    log_dir = dp2_and_dp1_runs
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    agents = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=kd-two-nodes",
+                "--max-restarts=0",
+                str(repo / "tests" / "recipes" / "two_node_job.py"),
+                tiny_teacher,
+                str(log_dir),
+                "two_nodes",
+            ],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # each agent is its own process tree, as on two machines
+        )
+        for node in (0, 1)
+    ]
+    outputs = []
+    try:
+        for agent in agents:
+            outputs.append(agent.communicate(timeout=480)[0])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    for agent, output in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, output[-4000:]
+    two, one = _summary(log_dir, "two_nodes"), _summary(log_dir, "dp1")
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 3
+    rows2, rows1 = _train_rows(log_dir, "two_nodes"), _train_rows(log_dir, "dp1")
+    assert len(rows2) == len(rows1) == 3
+    for step, (two_nodes, one_rank) in enumerate(zip(rows2, rows1, strict=True)):
+        for key in TRAIN_KEYS:
+            assert two_nodes[key] == pytest.approx(one_rank[key], rel=1e-5), (step, key)
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(600)
 def test_cache_recipe_on_two_torchrun_ranks_writes_the_one_rank_cache(tiny_teacher, tmp_path):
     """tiny_cpu's cache recipe on 2 ranks (two data-parallel replicas, one shard each) writes
     the bytes one in-process rank writes; in-process with devices=2 it is refused up front."""
