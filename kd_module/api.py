@@ -73,16 +73,16 @@ def _with_hf_tokenizer_size(section: dict[str, Any], data_tokenizer: Any) -> dic
     """The teacher's tokenizer section with the size of the HF tokenizer it names, when that is
     not the data's own tokenizer directory (an HF directory's section gives no size)."""
     from kd_module.data.tokenizers import TokenizerConfig
+    from kd_module.hf.config import hf_tokenizer_dir
 
-    library = str(section.get("library") or "").lower()
-    path = section.get("path") or section.get("type")
-    if section.get("vocab_size") is not None or library not in ("huggingface", "hf"):
+    path = hf_tokenizer_dir(section)
+    if section.get("vocab_size") is not None or path is None:
         return section
-    if not path or not Path(str(path)).is_dir() or data_tokenizer.library != "huggingface":
+    if data_tokenizer.library != "huggingface":
         return section
-    if Path(str(path)).resolve() == Path(str(data_tokenizer.path)).resolve():
+    if Path(path).resolve() == Path(str(data_tokenizer.path)).resolve():
         return section
-    size = _tokenizer_size(TokenizerConfig(library="huggingface", path=str(path)))
+    size = _tokenizer_size(TokenizerConfig(library="huggingface", path=path))
     return section if size is None else {**section, "vocab_size": size}
 
 
@@ -409,17 +409,13 @@ def distill(
 def _adopt_teacher_tokenizer(data: Any, teacher_tokenizer: dict[str, Any]) -> None:
     """A data module left with the default tokenizer takes the teacher's HF tokenizer (the one
     in an HF teacher directory, or the one its ``model_config.yaml`` names) when it exists."""
-    import os
-
     from kd_module.data.tokenizers import TokenizerConfig
+    from kd_module.hf.config import hf_tokenizer_dir
 
-    library = str(teacher_tokenizer.get("library") or "").lower()
-    path = teacher_tokenizer.get("path") or teacher_tokenizer.get("type")
-    if getattr(data, "tokenizer_given", True) or library not in ("huggingface", "hf"):
+    path = hf_tokenizer_dir(teacher_tokenizer)
+    if getattr(data, "tokenizer_given", True) or path is None:
         return
-    if not path or not os.path.isdir(str(path)):
-        return
-    data.tokenizer = TokenizerConfig(library="huggingface", path=str(path))
+    data.tokenizer = TokenizerConfig(library="huggingface", path=path)
     data.tokenizer_given = True
     log.info("distill: the data uses the teacher's tokenizer %s", path)
 
@@ -429,17 +425,35 @@ STUDENT_FROM = ("init", "prune")
 the teacher pruned to its architecture."""
 
 
-def _single_rank_env() -> dict[str, str]:
-    """This process's environment without torchrun's variables, for a child process that must
-    not join the run's process group."""
-    import os
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+"""torchrun's per-process variables; a child process that keeps them would join the run's group."""
 
-    return {
+
+def run_single_rank(module_args: list[str], what: str) -> None:
+    """``python -m MODULE ARGS`` in a fresh single-rank process: this process's environment
+    without torchrun's variables, since this process's distributed state is the run's layout and
+    the child's work (pruning, HF export) runs at TP=1.
+
+    Raises:
+        RuntimeError: when the child fails, with ``what`` and the end of its stderr.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {
         key: value
         for key, value in os.environ.items()
         if key not in LAUNCHER_ENV
         and not key.startswith(("TORCHELASTIC_", "MASTER_", "TORCH_NCCL_"))
     }
+    done = subprocess.run(
+        [sys.executable, "-m", *module_args], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"distill: {what} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+        )
 
 
 def _pruned_student(
@@ -459,8 +473,6 @@ def _pruned_student(
     """
     import os
     import pickle
-    import subprocess
-    import sys
 
     from kd_module.nemo_format.discovery import load_teacher_model_config
     from kd_module.pruning.minitron import target_problems
@@ -497,16 +509,12 @@ def _pruned_student(
                 )
             )
             log.info("distill: pruning the teacher into %s", output)
-            command = [sys.executable, "-m", "kd_module.pruning", str(request)]
-            finished = subprocess.run(
-                command, env=_single_rank_env(), capture_output=True, text=True, check=False
-            )
-            request.unlink(missing_ok=True)
-            if finished.returncode != 0:
-                raise RuntimeError(
-                    f"distill: pruning the teacher into {output} failed (exit "
-                    f"{finished.returncode}):\n{finished.stderr[-4000:]}"
+            try:
+                run_single_rank(
+                    ["kd_module.pruning", str(request)], f"pruning the teacher into {output}"
                 )
+            finally:
+                request.unlink(missing_ok=True)
         else:
             _wait_for(done, timeout_s=6 * 3600)
     pruned = load_teacher_model_config(None, student, str(output)).model
@@ -536,26 +544,14 @@ def _export_hf_problems(student: Any, output: str) -> list[str]:
     return problems
 
 
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
-"""torchrun's per-process variables; a child process that keeps them would join the run's group."""
-
-
 def export_hf_subprocess(student_dir: Path, output: str) -> Path:
-    """``python -m kd_module.hf export`` in a fresh single-rank process (this process's
-    distributed state is the run's layout, which the TP=1 conversion must not join)."""
-    import subprocess
-    import sys
-
-    env = _single_rank_env()
-    command = [sys.executable, "-m", "kd_module.hf", "export", str(student_dir), str(output)]
+    """``python -m kd_module.hf export`` in a fresh single-rank process."""
     log.info("distill: writing the student as an HF directory to %s", output)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"distill: the HF export of {student_dir} to {output} failed (exit "
-            f"{done.returncode}); the student checkpoint is complete, rerun `nemo kd export-hf "
-            f"checkpoint={student_dir} output={output}`:\n{done.stderr[-4000:]}"
-        )
+    run_single_rank(
+        ["kd_module.hf", "export", str(student_dir), str(output)],
+        f"the HF export of {student_dir} to {output} (the student checkpoint is complete; rerun "
+        f"`nemo kd export-hf checkpoint={student_dir} output={output}`)",
+    )
     return Path(output)
 
 

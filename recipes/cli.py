@@ -122,36 +122,43 @@ for _name in RECIPE_MODULES:
 for _callable in OVERRIDABLE:
     evaluate_annotations(_callable)
 
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="distill",
-    help="Distill a teacher into a student (pick a recipe with --factory NAME).",
-)(distill)
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="prepare-data",
-    help="Tokenize .jsonl/.txt files into a megatron .bin/.idx dataset.",
-    enable_executor=False,
-)(prepare_data_cli)
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="cache-teacher",
-    help="Cache a teacher's top-k logits for offline distillation (--factory NAME).",
-)(build_teacher_cache)
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="export-hf",
-    help="Write a student checkpoint as a Hugging Face model directory.",
-    enable_executor=False,
-)(export_hf_command)
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="import-hf",
-    help="Convert a Hugging Face model directory into a torch_dist checkpoint.",
-    enable_executor=False,
-)(import_hf_command)
-run.cli.entrypoint(
-    namespace=NAMESPACE,
-    name="prune",
-    help="Prune a teacher into a smaller student (Minitron; --factory NAME).",
-)(prune)
+COMMANDS = (
+    # (name, task, help, runs on an executor: --factory recipes, torchrun, Slurm)
+    (
+        "distill",
+        distill,
+        "Distill a teacher into a student (pick a recipe with --factory NAME).",
+        True,
+    ),
+    (
+        "prepare-data",
+        prepare_data_cli,
+        "Tokenize .jsonl/.txt files into a megatron .bin/.idx dataset.",
+        False,
+    ),
+    (
+        "cache-teacher",
+        build_teacher_cache,
+        "Cache a teacher's top-k logits for offline distillation (--factory NAME).",
+        True,
+    ),
+    ("prune", prune, "Prune a teacher into a smaller student (Minitron; --factory NAME).", True),
+    (
+        "export-hf",
+        export_hf_command,
+        "Write a student checkpoint as a Hugging Face model directory.",
+        False,
+    ),
+    (
+        "import-hf",
+        import_hf_command,
+        "Convert a Hugging Face model directory into a torch_dist checkpoint.",
+        False,
+    ),
+)
+"""The ``nemo kd`` sub-commands."""
+
+for _command, _task, _help, _executor in COMMANDS:
+    run.cli.entrypoint(namespace=NAMESPACE, name=_command, help=_help, enable_executor=_executor)(
+        _task
+    )

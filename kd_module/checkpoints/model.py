@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from kd_module.checkpoints.atomic import replace_directory, write_text_atomic
-from kd_module.models.gpt import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig, unwrap
 from kd_module.nemo_format.keys import MODEL_CONFIG_FILE
 from kd_module.nemo_format.writer import to_nemo_model_config
 from kd_module.parallel import collectives
@@ -199,13 +199,6 @@ def _raise_on_shape_mismatch(where: Any, mismatches: list[str]) -> None:
         )
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under megatron's DDP / Float16Module wrappers (they expose ``.module``)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _layout() -> tuple[int, int, int, int, bool]:
     """(tp size, tp rank, pp size, pp rank, writes legacy files) of this rank."""
     from megatron.core import parallel_state
@@ -256,7 +249,7 @@ def save_model_checkpoint(
     Examples:
         ``save_model_checkpoint(model, "/ckpt/student", model_config=student_config)``
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     return _save(
         model.sharded_state_dict if ckpt_format == "torch_dist" else model.state_dict,
         model,
@@ -648,7 +641,7 @@ def export_student(
     Examples:
         ``export_student(parts.model, "/ckpt/llama32_1b_distilled", student_config)``
     """
-    core = _unwrap(model)
+    core = unwrap(model)
 
     def student_state() -> dict[str, Any]:
         if not hasattr(core, "hide_teacher_model"):

@@ -375,13 +375,6 @@ def build_distillation_model(
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 
 
-def unwrap(model: Any) -> Any:
-    """The innermost module under megatron's DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def forward_backward(
     model: Any,
     data_iterator: Any,

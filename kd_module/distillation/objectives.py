@@ -290,7 +290,7 @@ class KDObjective(Objective):
             loss_mask: [b, s] float mask of the tokens that count.
             output_tensor: the student's per-token LM loss [b, s] (megatron's output with labels).
         """
-        from kd_module.distillation.model import unwrap
+        from kd_module.models.gpt import unwrap
 
         reduce = masked_sum(loss_mask)
         lm_sum = reduce(output_tensor)

@@ -288,3 +288,13 @@ def tokenizer_section(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_MARKERS):
         return {"library": "huggingface", "type": directory}
     return {}
+
+
+def hf_tokenizer_dir(section: dict[str, Any]) -> str | None:
+    """The local HF tokenizer directory a ``model_config.yaml`` tokenizer section names
+    (``library: huggingface`` with a ``path`` or ``type`` that is a directory), else ``None``."""
+    library = str(section.get("library") or "").lower()
+    path = section.get("path") or section.get("type")
+    if library in ("huggingface", "hf") and path and os.path.isdir(str(path)):
+        return str(path)
+    return None

@@ -31,6 +31,7 @@ from kd_module.hf.config import (
     architecture_for,
     export_problems,
     hf_config_from_gpt,
+    hf_tokenizer_dir,
 )
 from kd_module.models.gpt import GPTModelConfig
 
@@ -206,14 +207,6 @@ def _token_ids(tokenizer_dir: str | None) -> dict[str, Any]:
     }
 
 
-def _tokenizer_dir(section: dict[str, Any]) -> str | None:
-    library = str(section.get("library") or "").lower()
-    path = section.get("path") or section.get("type")
-    if library in ("huggingface", "hf") and path and os.path.isdir(str(path)):
-        return str(path)
-    return None
-
-
 def export_hf(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -268,7 +261,7 @@ def export_hf(
     tokenizer = (
         os.fspath(tokenizer_dir)
         if tokenizer_dir is not None
-        else _tokenizer_dir(resolved.tokenizer)
+        else hf_tokenizer_dir(resolved.tokenizer)
     )
 
     runtime.initialize_distributed(device="cpu")

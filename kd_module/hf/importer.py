@@ -28,7 +28,7 @@ from kd_module.hf.config import (
     tokenizer_section,
 )
 from kd_module.hf.weights import WeightFiles, weight_files, weight_problems
-from kd_module.models.gpt import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig, unwrap
 from kd_module.parallel import collectives
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,6 @@ def hf_model_config(
     return gpt_config_from_hf(
         read_hf_config(directory), seq_length, source=str(Path(directory) / "config.json")
     )
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _tensor_parallel_size() -> int:
@@ -166,7 +160,7 @@ def load_hf_weights(
             :func:`check_hf_checkpoint` finds.
     """
     directory = Path(directory)
-    core = _unwrap(model)
+    core = unwrap(model)
     files = check_hf_checkpoint(
         directory, config or _built_architecture(core), _tensor_parallel_size()
     )

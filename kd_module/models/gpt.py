@@ -14,6 +14,8 @@ from typing import Any
 from kd_module.rules import Problems
 
 ACTIVATIONS = ("gelu", "fast-gelu", "swiglu", "fast-swiglu", "geglu", "squared-relu", "relu")
+GATED_ACTIVATIONS = ("swiglu", "fast-swiglu", "geglu")
+"""Gated linear units: ``linear_fc1`` holds a gate and an up half of ``ffn_hidden_size`` rows."""
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -410,16 +412,27 @@ def _activation_fields(activation: str) -> dict[str, Any]:
     def fast_gelu(x: Any) -> Any:
         return F.gelu(x, approximate="tanh")
 
-    table = {
-        "gelu": {"activation_func": F.gelu, "gated_linear_unit": False},
-        "fast-gelu": {"activation_func": fast_gelu, "gated_linear_unit": False},
-        "relu": {"activation_func": F.relu, "gated_linear_unit": False},
-        "squared-relu": {"activation_func": squared_relu, "gated_linear_unit": False},
-        "swiglu": {"activation_func": F.silu, "gated_linear_unit": True},
-        "fast-swiglu": {"activation_func": F.silu, "gated_linear_unit": True},
-        "geglu": {"activation_func": F.gelu, "gated_linear_unit": True},
+    functions = {
+        "gelu": F.gelu,
+        "fast-gelu": fast_gelu,
+        "relu": F.relu,
+        "squared-relu": squared_relu,
+        "swiglu": F.silu,
+        "fast-swiglu": F.silu,
+        "geglu": F.gelu,
     }
-    return dict(table[activation])
+    return {
+        "activation_func": functions[activation],
+        "gated_linear_unit": activation in GATED_ACTIVATIONS,
+    }
+
+
+def unwrap(model: Any) -> Any:
+    """The innermost module under megatron's DDP / Float16Module wrappers (they expose
+    ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def transformer_config(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd_module.models.gpt import GPTModelConfig
+from kd_module.models.gpt import GATED_ACTIVATIONS, GPTModelConfig, unwrap
 from kd_module.rules import Problems
 
 PRUNED_FIELDS = (
@@ -59,7 +59,7 @@ KEPT_FIELDS = (
 )
 """Fields the pruned model inherits unchanged (a target that differs in one is refused)."""
 
-GATED = ("swiglu", "fast-swiglu", "geglu")
+GATED = GATED_ACTIVATIONS
 """Activations whose ``linear_fc1`` holds two halves (gate, up) of ``ffn_hidden_size`` rows."""
 
 
@@ -217,12 +217,6 @@ def pruned_config(teacher: GPTModelConfig, target: GPTModelConfig) -> GPTModelCo
 # ---------------------------------------------------------------- importance
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @dataclass
 class Importance:
     """Activation importance of one model: L2 norms over every calibration token."""
@@ -268,7 +262,7 @@ def activation_importance(model: torch.nn.Module, batches: Any) -> Importance:
     Returns:
         The :class:`Importance` (fp64 sums, square-rooted).
     """
-    core = _unwrap(model)
+    core = unwrap(model)
     config = core.config
     layers = list(core.decoder.layers)
     heads, dim = config.num_attention_heads, config.kv_channels
@@ -490,9 +484,9 @@ def copy_pruned_weights(
 ) -> None:
     """Fill ``student_model`` (built for ``plan.config``) with ``teacher_model``'s kept weights
     (both local-spec stages holding the whole model)."""
-    source = _unwrap(teacher_model).state_dict()
+    source = unwrap(teacher_model).state_dict()
     with torch.no_grad():
-        for name, tensor in _unwrap(student_model).state_dict().items():
+        for name, tensor in unwrap(student_model).state_dict().items():
             if "_extra_state" in name:
                 continue
             cut = pruned_tensor(name, source[teacher_name(name, plan)], plan, teacher)
@@ -504,18 +498,12 @@ def copy_pruned_weights(
             tensor.copy_(cut)
 
 
-def kept_fraction(plan: PrunePlan, teacher: GPTModelConfig, vocab_size: int) -> float:
-    """The pruned model's share of the teacher's parameters."""
-    return parameter_count(plan.config, vocab_size) / parameter_count(teacher, vocab_size)
-
-
 __all__ = [
     "Importance",
     "PrunePlan",
     "activation_importance",
     "budget_target",
     "copy_pruned_weights",
-    "kept_fraction",
     "parameter_count",
     "plan_pruning",
     "pruned_config",

@@ -26,9 +26,9 @@ import lightning as L
 import torch
 
 from kd_module.distillation.config import DistillConfig, load_distill_config
-from kd_module.distillation.model import build_distillation_model, forward_backward, unwrap
+from kd_module.distillation.model import build_distillation_model, forward_backward
 from kd_module.distillation.objectives import REPORT_KEYS, KDObjective, LMObjective, Objective
-from kd_module.models.gpt import GPTModelConfig
+from kd_module.models.gpt import GPTModelConfig, unwrap
 from kd_module.parallel.timing import synchronized_perf_counter
 from kd_module.training.optim import (
     MegatronOptimizerAdapter,

@@ -328,7 +328,7 @@ def test_shrunk_padded_vocab_pair_distills_through_the_trainer():
     import lightning as L
 
     from kd_module.data import GPTDataModule
-    from kd_module.distillation.model import unwrap
+    from kd_module.models.gpt import unwrap
     from kd_module.training.module import DistillationModule
     from kd_module.training.optim import OptimizerConfig
     from kd_module.training.strategy import MegatronStrategy
