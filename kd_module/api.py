@@ -395,7 +395,7 @@ def distill(
     if job.export:
         module.export_dir = str(run_dir / "student")
         module.export_tokenizer = data.tokenizer.to_dict()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    _fit(trainer, module, data, ckpt_path, checkpoint_dir if job.checkpoint_every_n_steps else None)
     summary = build_summary(module, data, trainer, time.perf_counter() - start)
     if job.export_hf is not None and trainer.is_global_zero:
         summary["export_hf"] = str(export_hf_subprocess(run_dir / "student", job.export_hf))
@@ -404,6 +404,30 @@ def distill(
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
         log.info("distill: summary written to %s", run_dir / SUMMARY_FILE)
     return summary
+
+
+def _fit(trainer: Any, module: Any, data: Any, ckpt_path: str | None, checkpoint_dir: Any) -> None:
+    """``trainer.fit``; a collective that lost its peer (a rank or a node died) is raised as
+    :class:`~kd_module.parallel.collectives.PeerLostError`, saying where a rerun resumes."""
+    from kd_module.parallel.collectives import is_peer_lost, peer_lost_error
+
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except Exception as error:
+        if trainer.world_size == 1 or not is_peer_lost(error):
+            raise
+        resume_from = "the start (this run writes no checkpoints)"
+        if checkpoint_dir is not None:
+            from kd_module.checkpoints.run import latest_checkpoint
+
+            latest = latest_checkpoint(checkpoint_dir)
+            resume_from = (
+                f"the last complete checkpoint {latest}"
+                if latest is not None
+                else f"the start (no complete checkpoint in {checkpoint_dir} yet)"
+            )
+        timeout = getattr(trainer.strategy, "timeout_minutes", None)
+        raise peer_lost_error(error, timeout, resume_from) from error
 
 
 def _adopt_teacher_tokenizer(data: Any, teacher_tokenizer: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from kd_module.parallel.collectives import all_gather_object
+from kd_module.parallel.collectives import PeerLostError, all_gather_object
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     NonFiniteLossError,
     TeacherIntegrityError,
+    PeerLostError,
 )
 """Errors that describe a problem with the run's inputs or its outcome, not a bug."""
 

@@ -260,6 +260,19 @@ class RunCheckpoint(ModelCheckpoint):
         )
         self.keep_last = keep_last
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Adopt the ``last`` link a previous fit left in the directory (a resumed run).
+
+        Runs after the callback state is restored. Lightning keeps the link's path in its state
+        only once it has made one; a run resumed from a checkpoint saved before that would find
+        ``last`` taken and link ``last-v1`` instead, leaving ``last`` at an old step.
+        """
+        super().on_train_start(trainer, pl_module)
+        if self.dirpath is not None:
+            last = Path(self.dirpath) / self.CHECKPOINT_NAME_LAST
+            if last.is_symlink():
+                self.last_model_path = str(last)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Save the final state unless the last interval already did."""
         if (

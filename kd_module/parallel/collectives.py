@@ -57,3 +57,59 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- a lost peer
+PEER_LOST_SIGNS = (
+    "connection closed by peer",  # gloo: the peer's process is gone (its socket closed)
+    "connection reset by peer",
+    "application timeout caused pair closure",  # gloo: the peer stopped answering
+    "timed out waiting",
+    "watchdog caught collective operation timeout",  # NCCL
+    "nccl communicator was aborted",
+    "broken pipe",
+)
+"""Lower-case fragments of the errors torch.distributed raises when a peer rank disappears."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank (its process, or its whole node) is gone."""
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a collective losing its peer."""
+    import torch.distributed as dist
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, dist.DistBackendError | dist.DistNetworkError):
+            return True
+        text = str(current).lower()
+        if isinstance(current, RuntimeError) and any(sign in text for sign in PEER_LOST_SIGNS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def peer_lost_error(
+    error: BaseException, timeout_minutes: float, resume_from: str
+) -> PeerLostError:
+    """The error a surviving rank raises instead of ``error`` when a peer is gone.
+
+    Args:
+        error: what the collective raised.
+        timeout_minutes: the process group's timeout (``MegatronStrategy(timeout_minutes=...)``):
+            the longest a rank waits for a peer that stopped answering without closing its
+            connections.
+        resume_from: where a rerun with ``resume`` continues (the last complete checkpoint),
+            in words.
+    """
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PeerLostError(
+        f"rank {rank()} of {world_size()}: a peer rank is gone (its process or its node died, or "
+        f"it did not answer within timeout_minutes={timeout_minutes}); this job cannot go on. "
+        f"Rerun the same command with resume to continue from {resume_from}. "
+        f"The collective said: {first_line}"
+    )

@@ -253,6 +253,22 @@ class MegatronStrategy(DDPStrategy):
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         return tensor  # metrics are reduced by the module across megatron's groups
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002
+        """Whether every rank (``all``) or any rank decided ``decision``, over the whole world.
+
+        Lightning's ``DDPStrategy`` counts the votes with :meth:`reduce`, which here leaves
+        tensors as they are: one vote never equals the world size, so on more than one rank
+        ``ModelCheckpoint`` stopped saving once it held ``keep_last`` checkpoints. The votes are
+        summed here instead.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return bool(decision)
+        votes = torch.tensor(int(bool(decision)), device=self.root_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        return bool(votes == dist.get_world_size()) if all else bool(votes > 0)
+
     def teardown(self) -> None:
         """Release megatron's state; the model stays where it is.
 
