@@ -57,6 +57,7 @@ LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 
 __all__ = [
     "LOSS_TYPES",
+    "FusedLogitsLoss",
     "KDLogitsCriterion",
     "LogitsKDLoss",
     "reference_logits_kd_loss",
@@ -1067,6 +1068,15 @@ def reference_logits_kd_loss(
     raise ValueError(f"reference_logits_kd_loss: loss_type={loss_type!r} not in {LOSS_TYPES}")
 
 
+@dataclass
+class FusedLogitsLoss:
+    """The per-token logits loss [s, b] a fused pass already computed (see
+    :mod:`kd_module.distillation.fused`); ModelOpt's capture hook hands it to the criterion in
+    place of the student's logits."""
+
+    per_token: Tensor
+
+
 class KDLogitsCriterion(BaseLoss):
     """Adapter that plugs :class:`LogitsKDLoss` into a ModelOpt ``DistillationModel`` criterion.
 
@@ -1087,10 +1097,14 @@ class KDLogitsCriterion(BaseLoss):
         self.loss = loss
 
     def forward(self, predictions: Any, targets: Any) -> tuple[Tensor, bool, bool]:
-        """Loss between output-layer outputs (tensors or ``(logits, bias)`` tuples).
+        """Loss between output-layer outputs (tensors or ``(logits, bias)`` tuples), or the
+        :class:`FusedLogitsLoss` the fused pass left in place of the student's.
 
         Returns:
             ``(loss [b, s], False, False)``: already reduced over TP, not sequence-parallel.
         """
+        fused = predictions[0] if isinstance(predictions, tuple) else predictions
+        if isinstance(fused, FusedLogitsLoss):
+            return self.post_forward(fused.per_token, tp_reduce=False)
         predictions, targets = self.pre_forward(predictions, targets)
         return self.post_forward(self.loss(predictions, targets), tp_reduce=False)
