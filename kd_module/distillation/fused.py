@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from kd_module.distillation.losses import FusedLogitsLoss, LogitsKDLoss
+from kd_module.upstream.modelopt import captured_output, replace_captured_output
 
 __all__ = ["OutputLayerInput", "install_fused_logits_loss"]
 
@@ -109,7 +110,7 @@ def _fused_language_model_loss(self: Any, labels: Tensor, logits: Any) -> Tensor
     fusion = self._fusion
     if not isinstance(logits, OutputLayerInput):
         return fusion.language_model_loss(labels, logits)
-    captured = fusion.teacher_layer._intermediate_output
+    captured = captured_output(fusion.teacher_layer)
     if captured is None or not isinstance(captured[0], OutputLayerInput):
         raise RuntimeError(
             "fused logits loss: the teacher's output layer input was not captured before the "
@@ -125,7 +126,7 @@ def _fused_language_model_loss(self: Any, labels: Tensor, logits: Any) -> Tensor
         labels.transpose(0, 1),
         sequence_parallel=student.sequence_parallel,
     )
-    fusion.student_layer._intermediate_output = (FusedLogitsLoss(kd_loss), None)
+    replace_captured_output(fusion.student_layer, (FusedLogitsLoss(kd_loss), None))
     in_objective = not self.training or self._lm_loss_in_objective
     return (lm_loss if in_objective else lm_loss.detach()).transpose(0, 1).contiguous()
 
