@@ -54,6 +54,11 @@ from modelopt.torch.distill.plugins.megatron import BaseLoss
 from torch import Tensor
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+FUSED_CHUNK_BYTES = 128 * 1024 * 1024
+"""The fused pass keeps one fp32 ``[chunk, local_vocab]`` buffer within this: its chunk is
+``chunk_size`` tokens or fewer (256 tokens at a 131072-entry shard, 1024 up to 32768 entries).
+It holds about four such buffers at once (the two models' logits, the divergence's work space),
+whatever the token count; the projections' matrix products stay large enough to run at speed."""
 
 __all__ = [
     "LOSS_TYPES",
@@ -918,7 +923,8 @@ class LogitsKDLoss(torch.nn.Module):
         teacher_weight.T``, and the student's LM cross entropy, without either model's logits.
 
         Both output projections run inside the chunked loss (see :class:`_FusedKDFunction`): the
-        extra memory is a few ``[chunk_size, local_vocab]`` buffers whatever the token count.
+        extra memory is a few ``[chunk, local_vocab]`` buffers whatever the token count, with the
+        chunk at most ``chunk_size`` tokens and capped by :data:`FUSED_CHUNK_BYTES`.
         The inputs are what megatron's ``ColumnParallelLinear`` output layer receives, so under
         tensor parallelism the hidden states are replicated on every TP rank (or, with sequence
         parallelism, split along the sequence and gathered here, as the output layer would) and
@@ -999,8 +1005,11 @@ class LogitsKDLoss(torch.nn.Module):
             # Nothing to reduce; ranks agree on the token count, so skipping comms is safe.
             empty = (hidden @ student_weight.t()).float().sum(dim=-1).reshape(token_shape) * 0.0
             return empty, (None if labels is None else empty.clone())
+        chunk_size = min(
+            self.chunk_size, max(1, FUSED_CHUNK_BYTES // (4 * student_weight.shape[0]))
+        )
         spec = _FusedSpec(
-            _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size),
+            _KDSpec(self.loss_type, self.temperature, self.jsd_beta, chunk_size),
             self.top_k,
             with_lm_loss=labels is not None,
         )
