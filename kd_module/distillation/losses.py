@@ -708,13 +708,16 @@ class _FusedKDFunction(torch.autograd.Function):
         for start in _chunks(num_tokens, spec.kd.chunk_size):
             rows = slice(start, start + spec.kd.chunk_size)
             student = student_hidden[rows] @ student_weight.t()
-            grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
             stats = tuple(kd_stats[:, rows])
             if grad_kd is not None and spec.top_k is None:
+                # Every entry is written: no zero fill of a [chunk, v_local] buffer.
+                grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
                 teacher = teacher_hidden[rows] @ teacher_weight.t()
                 _dense_backward(student, teacher, spec.kd, stats, grad_kd[rows], out=grad)
                 del teacher
-            elif grad_kd is not None:
+            else:
+                grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+            if grad_kd is not None and spec.top_k is not None:
                 top_student, top_teacher = top_values[:, rows]
                 top_grad = _dense_backward(top_student, top_teacher, inner, stats, grad_kd[rows])
                 local = top_index[rows] - offset
@@ -739,8 +742,11 @@ class _FusedKDFunction(torch.autograd.Function):
                 )
             del student
             grad = grad.to(student_weight.dtype)
-            grad_hidden[rows] = grad @ student_weight
-            grad_weight.add_(grad.t() @ student_hidden[rows])
+            torch.matmul(grad, student_weight, out=grad_hidden[rows])
+            if grad.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), student_hidden[rows])
+            else:  # bf16 / fp16 products, accumulated over the chunks in fp32
+                grad_weight.add_(grad.t() @ student_hidden[rows])
             del grad
         return grad_hidden, grad_weight.to(student_weight.dtype), *([None] * 5)
 
