@@ -93,8 +93,8 @@ class DistillConfig:
     loss from the same pass; ``chunked`` computes the output layers' logits and our chunked loss
     over them; ``modelopt`` uses ModelOpt's ``LogitsKLLoss`` / ``TopKLogitsKLLoss`` (forward KL
     only); ``auto`` picks ``fused`` where it applies (``logit_layers`` are the output layers and
-    both models pad the vocabulary alike) and ``chunked`` otherwise (see
-    ``kd_module.distillation.model.resolve_logit_loss_impl``)."""
+    both models pad the vocabulary alike) at a vocabulary of 32768 entries or more, and
+    ``chunked`` otherwise (see ``kd_module.distillation.model.resolve_logit_loss_impl``)."""
 
     def __post_init__(self) -> None:
         problems = _field_problems(

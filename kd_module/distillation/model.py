@@ -119,19 +119,30 @@ def _projection_layer(student: Any, teacher: Any) -> torch.nn.Module:
     return projection.to(device=reference.device, dtype=student.config.params_dtype)
 
 
-def resolve_logit_loss_impl(distill: DistillConfig, shared_vocab_size: int | None) -> str:
+FUSED_MIN_VOCAB = 32768
+"""From this padded vocabulary size on, ``logit_loss_impl: auto`` fuses the logits loss."""
+
+
+def resolve_logit_loss_impl(
+    distill: DistillConfig, shared_vocab_size: int | None, vocab_size: int | None = None
+) -> str:
     """The logits loss implementation ``distill.logit_loss_impl`` names, ``auto`` resolved.
 
-    ``auto`` is ``fused`` wherever it applies: ``logit_layers`` are both models' output layers
-    and the two vocabularies are padded alike (``shared_vocab_size`` is ``None``: nothing to
-    cut). It is chosen there because it is never worse on memory and measured not slower:
-    ``bench.kd_loss`` (vocab 131072, 4096 tokens, width 512) and ``bench.step_memory`` in
-    ``bench/RESULTS.md``. Elsewhere ``auto`` is ``chunked`` (logits, then the chunked loss).
+    ``auto`` is ``fused`` where it applies (``logit_layers`` are both models' output layers and
+    the two vocabularies are padded alike: ``shared_vocab_size`` is ``None``) and the padded
+    vocabulary has at least :data:`FUSED_MIN_VOCAB` entries; ``chunked`` otherwise. What was
+    measured (``bench/RESULTS.md``): fusing removes both models' ``[tokens, vocab]`` logits from
+    the step (a whole step's peak memory 0.14x the chunked path's at vocab 131072, width 512,
+    4096 tokens) but recomputes both output projections in backward, which costs time (that step
+    took 1.4x as long on CPU). At a large vocabulary the logits are the step's largest tensors and
+    the memory is what limits batch and sequence length, so ``auto`` fuses; at a small one the
+    logits are small and the chunked path is the faster choice.
 
     Args:
         distill: the distillation config.
         shared_vocab_size: the vocabulary the loss is cut to when the paddings differ, else
             ``None`` (as :func:`build_distillation_model` passes it to the criterion).
+        vocab_size: the student's padded vocabulary (``None``: unknown, treated as large).
 
     Returns:
         ``"fused"``, ``"chunked"`` or ``"modelopt"``.
@@ -142,7 +153,8 @@ def resolve_logit_loss_impl(distill: DistillConfig, shared_vocab_size: int | Non
     impl = distill.logit_loss_impl
     if impl == "auto":
         fusable = list(distill.logit_layers) == OUTPUT_LAYERS and shared_vocab_size is None
-        return "fused" if fusable else "chunked"
+        large = vocab_size is None or vocab_size >= FUSED_MIN_VOCAB
+        return "fused" if fusable and large else "chunked"
     if impl in ("fused", "modelopt") and shared_vocab_size is not None:
         raise ValueError(
             f"distill config: logit_loss_impl={impl!r} needs teacher and student vocabularies "
@@ -169,7 +181,7 @@ def build_criterion(
     """
     from kd_module.distillation.losses import KDLogitsCriterion
 
-    if resolve_logit_loss_impl(distill, shared_vocab_size) == "modelopt":
+    if distill.logit_loss_impl == "modelopt":
         temperature = distill.logit_kl_temperature
         if distill.logit_kl_topk is None:
             logits_criterion = mtd_megatron.LogitsKLLoss(student.config, temperature=temperature)
@@ -377,7 +389,8 @@ def build_distillation_model(
     # Equal tables are compared whole (today's loss, bit for bit); only differently padded ones
     # need the cut to the shared vocabulary.
     loss_vocab = None if student_vocab == teacher_vocab else shared_vocab_size
-    logit_loss_impl = resolve_logit_loss_impl(distill, loss_vocab)  # refused here, before building
+    # Refused here, before anything is built.
+    logit_loss_impl = resolve_logit_loss_impl(distill, loss_vocab, student_vocab)
     problems = student_config.layout_problems(
         layout.tensor_model_parallel_size,
         layout.pipeline_model_parallel_size,

@@ -184,14 +184,17 @@ def test_bad_logit_loss_impl_is_refused(fields, message) -> None:
 
 
 def test_auto_resolution_and_padding_refusal() -> None:
-    """auto is fused for the output layers with equal paddings, chunked otherwise; fused and
-    modelopt are refused for differently padded vocabularies."""
+    """auto is fused for the output layers with equal paddings from a 32768-entry vocabulary,
+    chunked otherwise; fused and modelopt are refused for differently padded vocabularies."""
     from kd_module.distillation.model import resolve_logit_loss_impl
 
-    assert resolve_logit_loss_impl(DistillConfig(), None) == "fused"
-    assert resolve_logit_loss_impl(DistillConfig(), 151665) == "chunked"
+    assert resolve_logit_loss_impl(DistillConfig(), None, 131072) == "fused"
+    assert resolve_logit_loss_impl(DistillConfig(), None, 32768) == "fused"
+    assert resolve_logit_loss_impl(DistillConfig(), None, 32640) == "chunked"
+    assert resolve_logit_loss_impl(DistillConfig(), 151665, 152064) == "chunked"
     other_layers = DistillConfig(logit_layers=["decoder.final_layernorm"] * 2)
-    assert resolve_logit_loss_impl(other_layers, None) == "chunked"
+    assert resolve_logit_loss_impl(other_layers, None, 131072) == "chunked"
+    assert resolve_logit_loss_impl(DistillConfig(logit_loss_impl="fused"), None, 128) == "fused"
     for impl in ("fused", "modelopt"):
         with pytest.raises(ValueError, match=rf"logit_loss_impl='{impl}' needs .* padded alike"):
             resolve_logit_loss_impl(DistillConfig(logit_loss_impl=impl), 151665)
