@@ -90,7 +90,7 @@ class OverheadCase:
     lr: float = 1e-4
     """Adam learning rate of both optimizers (small: the weights barely move across repeats)."""
     logit_loss_impl: str = "auto"
-    """The distillation config's ``logit_loss_impl`` (``auto`` resolves to ``chunked`` at vocabulary 8192)."""
+    """The distillation config's ``logit_loss_impl`` (``auto``: ``chunked`` at vocabulary 8192)."""
 
     def __post_init__(self) -> None:
         problems = []
