@@ -19,9 +19,12 @@ student module (inside the KD step the teacher runs before the student's embeddi
 span holds the student alone). Both forwards are training-mode forwards with autograd on.
 
 A breakdown says where the time goes: teacher forward inside the KD step, the KD loss
-(``compute_kd_loss``: criteria and balancer), the student's LM loss (computed on an fp32 copy
-of the logits inside the KD step, for logging), the optimizer step, and the rest (backward and
-schedule). ``--chunk-sizes`` adds KD steps with other loss chunk sizes.
+(``compute_kd_loss``: criteria and balancer), the student's LM loss (inside the KD step with
+``--logit-loss-impl chunked``, the default ``auto``'s choice at vocabulary 8192: computed from
+the logits, for logging; with ``fused`` this span is the whole fused pass: both projections, the
+divergence and the LM loss, and ``compute_kd_loss`` only picks its result up), the optimizer
+step, and the rest (backward and schedule). ``--chunk-sizes`` adds KD steps with other loss
+chunk sizes.
 
 The last line of stdout is one JSON object::
 
@@ -86,6 +89,8 @@ class OverheadCase:
     """Tokens per chunk of the logits KD loss (``build_distillation_model``'s default)."""
     lr: float = 1e-4
     """Adam learning rate of both optimizers (small: the weights barely move across repeats)."""
+    logit_loss_impl: str = "auto"
+    """The distillation config's ``logit_loss_impl`` (``auto``: ``chunked`` at vocabulary 8192)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -197,6 +202,7 @@ class _Bench:
     """The three models, their optimizers and the stopwatches hooked into them."""
 
     def __init__(self, case: OverheadCase) -> None:
+        from kd_module.distillation.config import DistillConfig
         from kd_module.distillation.model import build_distillation_model
         from kd_module.models.gpt import build_model
         from tests.helpers import init_weights_by_global_key
@@ -209,6 +215,7 @@ class _Bench:
         self.kd = build_distillation_model(
             case.student,
             case.teacher,
+            DistillConfig(logit_loss_impl=case.logit_loss_impl),
             student_init=lambda m: init_weights_by_global_key(m, seed=STUDENT_SEED),
             teacher_loader=lambda m: init_weights_by_global_key(m, seed=TEACHER_SEED),
             loss_chunk_size=case.loss_chunk_size,
@@ -535,6 +542,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="torch intra-op threads (default 1: steadier on a shared machine)",
     )
     parser.add_argument(
+        "--logit-loss-impl",
+        default="auto",
+        choices=("auto", "fused", "chunked", "modelopt"),
+        help="the distillation config's logit_loss_impl (default auto: chunked at vocabulary 8192)",
+    )
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        help="student hidden size (teacher: twice it); default 256 (quick 32)",
+    )
+    parser.add_argument(
         "--chunk-sizes",
         type=int,
         nargs="*",
@@ -545,6 +563,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(QUICK_CASE) if options.quick else {}
     if options.repeats is not None:
         overrides["repeats"] = options.repeats
+    overrides["logit_loss_impl"] = options.logit_loss_impl
+    if options.hidden_size is not None:
+        base = OverheadCase(**overrides)
+        width = options.hidden_size
+        overrides["student"] = base.student.replace(hidden_size=width)
+        overrides["teacher"] = base.teacher.replace(hidden_size=2 * width)
     case = OverheadCase(**overrides)
     torch.set_num_threads(options.threads)
     load_before = os.getloadavg()

@@ -2,7 +2,7 @@
 
 The file format is Megatron-LM's ``--export-kd-distill-cfg`` (``logit_layers``,
 ``intermediate_layer_pairs``, ``skip_lm_loss``, ``kd_loss_scale``, ``logit_kl_temperature``)
-plus three keys of our own (``logit_kl_topk``, ``logit_loss``, ``jsd_beta``)::
+plus four keys of our own (``logit_kl_topk``, ``logit_loss``, ``jsd_beta``, ``logit_loss_impl``)::
 
     logit_layers: ["output_layer", "output_layer"]
     intermediate_layer_pairs:
@@ -35,6 +35,10 @@ INTERMEDIATE_LOSSES = ("cosine", "mse")
 """Loss names allowed as the third item of an intermediate layer pair (ModelOpt's names)."""
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 """Allowed values of ``logit_loss``."""
+LOGIT_LOSS_IMPLS = ("auto", "fused", "chunked", "modelopt")
+"""Allowed values of ``logit_loss_impl`` (see :attr:`DistillConfig.logit_loss_impl`)."""
+OUTPUT_LAYERS = ["output_layer", "output_layer"]
+"""``logit_layers`` naming both models' output layers: what the fused logits loss needs."""
 
 # A transformer layer inside a megatron model: ``decoder.layers.<index>`` (the index is global in
 # this file; megatron numbers layers locally on each pipeline stage).
@@ -82,6 +86,15 @@ class DistillConfig:
     jsd_beta: float = 0.5
     """Mixing weight of the generalized JSD, strictly between 0 and 1 (used when ``logit_loss``
     is ``jsd``)."""
+
+    logit_loss_impl: str = "auto"
+    """How the logits loss is computed: ``fused`` runs both models' output projections inside the
+    chunked loss, so neither model's full logits exist, and takes the logged (or trained) LM
+    loss from the same pass; ``chunked`` computes the output layers' logits and our chunked loss
+    over them; ``modelopt`` uses ModelOpt's ``LogitsKLLoss`` / ``TopKLogitsKLLoss`` (forward KL
+    only); ``auto`` picks ``fused`` where it applies (``logit_layers`` are the output layers and
+    both models pad the vocabulary alike) at a vocabulary of 32768 entries or more, and
+    ``chunked`` otherwise (see ``kd_module.distillation.model.resolve_logit_loss_impl``)."""
 
     def __post_init__(self) -> None:
         problems = _field_problems(
@@ -164,6 +177,7 @@ class DistillConfig:
             "logit_kl_topk": self.logit_kl_topk,
             "logit_loss": self.logit_loss,
             "jsd_beta": self.jsd_beta,
+            "logit_loss_impl": self.logit_loss_impl,
         }
 
     @property
@@ -409,4 +423,16 @@ def _field_problems(values: dict[str, Any]) -> list[str]:
     beta = values["jsd_beta"]
     if not _is_number(beta) or not 0 < beta < 1:
         out.append(f"jsd_beta={beta!r} must be a number strictly between 0 and 1")
+    impl = values["logit_loss_impl"]
+    if out.one_of("logit_loss_impl", impl, LOGIT_LOSS_IMPLS):
+        if impl == "modelopt" and values["logit_loss"] != "forward_kl":
+            out.append(
+                f"logit_loss_impl='modelopt' computes forward_kl only, not "
+                f"logit_loss={values['logit_loss']!r}; use logit_loss_impl auto, fused or chunked"
+            )
+        if impl == "fused" and isinstance(layers, (list, tuple)) and list(layers) != OUTPUT_LAYERS:
+            out.append(
+                f"logit_loss_impl='fused' needs logit_layers={OUTPUT_LAYERS!r} (it replaces the "
+                f"output projections), got {list(layers)!r}; use logit_loss_impl auto or chunked"
+            )
     return out

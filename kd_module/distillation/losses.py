@@ -22,8 +22,9 @@ With ``top_k``, both distributions are restricted to the teacher's global top-k 
 entries and renormalized over them before the divergence (``forward_kl`` then matches
 ModelOpt's ``TopKLogitsKLLoss``).
 
-:meth:`LogitsKDLoss.forward_from_hidden` also fuses the student's output projection into the
-chunked loss (``hidden_states @ weight.T`` per chunk), so full student logits never exist.
+:meth:`LogitsKDLoss.forward_from_hidden` also fuses both models' output projections into the
+chunked loss (``hidden_states @ weight.T`` per chunk, student and teacher) and computes the
+student's LM cross entropy in the same pass, so neither model's full logits ever exist.
 
 Non-finite inputs: each token is computed on its own, so a NaN or ``+inf`` logit makes that
 token's loss and gradient row NaN and leaves every other token untouched. A ``-inf`` logit is a
@@ -53,9 +54,15 @@ from modelopt.torch.distill.plugins.megatron import BaseLoss
 from torch import Tensor
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+FUSED_CHUNK_BYTES = 128 * 1024 * 1024
+"""The fused pass keeps one fp32 ``[chunk, local_vocab]`` buffer within this: its chunk is
+``chunk_size`` tokens or fewer (256 tokens at a 131072-entry shard, 1024 up to 32768 entries).
+It holds about four such buffers at once (the two models' logits, the divergence's work space),
+whatever the token count; the projections' matrix products stay large enough to run at speed."""
 
 __all__ = [
     "LOSS_TYPES",
+    "FusedLogitsLoss",
     "KDLogitsCriterion",
     "LogitsKDLoss",
     "reference_logits_kd_loss",
@@ -561,50 +568,187 @@ class _TopKLogitsKDFunction(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None
 
 
-class _FusedProjectionKDFunction(torch.autograd.Function):
-    """Output projection fused into the loss: full student logits never exist.
+def _local_targets(labels: Tensor, local_vocab: int, group: Any) -> tuple[Tensor, Tensor]:
+    """This rank's column of each label (clamped into the shard) and whether the rank owns it."""
+    local = labels - (0 if group is None else dist.get_rank(group)) * local_vocab
+    owned = (local >= 0) & (local < local_vocab)
+    return local.clamp(0, max(local_vocab - 1, 0)), owned
 
-    Per chunk of tokens it computes ``hidden[chunk] @ weight.T`` (this rank's vocab shard), the
-    loss statistics of those tokens, and drops the chunk; backward recomputes each chunk's logits,
-    their gradient, and accumulates the hidden-state and weight gradients. Tokens are independent,
-    so running the full-vocabulary loss per chunk is exact.
+
+def _chunk_cross_entropy(
+    logits: Tensor, local_target: Tensor, owned: Tensor, group: Any
+) -> tuple[Tensor, Tensor]:
+    """Cross entropy and log-sum-exp (temperature 1) of one chunk of vocab-parallel logits.
+
+    The steps of megatron's ``vocab_parallel_cross_entropy`` (fp32, global max subtracted,
+    ``log(sum exp) - target logit``, sums over the TP group) on ``[chunk, v_local]`` logits.
+    """
+    shifted = logits.to(torch.float32, copy=True)
+    maxima = _all_reduce(_row_max(shifted), dist.ReduceOp.MAX, group)
+    shifted.sub_(maxima.unsqueeze(-1))
+    sums = torch.empty(2, shifted.shape[0], dtype=torch.float32, device=shifted.device)
+    picked = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    sums[1] = picked.masked_fill_(~owned, 0.0)
+    sums[0] = shifted.exp_().sum(dim=-1)
+    del shifted
+    sum_exp, target_logit = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    log_sum_exp = torch.log(sum_exp)
+    return log_sum_exp - target_logit, maxima + log_sum_exp
+
+
+@dataclass(frozen=True)
+class _FusedSpec:
+    """What the fused pass computes besides the divergence (see :class:`_FusedKDFunction`)."""
+
+    kd: _KDSpec
+    """Divergence, temperature and chunk size."""
+    top_k: int | None
+    """Restrict the divergence to the teacher's global top-k entries, or ``None``."""
+    with_lm_loss: bool
+    """Also compute the student's cross entropy against the labels."""
+
+
+class _FusedKDFunction(torch.autograd.Function):
+    """Both output projections, the divergence and the LM cross entropy in one chunked pass.
+
+    Per chunk of tokens it computes the student's and the teacher's logits shards
+    (``hidden[chunk] @ weight.T``), the chunk's divergence (full vocabulary or the teacher's
+    top-k) and cross entropy, and drops the logits. It keeps per-token statistics only (and, for
+    top-k, the ``[tokens, k]`` selection); backward recomputes each chunk's logits, their
+    gradient (divergence plus cross entropy, as each output's incoming gradient asks) and
+    accumulates the student's hidden-state and weight gradients. Tokens are independent, so the
+    per-chunk computation is exact. The hidden-state gradient is this rank's vocabulary shard's
+    share; the caller sums it over the TP group (megatron's input mappings do).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: Tensor, weight: Tensor, teacher: Tensor, spec: _KDSpec, group: Any
-    ) -> Tensor:
-        losses, stats = [], []
-        for start in _chunks(hidden.shape[0], spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            loss, chunk_stats = _dense_forward(
-                hidden[rows] @ weight.t(), teacher[rows], spec, group
-            )
-            losses.append(loss)
-            stats.append(torch.stack(chunk_stats))
+        ctx: Any,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor,
+        spec: _FusedSpec,
+        group: Any,
+    ) -> tuple[Tensor, Tensor]:
+        num_tokens, local_vocab = student_hidden.shape[0], student_weight.shape[0]
+        chunk = spec.kd.chunk_size
+        kd_losses, kd_stats, top_k_saved = [], [], []
+        lm_loss = torch.zeros(num_tokens, dtype=torch.float32, device=student_hidden.device)
+        lm_log_sum_exp = torch.zeros_like(lm_loss)
+        local_target, owned = _local_targets(labels, local_vocab, group)
+        inner = replace(spec.kd, temperature=1.0)
+        for start in _chunks(num_tokens, chunk):
+            rows = slice(start, start + chunk)
+            student = student_hidden[rows] @ student_weight.t()
+            teacher = teacher_hidden[rows] @ teacher_weight.t()
+            if spec.top_k is None:
+                loss, stats = _dense_forward(student, teacher, spec.kd, group)
+            else:
+                selected = _top_k_candidates(student, teacher, spec.top_k, spec.kd, group)
+                del teacher
+                loss, stats = _dense_forward(selected[0], selected[1], inner, None)
+                top_k_saved.append(selected)
+            kd_losses.append(loss)
+            kd_stats.append(torch.stack(stats))
+            if spec.with_lm_loss:
+                lm_loss[rows], lm_log_sum_exp[rows] = _chunk_cross_entropy(
+                    student, local_target[rows], owned[rows], group
+                )
+            del student
         ctx.spec, ctx.group = spec, group
-        ctx.save_for_backward(hidden, weight, teacher, torch.cat(stats, dim=1))
-        return torch.cat(losses)
+        ctx.set_materialize_grads(False)
+        empty = student_hidden.new_empty(0)
+        top_values = (
+            torch.cat([torch.stack(pick[:2]) for pick in top_k_saved], dim=1)
+            if top_k_saved
+            else empty
+        )
+        top_index = torch.cat([pick[2] for pick in top_k_saved]) if top_k_saved else empty
+        ctx.save_for_backward(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            torch.cat(kd_stats, dim=1),
+            lm_log_sum_exp,
+            top_values,
+            top_index,
+        )
+        return torch.cat(kd_losses), lm_loss
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, teacher, stats = ctx.saved_tensors
-        spec = ctx.spec
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in _chunks(hidden.shape[0], spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            logits = hidden[rows] @ weight.t()
-            chunk_stats = tuple(stats[:, rows])
-            grad_logits = _dense_backward(logits, teacher[rows], spec, chunk_stats, grad_loss[rows])
-            del logits
-            grad_hidden[rows] = grad_logits @ weight
-            grad_weight.add_(grad_logits.t() @ hidden[rows])
-            del grad_logits
-        # Every TP rank holds the whole hidden state but only its vocab shard's contribution, as
-        # in the backward of megatron's ColumnParallelLinear input (copy to TP region).
-        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+    def backward(
+        ctx: Any, grad_kd: Tensor | None, grad_lm: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        (
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            kd_stats,
+            lm_log_sum_exp,
+            top_values,
+            top_index,
+        ) = ctx.saved_tensors
+        spec, group = ctx.spec, ctx.group
+        num_tokens, local_vocab = student_hidden.shape[0], student_weight.shape[0]
+        grad_hidden = torch.zeros_like(student_hidden)
+        grad_weight = torch.zeros(
+            student_weight.shape, dtype=torch.float32, device=student_weight.device
+        )
+        if grad_kd is None and grad_lm is None:
+            return grad_hidden, grad_weight.to(student_weight.dtype), *([None] * 5)
+        local_target, owned = _local_targets(labels, local_vocab, group)
+        inner = replace(spec.kd, temperature=1.0)
+        offset = (0 if group is None else dist.get_rank(group)) * local_vocab
+        for start in _chunks(num_tokens, spec.kd.chunk_size):
+            rows = slice(start, start + spec.kd.chunk_size)
+            student = student_hidden[rows] @ student_weight.t()
+            stats = tuple(kd_stats[:, rows])
+            if grad_kd is not None and spec.top_k is None:
+                # Every entry is written: no zero fill of a [chunk, v_local] buffer.
+                grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
+                teacher = teacher_hidden[rows] @ teacher_weight.t()
+                _dense_backward(student, teacher, spec.kd, stats, grad_kd[rows], out=grad)
+                del teacher
+            else:
+                grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+            if grad_kd is not None and spec.top_k is not None:
+                top_student, top_teacher = top_values[:, rows]
+                top_grad = _dense_backward(top_student, top_teacher, inner, stats, grad_kd[rows])
+                local = top_index[rows] - offset
+                chunk_owned = (local >= 0) & (local < local_vocab)
+                grad.scatter_add_(
+                    -1,
+                    local.clamp(0, local_vocab - 1),
+                    top_grad.div_(spec.kd.temperature).masked_fill_(~chunk_owned, 0.0),
+                )
+            if grad_lm is not None:
+                # d(cross entropy)/d(logits) = softmax(logits) - one_hot(target), times the
+                # incoming gradient; the one-hot entry only on the rank that owns the target.
+                scale = grad_lm[rows].to(torch.float32)
+                probs = student.to(torch.float32, copy=True)
+                probs.sub_(lm_log_sum_exp[rows].unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
+                grad.add_(probs)
+                del probs
+                grad.scatter_add_(
+                    -1,
+                    local_target[rows].unsqueeze(-1),
+                    (-scale).masked_fill_(~owned[rows], 0.0).unsqueeze(-1),
+                )
+            del student
+            grad = grad.to(student_weight.dtype)
+            torch.matmul(grad, student_weight, out=grad_hidden[rows])
+            if grad.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad.t(), student_hidden[rows])
+            else:  # bf16 / fp16 products, accumulated over the chunks in fp32
+                grad_weight.add_(grad.t() @ student_hidden[rows])
+            del grad
+        return grad_hidden, grad_weight.to(student_weight.dtype), *([None] * 5)
 
 
 class LogitsKDLoss(torch.nn.Module):
@@ -773,46 +917,125 @@ class LogitsKDLoss(torch.nn.Module):
         return loss.reshape(token_shape)
 
     def forward_from_hidden(
-        self, hidden_states: Tensor, output_weight: Tensor, teacher_logits: Tensor
-    ) -> Tensor:
-        """Loss of the logits ``hidden_states @ output_weight.T``, never materializing them.
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor | None = None,
+        sequence_parallel: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The loss of ``student_hidden @ student_weight.T`` against ``teacher_hidden @
+        teacher_weight.T``, and the student's LM cross entropy, without either model's logits.
+
+        Both output projections run inside the chunked loss (see :class:`_FusedKDFunction`): the
+        extra memory is a few ``[chunk, local_vocab]`` buffers whatever the token count, with the
+        chunk at most ``chunk_size`` tokens and capped by :data:`FUSED_CHUNK_BYTES`.
+        The inputs are what megatron's ``ColumnParallelLinear`` output layer receives, so under
+        tensor parallelism the hidden states are replicated on every TP rank (or, with sequence
+        parallelism, split along the sequence and gathered here, as the output layer would) and
+        the weights are this rank's vocabulary shards. The hidden-state gradient goes through
+        megatron's own input mappings (all-reduce over the TP group, or reduce-scatter under
+        sequence parallelism), exactly as for the output layer.
 
         Args:
-            hidden_states: [s, b, h], the full (not sequence-parallel) input of the output layer.
-            output_weight: [v_local, h], this rank's shard of the output layer weight (no bias).
-            teacher_logits: [s, b, v_local], the teacher's logits shard; detached here.
+            student_hidden: [s, b, h_s] (``[s / tp, b, h_s]`` with ``sequence_parallel``), the
+                input of the student's output layer.
+            student_weight: [v_local, h_s], this rank's shard of the student's output weight (the
+                embedding weight when they are tied); no bias.
+            teacher_hidden: [s, b, h_t] (sequence-split like the student's); detached here.
+            teacher_weight: [v_local, h_t], the teacher's shard; detached here.
+            labels: [s, b] global vocabulary indices for the cross entropy, or ``None``.
+            sequence_parallel: the hidden states are split along the sequence over the TP group.
 
         Returns:
-            fp32 [s, b] as :meth:`forward`; gradients flow to ``hidden_states`` (summed over the TP
-            group) and ``output_weight``.
+            ``(kd_loss, lm_loss)``, fp32 [s, b] each and identical on every TP rank; ``kd_loss``
+            equals :meth:`forward` on the logits, ``lm_loss`` megatron's
+            ``vocab_parallel_cross_entropy`` of the student's logits (``None`` without
+            ``labels``). Gradients flow to ``student_hidden`` and ``student_weight`` from both.
 
         Raises:
-            ValueError: on mismatched shapes, or when ``top_k`` is set (not supported here).
+            ValueError: on mismatched shapes, ``top_k`` larger than the vocabulary, or
+                ``shared_vocab_size`` (differently padded vocabularies are not fused).
         """
-        if self.top_k is not None:
-            raise ValueError("LogitsKDLoss.forward_from_hidden: top_k is not supported")
         if self.shared_vocab_size is not None:
-            raise ValueError("LogitsKDLoss.forward_from_hidden: shared_vocab_size is not supported")
-        expected = (*hidden_states.shape[:-1], output_weight.shape[0])
-        if (
-            tuple(teacher_logits.shape) != expected
-            or output_weight.dim() != 2
-            or output_weight.shape[1] != hidden_states.shape[-1]
-        ):
             raise ValueError(
-                "LogitsKDLoss.forward_from_hidden: expected hidden [s, b, h], weight [v, h] and "
-                f"teacher [s, b, v], got {tuple(hidden_states.shape)}, "
-                f"{tuple(output_weight.shape)} and {tuple(teacher_logits.shape)}"
+                "LogitsKDLoss.forward_from_hidden: shared_vocab_size is not supported (differently "
+                "padded vocabularies); use forward on the logits"
             )
-        token_shape = hidden_states.shape[:-1]
-        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        teacher = teacher_logits.detach().reshape(-1, output_weight.shape[0])
-        if hidden.shape[0] == 0:
-            return ((hidden @ output_weight.t()).float().sum(dim=-1) * 0.0).reshape(token_shape)
-        spec = _KDSpec(self.loss_type, self.temperature, self.jsd_beta, self.chunk_size)
         group = resolve_tp_group(self.tp_group)
-        loss = _FusedProjectionKDFunction.apply(hidden, output_weight, teacher, spec, group)
-        return loss.reshape(token_shape)
+        world = _group_size(group)
+        if sequence_parallel and world > 1:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            student_hidden = gather_from_sequence_parallel_region(student_hidden, group=group)
+            with torch.no_grad():
+                teacher_hidden = gather_from_sequence_parallel_region(
+                    teacher_hidden.detach(), tensor_parallel_output_grad=False, group=group
+                )
+        elif world > 1:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            student_hidden = copy_to_tensor_model_parallel_region(student_hidden, group=group)
+        token_shape = student_hidden.shape[:-1]
+        problems = []
+        if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+            problems.append(
+                f"student hidden {tuple(student_hidden.shape)} and weight "
+                f"{tuple(student_weight.shape)} are not [s, b, h] and [v, h]"
+            )
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            problems.append(
+                f"teacher hidden {tuple(teacher_hidden.shape)} and weight "
+                f"{tuple(teacher_weight.shape)} are not [s, b, h] and [v, h]"
+            )
+        if teacher_hidden.shape[:-1] != token_shape:
+            problems.append(
+                f"student tokens {tuple(token_shape)} and teacher tokens "
+                f"{tuple(teacher_hidden.shape[:-1])} differ"
+            )
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            problems.append(
+                f"student vocabulary shard {student_weight.shape[0]} and teacher's "
+                f"{teacher_weight.shape[0]} differ"
+            )
+        if labels is not None and tuple(labels.shape) != tuple(token_shape):
+            problems.append(f"labels {tuple(labels.shape)} are not [s, b] {tuple(token_shape)}")
+        full_vocab = student_weight.shape[0] * world
+        if self.top_k is not None and self.top_k > full_vocab:
+            problems.append(f"top_k={self.top_k} is larger than the vocabulary ({full_vocab})")
+        if problems:
+            raise ValueError("LogitsKDLoss.forward_from_hidden: " + "; ".join(problems))
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        if hidden.shape[0] == 0:
+            # Nothing to reduce; ranks agree on the token count, so skipping comms is safe.
+            empty = (hidden @ student_weight.t()).float().sum(dim=-1).reshape(token_shape) * 0.0
+            return empty, (None if labels is None else empty.clone())
+        chunk_size = min(
+            self.chunk_size, max(1, FUSED_CHUNK_BYTES // (4 * student_weight.shape[0]))
+        )
+        spec = _FusedSpec(
+            _KDSpec(self.loss_type, self.temperature, self.jsd_beta, chunk_size),
+            self.top_k,
+            with_lm_loss=labels is not None,
+        )
+        target = (
+            labels.reshape(-1).long()
+            if labels is not None
+            else torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        )
+        kd_loss, lm_loss = _FusedKDFunction.apply(
+            hidden,
+            student_weight,
+            teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight.detach(),
+            target,
+            spec,
+            group,
+        )
+        return kd_loss.reshape(token_shape), (
+            None if labels is None else lm_loss.reshape(token_shape)
+        )
 
 
 def reference_logits_kd_loss(
@@ -860,6 +1083,15 @@ def reference_logits_kd_loss(
     raise ValueError(f"reference_logits_kd_loss: loss_type={loss_type!r} not in {LOSS_TYPES}")
 
 
+@dataclass
+class FusedLogitsLoss:
+    """The per-token logits loss [s, b] a fused pass already computed (see
+    :mod:`kd_module.distillation.fused`); ModelOpt's capture hook hands it to the criterion in
+    place of the student's logits."""
+
+    per_token: Tensor
+
+
 class KDLogitsCriterion(BaseLoss):
     """Adapter that plugs :class:`LogitsKDLoss` into a ModelOpt ``DistillationModel`` criterion.
 
@@ -880,10 +1112,14 @@ class KDLogitsCriterion(BaseLoss):
         self.loss = loss
 
     def forward(self, predictions: Any, targets: Any) -> tuple[Tensor, bool, bool]:
-        """Loss between output-layer outputs (tensors or ``(logits, bias)`` tuples).
+        """Loss between output-layer outputs (tensors or ``(logits, bias)`` tuples), or the
+        :class:`FusedLogitsLoss` the fused pass left in place of the student's.
 
         Returns:
             ``(loss [b, s], False, False)``: already reduced over TP, not sequence-parallel.
         """
+        fused = predictions[0] if isinstance(predictions, tuple) else predictions
+        if isinstance(fused, FusedLogitsLoss):
+            return self.post_forward(fused.per_token, tp_reduce=False)
         predictions, targets = self.pre_forward(predictions, targets)
         return self.post_forward(self.loss(predictions, targets), tp_reduce=False)

@@ -38,6 +38,7 @@ import torch
 from modelopt.torch.distill.plugins import megatron as mtd_megatron
 
 from kd_module.distillation.config import (
+    OUTPUT_LAYERS,
     DistillConfig,
     check_module_names,
     check_pipeline_placement,
@@ -118,6 +119,51 @@ def _projection_layer(student: Any, teacher: Any) -> torch.nn.Module:
     return projection.to(device=reference.device, dtype=student.config.params_dtype)
 
 
+FUSED_MIN_VOCAB = 32768
+"""From this padded vocabulary size on, ``logit_loss_impl: auto`` fuses the logits loss."""
+
+
+def resolve_logit_loss_impl(
+    distill: DistillConfig, shared_vocab_size: int | None, vocab_size: int | None = None
+) -> str:
+    """The logits loss implementation ``distill.logit_loss_impl`` names, ``auto`` resolved.
+
+    ``auto`` is ``fused`` where it applies (``logit_layers`` are both models' output layers and
+    the two vocabularies are padded alike: ``shared_vocab_size`` is ``None``) and the padded
+    vocabulary has at least :data:`FUSED_MIN_VOCAB` entries; ``chunked`` otherwise. What was
+    measured (``bench/RESULTS.md``): fusing removes both models' ``[tokens, vocab]`` logits from
+    the step (a whole step's peak memory 0.14x the chunked path's at vocab 131072, width 512,
+    4096 tokens) but recomputes both output projections in backward, which costs time (that step
+    took 1.4x as long on CPU). At a large vocabulary the logits are the step's largest tensors and
+    the memory is what limits batch and sequence length, so ``auto`` fuses; at a small one the
+    logits are small and the chunked path is the faster choice.
+
+    Args:
+        distill: the distillation config.
+        shared_vocab_size: the vocabulary the loss is cut to when the paddings differ, else
+            ``None`` (as :func:`build_distillation_model` passes it to the criterion).
+        vocab_size: the student's padded vocabulary (``None``: unknown, treated as large).
+
+    Returns:
+        ``"fused"``, ``"chunked"`` or ``"modelopt"``.
+
+    Raises:
+        ValueError: when ``fused`` or ``modelopt`` is asked for differently padded vocabularies.
+    """
+    impl = distill.logit_loss_impl
+    if impl == "auto":
+        fusable = list(distill.logit_layers) == OUTPUT_LAYERS and shared_vocab_size is None
+        large = vocab_size is None or vocab_size >= FUSED_MIN_VOCAB
+        return "fused" if fusable and large else "chunked"
+    if impl in ("fused", "modelopt") and shared_vocab_size is not None:
+        raise ValueError(
+            f"distill config: logit_loss_impl={impl!r} needs teacher and student vocabularies "
+            f"padded alike, but the loss is cut to shared_vocab_size={shared_vocab_size}; use "
+            "logit_loss_impl auto or chunked"
+        )
+    return impl
+
+
 def build_criterion(
     distill: DistillConfig,
     student: Any,
@@ -128,20 +174,27 @@ def build_criterion(
     """ModelOpt criterion dict for the last pipeline stage: logits pair plus intermediate pairs.
 
     ``shared_vocab_size`` (see :class:`~kd_module.distillation.losses.LogitsKDLoss`) restricts
-    the logits loss to the real vocabulary when teacher and student pad theirs differently.
+    the logits loss to the real vocabulary when teacher and student pad theirs differently. With
+    ``logit_loss_impl`` resolving to ``modelopt`` the logits pair gets ModelOpt's
+    ``LogitsKLLoss`` (``TopKLogitsKLLoss`` with ``logit_kl_topk``); otherwise our
+    :class:`~kd_module.distillation.losses.KDLogitsCriterion`, which the fused path feeds too.
     """
-    from kd_module.distillation.losses import KDLogitsCriterion, LogitsKDLoss
+    from kd_module.distillation.losses import KDLogitsCriterion
 
-    logits_loss = LogitsKDLoss(
-        loss_type=distill.logit_loss,
-        temperature=distill.logit_kl_temperature,
-        jsd_beta=distill.jsd_beta,
-        top_k=distill.logit_kl_topk,
-        chunk_size=chunk_size,
-        shared_vocab_size=shared_vocab_size,
-    )
+    if distill.logit_loss_impl == "modelopt":
+        temperature = distill.logit_kl_temperature
+        if distill.logit_kl_topk is None:
+            logits_criterion = mtd_megatron.LogitsKLLoss(student.config, temperature=temperature)
+        else:
+            logits_criterion = mtd_megatron.TopKLogitsKLLoss(
+                student.config, temperature=temperature, top_k=distill.logit_kl_topk
+            )
+    else:
+        logits_criterion = KDLogitsCriterion(
+            student.config, logits_loss(distill, chunk_size, shared_vocab_size)
+        )
     criterion: dict[tuple[str, str], torch.nn.Module] = {
-        tuple(distill.logit_layers): KDLogitsCriterion(student.config, logits_loss)
+        tuple(distill.logit_layers): logits_criterion
     }
     if distill.intermediate_layer_pairs:
         projection = _projection_layer(student, teacher)
@@ -155,6 +208,22 @@ def build_criterion(
                 student.config, projection_layer=projection
             )
     return criterion
+
+
+def logits_loss(
+    distill: DistillConfig, chunk_size: int = 1024, shared_vocab_size: int | None = None
+) -> Any:
+    """The :class:`~kd_module.distillation.losses.LogitsKDLoss` the config describes."""
+    from kd_module.distillation.losses import LogitsKDLoss
+
+    return LogitsKDLoss(
+        loss_type=distill.logit_loss,
+        temperature=distill.logit_kl_temperature,
+        jsd_beta=distill.jsd_beta,
+        top_k=distill.logit_kl_topk,
+        chunk_size=chunk_size,
+        shared_vocab_size=shared_vocab_size,
+    )
 
 
 def _lm_loss_keeping_logits(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -320,6 +389,8 @@ def build_distillation_model(
     # Equal tables are compared whole (today's loss, bit for bit); only differently padded ones
     # need the cut to the shared vocabulary.
     loss_vocab = None if student_vocab == teacher_vocab else shared_vocab_size
+    # Refused here, before anything is built.
+    logit_loss_impl = resolve_logit_loss_impl(distill, loss_vocab, student_vocab)
     problems = student_config.layout_problems(
         layout.tensor_model_parallel_size,
         layout.pipeline_model_parallel_size,
@@ -371,6 +442,10 @@ def build_distillation_model(
     model.compute_language_model_loss = MethodType(_lm_loss_keeping_logits, model)
     model._lm_loss_in_objective = not distill.skip_lm_loss
     model._lm_loss_chunk_size = loss_chunk_size
+    if is_last and logit_loss_impl == "fused":
+        from kd_module.distillation.fused import install_fused_logits_loss
+
+        install_fused_logits_loss(model, logits_loss(distill, loss_chunk_size))
     freeze(model.teacher_model)
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 

@@ -31,6 +31,18 @@ def discard_captured_outputs(model: Any, *, student: bool = True, teacher: bool 
             teacher_layer._intermediate_output = None
 
 
+def captured_output(layer: Any) -> Any:
+    """What ModelOpt 0.47.0's capture hook last stored for ``layer`` (its private
+    ``_intermediate_output``; see :func:`discard_captured_outputs`), or ``None``."""
+    return getattr(layer, "_intermediate_output", None)
+
+
+def replace_captured_output(layer: Any, output: Any) -> None:
+    """Store ``output`` where ``compute_kd_loss`` will hand ``layer``'s captured output to its
+    criterion (the private ``_intermediate_output`` of ModelOpt 0.47.0)."""
+    layer._intermediate_output = output
+
+
 def hidden_state_dict_prefixes() -> tuple[str, ...]:
     """State-dict key prefixes of the teacher and the loss modules inside a ``DistillationModel``.
 

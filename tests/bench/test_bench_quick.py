@@ -38,6 +38,32 @@ def test_kd_loss_quick_prints_json_summary() -> None:
         assert CASE_KEYS <= case.keys(), case
         # Same bf16 inputs, same math: only fp32 summation order and bf16 gradient rounding differ.
         assert case["max_abs_diff"] < 1e-3, case
+        # Fused projections vs projections + ModelOpt: bf16 logits and gradients round apart.
+        assert {"fused_memory_ratio", "fused_time_ratio"} <= case.keys(), case
+        assert case["fused_max_abs_diff"] < 1e-2, case
+
+
+@pytest.mark.timeout(120)
+def test_step_memory_quick_prints_json_summary() -> None:
+    """`python -m bench.step_memory --quick` ends with JSON: every implementation's step peak
+    and reported losses, equal across implementations, and the fused/chunked ratio."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.step_memory", "--quick"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    results = summary["results"]
+    assert results.keys() == {"chunked", "fused", "modelopt"}
+    for impl in ("fused", "modelopt"):
+        for key in ("kd_loss", "lm_loss"):
+            assert abs(results[impl][key] - results["chunked"][key]) < 1e-5, (impl, key)
+    assert "memory_ratio" in summary and "memory_ratio_met" in summary["targets"]
 
 
 HF_IMPORT_RANK_KEYS = {

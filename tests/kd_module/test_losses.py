@@ -41,30 +41,52 @@ def _weights(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) + 0.5
 
 
-def _projection_inputs(seed: int, tokens: tuple[int, int] = (5, 3), hidden: int = 16) -> tuple:
+def _projection_inputs(seed: int, tokens: tuple[int, int] = (5, 3), hidden: int = 16) -> dict:
+    """Student and teacher output-layer inputs (teacher 1.5x wider), weights and labels."""
     generator = torch.Generator().manual_seed(seed)
-    hidden_states = torch.randn(*tokens, hidden, generator=generator)
-    weight = torch.randn(40, hidden, generator=generator) * 0.5
-    teacher = torch.randn(*tokens, 40, generator=generator) * 3.0
-    return hidden_states, weight, teacher
+    return {
+        "student_hidden": torch.randn(*tokens, hidden, generator=generator),
+        "student_weight": torch.randn(40, hidden, generator=generator) * 0.5,
+        "teacher_hidden": torch.randn(*tokens, hidden * 3 // 2, generator=generator),
+        "teacher_weight": torch.randn(40, hidden * 3 // 2, generator=generator) * 0.5,
+        "labels": torch.randint(0, 40, tokens, generator=generator),
+    }
 
 
-def _fused_and_reference(loss_type: str, hidden_states, weight, teacher, weights, shard=None):
-    """(loss, grad_hidden, grad_weight) of the fused path and of projection + reference."""
+def _fused_and_reference(inputs: dict, weights, shard=None, with_lm_loss=True, **loss_kwargs):
+    """(kd, lm, grad_hidden, grad_weight) of the fused path and of projections + references.
+
+    The fused path sees this rank's vocabulary ``shard`` of both weights; the reference projects
+    with the full weights, then takes :func:`reference_logits_kd_loss` and torch's cross
+    entropy. Both backpropagate ``sum(weights * kd) + sum(lm_weights * lm)``.
+    """
+    lm_weights = weights.flip(0)
+    labels = inputs["labels"] if with_lm_loss else None
+    local = slice(None) if shard is None else shard
     results = []
     for fused in (True, False):
-        h = hidden_states.detach().clone().requires_grad_(True)
-        w = weight.detach().clone().requires_grad_(True)
+        h = inputs["student_hidden"].detach().clone().requires_grad_(True)
+        w = inputs["student_weight"].detach().clone().requires_grad_(True)
+        teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
         if fused:
-            local = slice(None) if shard is None else shard
-            loss = LogitsKDLoss(loss_type, temperature=1.3, chunk_size=4).forward_from_hidden(
-                h, w[local], teacher[..., local]
+            kd, lm = LogitsKDLoss(chunk_size=4, **loss_kwargs).forward_from_hidden(
+                h, w[local], teacher_hidden, teacher_weight[local], labels
             )
         else:
-            loss = reference_logits_kd_loss(h @ w.t(), teacher, loss_type, temperature=1.3)
-        (loss * weights).sum().backward()
-        grad_w = w.grad if shard is None else w.grad[shard]
-        results.append((loss.detach(), h.grad, grad_w))
+            logits = h @ w.t()
+            kd = reference_logits_kd_loss(
+                logits, teacher_hidden @ teacher_weight.t(), **loss_kwargs
+            )
+            lm = None
+            if with_lm_loss:
+                flat = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+                )
+                lm = flat.reshape(labels.shape)
+        total = (kd * weights).sum() + (0.0 if lm is None else (lm * lm_weights).sum())
+        total.backward()
+        lm_value = torch.zeros(0) if lm is None else lm.detach()
+        results.append((kd.detach(), lm_value, h.grad, w.grad[local]))
     return results
 
 
@@ -158,18 +180,42 @@ def test_bf16_inputs_agree_with_fp32_reference(loss_type: str) -> None:
     torch.testing.assert_close(loss, exact_loss.detach(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("with_lm_loss", [True, False], ids=["lm-loss", "no-lm-loss"])
+@pytest.mark.parametrize("top_k", [None, TOP_K])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_fused_projection_matches_projection_then_reference(loss_type: str) -> None:
-    """forward_from_hidden equals hidden @ W.T then the reference: loss, hidden and weight grads."""
-    hidden_states, weight, teacher = _projection_inputs(13)
-    weights = _weights(14, hidden_states.shape[:-1])
-    fused, reference = _fused_and_reference(loss_type, hidden_states, weight, teacher, weights)
+def test_fused_projections_match_projections_then_reference(
+    loss_type: str, top_k: int | None, with_lm_loss: bool
+) -> None:
+    """forward_from_hidden (both projections inside the loss, LM cross entropy from the same
+    pass) equals the projections then the references: both losses, hidden and weight grads."""
+    inputs = _projection_inputs(13)
+    weights = _weights(14, inputs["labels"].shape)
+    kwargs = dict(loss_type=loss_type, temperature=1.3, jsd_beta=0.4, top_k=top_k)
+    fused, reference = _fused_and_reference(inputs, weights, with_lm_loss=with_lm_loss, **kwargs)
     for ours, theirs in zip(fused, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-5)
-    with pytest.raises(ValueError, match=r"top_k is not supported"):
-        LogitsKDLoss(top_k=2).forward_from_hidden(hidden_states, weight, teacher)
-    with pytest.raises(ValueError, match=r"expected hidden \[s, b, h\]"):
-        LogitsKDLoss().forward_from_hidden(hidden_states, weight[:, :8], teacher)
+
+
+def test_fused_projections_check_inputs() -> None:
+    """forward_from_hidden names every shape problem at once; empty input gives empty losses."""
+    inputs = _projection_inputs(13)
+    loss_fn = LogitsKDLoss()
+    with pytest.raises(ValueError, match=r"student hidden .* weight .*; .*labels \(4, 3\)"):
+        loss_fn.forward_from_hidden(
+            inputs["student_hidden"],
+            inputs["student_weight"][:, :8],
+            inputs["teacher_hidden"],
+            inputs["teacher_weight"],
+            inputs["labels"][:4],
+        )
+    with pytest.raises(ValueError, match=r"top_k=41 is larger than the vocabulary \(40\)"):
+        LogitsKDLoss(top_k=41).forward_from_hidden(**inputs)
+    with pytest.raises(ValueError, match=r"shared_vocab_size is not supported"):
+        LogitsKDLoss(shared_vocab_size=30).forward_from_hidden(**inputs)
+    empty = {key: value[:0] if "weight" not in key else value for key, value in inputs.items()}
+    empty["student_hidden"].requires_grad_(True)
+    kd, lm = loss_fn.forward_from_hidden(**empty)
+    assert kd.shape == lm.shape == (0, 3)
 
 
 def _modelopt_config() -> SimpleNamespace:
@@ -374,11 +420,12 @@ def tp2_rank_checks() -> dict:
                 weights,
             )
             results[(loss_type, top_k)] = (loss, grad, ref_loss, ref_grad[..., shard])
-        hidden_states, weight, teacher_full = _projection_inputs(13)
-        fused, reference = _fused_and_reference(
-            loss_type, hidden_states, weight, teacher_full, weights, shard=shard
-        )
-        results[(loss_type, "fused")] = (*fused, *reference)
+        for top_k in (None, TOP_K):
+            kwargs = dict(loss_type=loss_type, temperature=1.3, jsd_beta=0.4, top_k=top_k)
+            fused, reference = _fused_and_reference(
+                _projection_inputs(13), weights, shard=shard, **kwargs
+            )
+            results[(loss_type, "fused", top_k)] = (*fused, *reference)
     # The logged LM loss: this rank's shard against megatron's TP=2 cross entropy on the shard.
     logits, target = _cross_entropy_inputs(14)
     logits_shard = logits[..., shard].contiguous()
@@ -392,11 +439,12 @@ def tp2_rank_checks() -> dict:
 @pytest.mark.multirank
 @pytest.mark.timeout(240)
 def test_tensor_parallel_matches_single_rank_reference() -> None:
-    """At TP=2 each loss (top-k, k above a shard, fused projection) equals the TP=1 reference,
-    and the no-grad LM cross entropy equals megatron's TP=2 vocab_parallel_cross_entropy."""
+    """At TP=2 each loss (top-k, k above a shard, both projections fused with the LM loss, with
+    and without top-k) equals the TP=1 reference, and the no-grad LM cross entropy equals
+    megatron's TP=2 vocab_parallel_cross_entropy."""
     ranks = run_distributed(tp2_rank_checks, 2, timeout=200)
     for rank_results in ranks:
-        assert len(rank_results) == 13
+        assert len(rank_results) == 16
         for key, values in rank_results.items():
             half = len(values) // 2
             atol = 1e-5 if key[1] == "fused" else ATOL  # fused: matmul summation order differs
