@@ -109,11 +109,12 @@ def slurm_executor(
     container_image: str | None = None,
     mounts: list[str] | None = None,
     time: str = "04:00:00",
-    job_dir: str = "slurm_jobs",
+    job_dir: str | None = None,
     env_vars: dict[str, str] | None = None,
     job_name_prefix: str | None = None,
     exclusive: bool = True,
     packager: run.Packager | None = None,
+    rdzv_port: int = 29500,
 ) -> run.SlurmExecutor:
     """Run a task as one Slurm job: ``nodes`` x ``gpus_per_node`` ranks under ``torchrun``.
 
@@ -129,12 +130,18 @@ def slurm_executor(
             ``None`` runs on the nodes' own environment.
         mounts: container mounts, ``"/host/path:/container/path"``.
         time: wall-clock limit, ``HH:MM:SS`` (``--time``).
-        job_dir: where nemo-run writes sbatch scripts and logs (on the cluster's file system).
+        job_dir: where the job's sbatch script, configs and logs are, as the cluster's nodes
+            see them. With the local tunnel used here nemo-run copies nothing: this must be
+            the ``experiments`` folder of the experiment's base directory, which is what
+            ``None`` gives for ``run.run`` (``$NEMORUN_HOME/experiments``, by default
+            ``~/.nemo_run/experiments``; put ``NEMORUN_HOME`` on a shared file system). A
+            ``run.Experiment(base_dir=B)`` needs ``job_dir=B + "/experiments"``.
         env_vars: extra environment of every rank.
         job_name_prefix: prefix of the Slurm job name.
         exclusive: ask for whole nodes (``--exclusive``).
         packager: how the code reaches the nodes; nemo-run's ``GitArchivePackager`` (the
             committed tree) when ``None``.
+        rdzv_port: port of torchrun's c10d rendezvous on the job's first node.
 
     Returns:
         A ``run.SlurmExecutor``.
@@ -149,7 +156,7 @@ def slurm_executor(
         ...                           mounts=["/lustre:/lustre"])
         >>> run.run(recipe, executor=executor)
     """
-    problems = positive_int_problems(nodes=nodes, gpus_per_node=gpus_per_node)
+    problems = positive_int_problems(nodes=nodes, gpus_per_node=gpus_per_node, rdzv_port=rdzv_port)
     for name, value in (("account", account), ("partition", partition), ("time", time)):
         if not isinstance(value, str) or not value:
             problems.append(f"{name}={value!r} must be a non-empty string")
@@ -175,7 +182,7 @@ def slurm_executor(
         exclusive=exclusive or None,
         job_name_prefix=job_name_prefix,
         env_vars=dict(env_vars or {}),
-        tunnel=run.LocalTunnel(job_dir=job_dir),
-        launcher=LAUNCHER,
+        tunnel=run.LocalTunnel(job_dir=job_dir or ""),  # "": nemo-run's experiments folder
+        launcher=run.Torchrun(rdzv_port=rdzv_port),
         **kwargs,
     )

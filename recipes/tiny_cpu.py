@@ -102,6 +102,7 @@ def tiny_cpu(
     mock_data: bool = False,
     dir: str | None = None,
     name: str = "tiny_cpu",
+    num_nodes: int = 1,
     num_gpus_per_node: int = 1,
     max_steps: int = 100,
     val_check_interval: int | None = None,
@@ -125,7 +126,8 @@ def tiny_cpu(
         mock_data: synthetic tokens instead of any corpus.
         dir: root of run directories.
         name: run name.
-        num_gpus_per_node: CPU processes (ranks).
+        num_nodes: machines (one torchrun agent each).
+        num_gpus_per_node: CPU processes (ranks) per machine.
         max_steps: optimizer steps.
         val_check_interval: steps between validations; once, after the last step, when ``None``.
         limit_val_batches: validation batches per validation.
@@ -170,7 +172,7 @@ def tiny_cpu(
         distill_config=run.Config(
             DistillConfig, skip_lm_loss=False, kd_loss_scale=1.0, logit_kl_temperature=1.0
         ),
-        num_nodes=1,
+        num_nodes=num_nodes,
         num_gpus_per_node=num_gpus_per_node,
         data_paths=data_paths,
         seq_length=SEQ_LENGTH,

@@ -297,6 +297,30 @@ class ParallelLayout:
         data_parallel = world_size // self.model_parallel_size
         return self.batch_problems(global_batch_size, micro_batch_size, data_parallel)
 
+    def across_nodes_warnings(self, num_nodes: int, devices_per_node: int) -> list[str]:
+        """Groups of this layout that span machines where they should not.
+
+        megatron-core orders ranks tensor-parallel first, so a tensor-parallel group is
+        ``tensor_model_parallel_size`` consecutive ranks: unless that size divides the devices
+        of a node, some groups straddle two nodes and every layer's all-reduce (and, with
+        sequence parallelism, all-gather) crosses the network instead of NVLink. It runs, at a
+        fraction of the speed; these messages say so (the strategy warns with them).
+
+        Args:
+            num_nodes: machines of the run.
+            devices_per_node: ranks per machine.
+        """
+        tp = self.tensor_model_parallel_size
+        if num_nodes <= 1 or devices_per_node % tp == 0:
+            return []
+        return [
+            f"tensor_model_parallel_size={tp} does not divide the {devices_per_node} devices of "
+            f"a node: tensor-parallel groups span nodes, and every layer's tensor-parallel "
+            f"communication crosses the network between them. Keep tensor parallelism within a "
+            f"node (a divisor of the devices per node) and scale across nodes with data or "
+            f"pipeline parallelism"
+        ]
+
     @staticmethod
     def batch_problems(
         global_batch_size: int, micro_batch_size: int, data_parallel_size: int

@@ -135,8 +135,16 @@ class MegatronStrategy(DDPStrategy):
         problems = Problems(self.layout_problems(self.world_size))
         problems.extend(precision_problems(self.precision_name, self.root_device.type == "cuda"))
         problems.raise_if_any("parallel layout")
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+        for warning in self.layout.across_nodes_warnings(self.num_nodes, self.num_processes):
+            rank_zero_warn(warning)
         if self.world_size > 1 or "RANK" in os.environ:
             environment = self.cluster_environment
+            rank_zero_info(
+                f"MegatronStrategy: {self.num_nodes} node(s) x {self.num_processes} device(s), "
+                f"world size {self.world_size}, ranks from {type(environment).__name__}"
+            )
             os.environ["MASTER_ADDR"] = str(environment.main_address)
             os.environ["MASTER_PORT"] = str(environment.main_port)
             os.environ["RANK"] = str(self.global_rank)

@@ -145,6 +145,30 @@ def test_parallel_layout_sizes_raise_on_a_bad_split():
         layout.num_microbatches(5, 1, world_size=4)
 
 
+@pytest.mark.parametrize(
+    ("tp", "num_nodes", "devices", "spans"),
+    [
+        (2, 2, 1, True),  # each TP pair is one rank on each node
+        (4, 2, 6, True),  # ranks 4-7 straddle the first node's end
+        (8, 4, 8, False),  # one TP group per node
+        (2, 2, 8, False),
+        (16, 1, 16, False),  # one node: nothing to cross
+    ],
+)
+def test_tensor_parallel_groups_spanning_nodes_are_named(tp, num_nodes, devices, spans):
+    """TP groups are consecutive ranks: they cross a node boundary unless TP divides the
+    devices of a node, and the warning says what to do instead."""
+    layout = ParallelLayout(tensor_model_parallel_size=tp)
+    warnings = layout.across_nodes_warnings(num_nodes, devices)
+    assert bool(warnings) is spans
+    if spans:
+        (message,) = warnings
+        assert message.startswith(
+            f"tensor_model_parallel_size={tp} does not divide the {devices} devices of a node"
+        )
+        assert "crosses the network" in message and "data or pipeline parallelism" in message
+
+
 def test_precision_table():
     """Run precisions map to torch dtypes; NeMo spellings to dtype names; bf16 needs a GPU."""
     import torch

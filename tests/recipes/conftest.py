@@ -18,8 +18,9 @@ TINY_TEACHER = GPTModelConfig(
 """A teacher small enough for CLI and launcher tests (random weights: nothing is trained)."""
 
 
-def save_tiny_teacher(path: str) -> str:
-    """Build :data:`TINY_TEACHER` on one in-process rank and save it as a torch checkpoint."""
+def save_tiny_teacher(path: str, ckpt_format: str = "torch") -> str:
+    """Build :data:`TINY_TEACHER` on one in-process rank and save it (``torch``: one file that
+    loads at its own layout; ``torch_dist``: loads at any tensor-parallel size)."""
     from kd_module.checkpoints.model import save_model_checkpoint
     from kd_module.data.tokenizers import TokenizerConfig, padded_vocab_size
     from kd_module.models.gpt import build_model
@@ -33,7 +34,7 @@ def save_tiny_teacher(path: str) -> str:
         model = build_model(config)
         init_weights_by_global_key(model, seed=5, std=0.3)
         save_model_checkpoint(
-            model, path, ckpt_format="torch", model_config=config, tokenizer={"library": "byte"}
+            model, path, ckpt_format=ckpt_format, model_config=config, tokenizer={"library": "byte"}
         )
     finally:
         runtime.destroy_distributed()
@@ -44,3 +45,9 @@ def save_tiny_teacher(path: str) -> str:
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a saved tiny teacher (torch format, with ``model_config.yaml``)."""
     return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dist(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny teacher as a ``torch_dist`` checkpoint (for tensor-parallel runs)."""
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "dist"), "torch_dist")

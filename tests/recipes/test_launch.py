@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -120,6 +121,35 @@ def _train_rows(log_dir: Path, name: str) -> list[dict[str, float]]:
 TRAIN_KEYS = ("lm_loss", "kd_loss", "logits_loss", "grad_norm")
 
 
+def _three_steps(teacher: str, log_dir: Path, name: str, **layout):
+    """``tiny_cpu`` for 3 steps of 8 samples (micro-batches of 4), logging every step."""
+    config = _recipe(
+        teacher=teacher,
+        max_steps=3,
+        micro_batch_size=4,
+        global_batch_size=8,
+        dir=str(log_dir),
+        name=name,
+        **layout,
+    )
+    config.trainer.log_every_n_steps = 1
+    config.trainer.enable_progress_bar = False
+    config.trainer.enable_model_summary = False
+    return config
+
+
+def _tp2_recipe(teacher: str, log_dir: Path, name: str, num_nodes: int):
+    """:func:`_three_steps` at TP=2 on 2 ranks: ``num_nodes`` nodes of ``2 / num_nodes``."""
+    return _three_steps(
+        teacher,
+        log_dir,
+        name,
+        num_nodes=num_nodes,
+        num_gpus_per_node=2 // num_nodes,
+        tensor_model_parallel_size=2,
+    )
+
+
 @pytest.fixture(scope="module")
 def dp2_and_dp1_runs(tiny_teacher, tmp_path_factory):
     """The tiny_cpu recipe for 3 steps on 2 ranks through local_executor (torchrun, DP=2) and
@@ -130,19 +160,7 @@ def dp2_and_dp1_runs(tiny_teacher, tmp_path_factory):
     log_dir = root / "runs"
 
     def recipe(devices: int, name: str):
-        config = _recipe(
-            teacher=tiny_teacher,
-            num_gpus_per_node=devices,
-            max_steps=3,
-            micro_batch_size=4,
-            global_batch_size=8,
-            dir=str(log_dir),
-            name=name,
-        )
-        config.trainer.log_every_n_steps = 1
-        config.trainer.enable_progress_bar = False
-        config.trainer.enable_model_summary = False
-        return config
+        return _three_steps(tiny_teacher, log_dir, name, num_gpus_per_node=devices)
 
     previous_home = get_nemorun_home()
     set_nemorun_home(str(root / "nemo_run"))
@@ -311,3 +329,82 @@ def test_input_checks_of_distill_and_cache_work_without_nemo_run():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "executor needs nemo_run" in result.stdout
+
+
+FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
+"""Stand-ins for ``sbatch``, ``srun`` and ``scontrol`` that run a job's steps on this machine."""
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(900)
+def test_the_sbatch_script_runs_tp2_across_two_nodes_like_one_node(tiny_teacher_dist, tmp_path):
+    """nemo-run submits ``tiny_cpu`` at TP=2 on 2 nodes x 1 device through ``slurm_executor``;
+    stand-in ``sbatch``/``srun``/``scontrol`` execute the generated script here (one torchrun
+    agent per node, each its own process tree, with the SLURM_* variables of a cluster). Each
+    step's losses and gradient norm equal a one-node TP=2 torchrun run's; rank 0 alone says the
+    ranks come from Lightning's TorchElasticEnvironment and warns that TP spans the nodes."""
+    from nemo_run.config import get_nemorun_home, set_nemorun_home
+
+    from kd_module.parallel.collectives import free_port
+
+    repo = Path(__file__).resolve().parents[2]
+    log_dir = tmp_path / "runs"
+    previous_home = get_nemorun_home()
+    # A home folder named "nemo_run" makes nemo-run 0.11.1's Slurm paths point inside themselves
+    # (the sbatch --output and --chdir repeat the home's path); "home" does not.
+    set_nemorun_home(str(tmp_path / "home"))
+    try:
+        with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+            python_bin = str(Path(sys.executable).parent)
+            patch.setenv("PATH", os.pathsep.join([str(FAKE_SLURM), python_bin, os.environ["PATH"]]))
+            for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                patch.delenv(variable, raising=False)
+            # nemo-run's local tunnel runs sbatch through invoke, which forwards stdin.
+            patch.setattr(sys, "stdin", stack.enter_context(open(os.devnull)))
+            env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+            two_nodes = _tp2_recipe(tiny_teacher_dist, log_dir, "slurm", 2)
+            executor = slurm_executor(
+                "kd",
+                "cpu",
+                nodes=recipe_num_nodes(two_nodes),
+                gpus_per_node=recipe_devices(two_nodes),
+                env_vars=env,
+                exclusive=False,
+                packager=run.Packager(),
+                rdzv_port=free_port(),
+            )
+            # The stand-in sbatch runs the job to its end before it answers with the job id.
+            run.run(
+                two_nodes,
+                executor=executor,
+                name="kd-slurm",
+                detach=True,
+                tail_logs=False,
+                log_level="WARN",
+            )
+            one_node = _tp2_recipe(tiny_teacher_dist, log_dir, "one_node", 1)
+            executor = local_executor(devices=recipe_devices(one_node), env_vars=env)
+            run.run(one_node, executor=executor, name="kd-tp2", tail_logs=False, log_level="WARN")
+    finally:
+        set_nemorun_home(previous_home)
+    (script,) = (tmp_path / "home").rglob("kd-slurm_sbatch.sh")
+    assert "srun" in script.read_text() and "--nnodes 2 --nproc-per-node 1" in script.read_text()
+    (job_output,) = script.parent.rglob("sbatch_*.out")
+    assert "job exited with code 0" in job_output.read_text(), job_output.read_text()[-4000:]
+    (step_output,) = script.parent.rglob("log-*.out")
+    ranks_log = step_output.read_text()
+    assert (
+        ranks_log.count(
+            "MegatronStrategy: 2 node(s) x 1 device(s), world size 2, ranks from "
+            "TorchElasticEnvironment"
+        )
+        == 1
+    ), ranks_log[-4000:]
+    assert ranks_log.count("tensor_model_parallel_size=2 does not divide the 1 devices") == 1
+    two, one = _summary(log_dir, "slurm"), _summary(log_dir, "one_node")
+    assert two["world_size"] == one["world_size"] == 2 and two["steps"] == one["steps"] == 3
+    rows2, rows1 = _train_rows(log_dir, "slurm"), _train_rows(log_dir, "one_node")
+    assert len(rows2) == len(rows1) == 3  # rank 0 alone writes the metrics
+    for step, (two_nodes_row, one_node_row) in enumerate(zip(rows2, rows1, strict=True)):
+        for key in TRAIN_KEYS:
+            assert two_nodes_row[key] == pytest.approx(one_node_row[key], rel=1e-6), (step, key)
