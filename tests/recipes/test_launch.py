@@ -169,6 +169,7 @@ def dp2_and_dp1_runs(tiny_teacher, tmp_path_factory):
             # torchx starts `torchrun` from PATH: this environment's, activated or not.
             patch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
             two = recipe(2, "dp2")
+            two.logger = "tensorboard"  # beside the CSV: written by rank 0 alone
             executor = local_executor(
                 devices=recipe_devices(two), env_vars={"OMP_NUM_THREADS": "1"}
             )
@@ -198,6 +199,22 @@ def test_two_ranks_through_the_local_torchrun_executor_train_like_one_process(dp
     for step, (two_rank, one_rank) in enumerate(zip(rows2, rows1, strict=True)):
         for key in TRAIN_KEYS:
             assert two_rank[key] == pytest.approx(one_rank[key], rel=1e-5), (step, key)
+
+
+@pytest.mark.multirank
+def test_on_two_ranks_rank_zero_alone_writes_the_tensorboard_events(dp2_and_dp1_runs):
+    """The DP=2 run's TensorBoard logger: one event file, every training metric of the CSV at
+    each of the 3 steps, with the CSV's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = dp2_and_dp1_runs / "dp2"
+    (events_file,) = (run_dir / "tensorboard").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file))
+    events.Reload()
+    rows = _train_rows(dp2_and_dp1_runs, "dp2")
+    for key in TRAIN_KEYS:
+        values = [point.value for point in events.Scalars(key)]
+        assert values == pytest.approx([row[key] for row in rows], rel=1e-6), key
 
 
 @pytest.mark.multirank
