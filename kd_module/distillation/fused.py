@@ -21,6 +21,16 @@ rest (:func:`install_fused_logits_loss`):
    detached for logging otherwise) and leaves the per-token divergence in the student output
    layer's ModelOpt capture slot as :class:`FusedLogitsLoss`, which
    :class:`~kd_module.distillation.losses.KDLogitsCriterion` returns as the logits loss.
+   With the loss mask it tells the pass how the objective weights the two per-token losses
+   (:class:`~kd_module.distillation.losses.LossWeights`: the mask, times ``kd_weight`` for the
+   divergence and 1 for the cross entropy when it is in the objective), so the pass computes the
+   student's projection gradients in its forward and backward only scales them; the objective
+   (:func:`~kd_module.distillation.objectives.mix_terms`, megatron's per-token reduction) is
+   linear in both, with one constant (``1 / global tokens`` and loss scaling) that backward reads
+   off the incoming gradient. :class:`~kd_module.distillation.objectives.KDObjective` hands the
+   micro-batch's mask over with :func:`fused_loss_mask` (megatron's ``GPTModel.forward`` has a
+   ``loss_mask`` keyword, ``MambaModel.forward`` has none). Without a mask, backward recomputes
+   the projections.
 
 Pipeline parallelism: only the last stage has output layers, so only there is anything deferred;
 intermediate losses and the stages' activation exchange are untouched. Sequence parallelism: the
@@ -31,6 +41,8 @@ models of this library have none.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any
@@ -38,10 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd_module.distillation.losses import FusedLogitsLoss, LogitsKDLoss
+from kd_module.distillation.losses import FusedLogitsLoss, LogitsKDLoss, LossWeights
 from kd_module.upstream.modelopt import captured_output, replace_captured_output
 
-__all__ = ["OutputLayerInput", "install_fused_logits_loss"]
+__all__ = ["OutputLayerInput", "fused_loss_mask", "install_fused_logits_loss"]
 
 
 @dataclass
@@ -69,10 +81,15 @@ class _Fusion:
     student_layer: torch.nn.Module
     teacher_layer: torch.nn.Module
     loss: LogitsKDLoss
+    kd_weight: float
+    """The divergence's factor in the objective relative to the LM loss's (``kd_loss_scale``, or
+    1 when the LM loss is only logged)."""
     forward: Any
     """The model's ``forward`` before the fusion."""
     language_model_loss: Any
     """The student's LM-loss hook before the fusion."""
+    loss_mask: Tensor | None = None
+    """[b, s], the current micro-batch's loss mask (:func:`fused_loss_mask`), if any."""
 
 
 def _deferring_forward(
@@ -117,7 +134,15 @@ def _fused_language_model_loss(self: Any, labels: Tensor, logits: Any) -> Tensor
             "student's LM loss; the teacher must run first in the DistillationModel's forward"
         )
     student, teacher = logits, captured[0]
-    # megatron's layouts: labels [b, s], hidden [s, b, h], per-token losses [s, b] -> [b, s].
+    in_objective = not self.training or self._lm_loss_in_objective
+    # megatron's layouts: labels and mask [b, s], hidden [s, b, h], per-token losses [s, b].
+    weights = None
+    if fusion.loss_mask is not None:
+        weights = LossWeights(
+            fusion.loss_mask.transpose(0, 1),
+            kd=fusion.kd_weight,
+            lm=1.0 if self._lm_loss_in_objective else 0.0,
+        )
     kd_loss, lm_loss = fusion.loss.forward_from_hidden(
         student.hidden_states,
         student.weight,
@@ -125,13 +150,13 @@ def _fused_language_model_loss(self: Any, labels: Tensor, logits: Any) -> Tensor
         teacher.weight,
         labels.transpose(0, 1),
         sequence_parallel=student.sequence_parallel,
+        loss_weights=weights,
     )
     replace_captured_output(fusion.student_layer, (FusedLogitsLoss(kd_loss), None))
-    in_objective = not self.training or self._lm_loss_in_objective
     return (lm_loss if in_objective else lm_loss.detach()).transpose(0, 1).contiguous()
 
 
-def install_fused_logits_loss(model: Any, loss: LogitsKDLoss) -> None:
+def install_fused_logits_loss(model: Any, loss: LogitsKDLoss, kd_weight: float = 1.0) -> None:
     """Make ``model`` (a ModelOpt ``DistillationModel`` adjusted for megatron-core, on the last
     pipeline stage) compute its logits loss fused with both output projections.
 
@@ -141,6 +166,8 @@ def install_fused_logits_loss(model: Any, loss: LogitsKDLoss) -> None:
     Args:
         model: the DistillationModel; the student and the teacher have ``output_layer``.
         loss: the configured logits loss (its ``forward_from_hidden`` runs the pass).
+        kd_weight: the logits loss's factor in the objective relative to the LM loss's
+            (``kd_loss_scale`` when the LM loss is in the objective; any value otherwise).
     """
     student_layer, teacher_layer = model.output_layer, model.teacher_model.output_layer
     for layer in (student_layer, teacher_layer):
@@ -150,8 +177,33 @@ def install_fused_logits_loss(model: Any, loss: LogitsKDLoss) -> None:
         student_layer,
         teacher_layer,
         loss,
+        kd_weight,
         forward=model.forward,
         language_model_loss=model.compute_language_model_loss,
     )
     model.forward = MethodType(_forward_deferring_with_labels, model)
     model.compute_language_model_loss = MethodType(_fused_language_model_loss, model)
+
+
+@contextmanager
+def fused_loss_mask(model: Any, loss_mask: Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s fused logits loss (if it has one) knows the micro-batch's
+    loss mask, so that it computes the output layer's gradients in the forward (module
+    docstring, step 3). A model without the fusion (other stages, other implementations) is left
+    alone.
+
+    Args:
+        model: the DistillationModel, possibly wrapped (DDP, Float16Module).
+        loss_mask: [b, s] the micro-batch's mask, by which the objective weights every token.
+    """
+    from kd_module.models.gpt import unwrap
+
+    fusion = getattr(unwrap(model), "_fusion", None)
+    if fusion is None:
+        yield
+        return
+    fusion.loss_mask = loss_mask
+    try:
+        yield
+    finally:
+        fusion.loss_mask = None

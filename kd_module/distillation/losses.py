@@ -44,6 +44,7 @@ token chunk of the teacher is gathered over the TP group and cut to the student'
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +66,7 @@ __all__ = [
     "FusedLogitsLoss",
     "KDLogitsCriterion",
     "LogitsKDLoss",
+    "LossWeights",
     "reference_logits_kd_loss",
     "vocab_parallel_cross_entropy_no_grad",
 ]
@@ -608,17 +610,169 @@ class _FusedSpec:
     """Also compute the student's cross entropy against the labels."""
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """How backward will weight the fused pass's two per-token outputs, up to one constant.
+
+    Given to :meth:`LogitsKDLoss.forward_from_hidden`, it lets the pass compute the student's
+    projection gradients in its forward, while each chunk's logits are at hand, instead of
+    recomputing both projections in backward (``2 * tokens * vocab * (h_s + h_t)`` flops, the
+    fused path's only extra arithmetic). Backward checks that the incoming per-token gradients
+    are ``c * kd * tokens`` and ``c * lm * tokens`` for one constant ``c`` and returns ``c`` times
+    the precomputed gradients; when they are not (the caller weighted the tokens otherwise) it
+    recomputes, with the same result. The idea is Liger-Kernel's fused linear losses, which
+    compute the gradient in the forward; here it works with any downstream constant (the global
+    token count, loss scaling, a balancer's factor) because backward learns the constant.
+
+    Examples:
+        >>> # objective = sum_t mask_t * (lm_t + 10 * kd_t) / N, with N known only later
+        >>> weights = LossWeights(loss_mask.transpose(0, 1), kd=10.0, lm=1.0)
+    """
+
+    tokens: Tensor
+    """[s, b] weight of each token in the objective (the loss mask), the hidden states' token
+    layout (the whole sequence under sequence parallelism)."""
+    kd: float = 1.0
+    """The KD loss's weight relative to the tokens' weights."""
+    lm: float = 0.0
+    """The LM cross entropy's weight; 0 when it is only logged (or when there are no labels)."""
+
+
+@dataclass
+class _FusedGradients:
+    """The student gradients a fused forward computed, for the weights it was given."""
+
+    kd_weights: Tensor
+    """[tokens] fp32, the KD loss's expected per-token gradient up to a constant."""
+    lm_weights: Tensor | None
+    """[tokens] fp32, the same for the LM cross entropy, or ``None`` (no gradient expected)."""
+    hidden: Tensor
+    """[tokens, h_s] in the hidden states' dtype, this rank's vocabulary shard's share."""
+    weight: Tensor
+    """[v_local, h_s] fp32."""
+
+
+def _common_factor(
+    grads: tuple[Tensor | None, Tensor | None], weights: tuple[Tensor, Tensor | None]
+) -> float | None:
+    """``c`` with ``grads[i] == c * weights[i]`` for both outputs (``None`` counts as zeros),
+    to a relative 1e-5, or ``None`` when no such constant exists."""
+    observed, expected = [], []
+    for grad, weight in zip(grads, weights, strict=True):
+        reference = grad if grad is not None else weight
+        if reference is None:
+            continue
+        zeros = torch.zeros(reference.shape, dtype=torch.float64, device=reference.device)
+        observed.append(zeros if grad is None else grad.to(torch.float64))
+        expected.append(zeros if weight is None else weight.to(torch.float64))
+    observed_all, expected_all = torch.cat(observed), torch.cat(expected)
+    norm = expected_all.dot(expected_all)
+    factor = observed_all.dot(expected_all) / norm.clamp(min=1e-300)
+    error = (observed_all - factor * expected_all).abs().max()
+    factor_value, error_value, size = torch.stack(
+        [factor, error, observed_all.abs().max()]
+    ).tolist()
+    if norm.item() == 0.0:
+        factor_value = 0.0
+    return factor_value if error_value <= 1e-5 * size else None
+
+
+def _fused_chunk_grad(
+    student: Tensor,
+    teacher: Tensor | None,
+    top: tuple[Tensor, Tensor, Tensor] | None,
+    stats: tuple[Tensor, ...],
+    lm_log_sum_exp: Tensor,
+    targets: tuple[Tensor, Tensor],
+    kd_scale: Tensor | None,
+    lm_scale: Tensor | None,
+    spec: _FusedSpec,
+    offset: int,
+) -> Tensor:
+    """``d(sum_t kd_scale_t * kd_t + lm_scale_t * lm_t) / d(student logits)`` of one chunk.
+
+    Args:
+        student: [chunk, v_local] student logits shard.
+        teacher: the teacher's (full-vocabulary divergence), or ``None`` (top-k, or no KD term).
+        top: the chunk's top-k selection ``(student values, teacher values, global index)``.
+        stats: the divergence's per-token statistics of the chunk.
+        lm_log_sum_exp: [chunk] the student's log-sum-exp at temperature 1.
+        targets: [chunk] this rank's target column of each label and whether the rank owns it.
+        kd_scale: [chunk] gradient of each token's divergence, or ``None``.
+        lm_scale: [chunk] gradient of each token's cross entropy, or ``None``.
+        spec: what the pass computes.
+        offset: this rank's first global vocabulary index.
+
+    Returns:
+        fp32 [chunk, v_local].
+    """
+    local_vocab = student.shape[-1]
+    if kd_scale is not None and top is None:
+        # Every entry is written: no zero fill of a [chunk, v_local] buffer.
+        grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
+        _dense_backward(student, teacher, spec.kd, stats, kd_scale, out=grad)
+    else:
+        grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+    if kd_scale is not None and top is not None:
+        top_student, top_teacher, top_index = top
+        inner = replace(spec.kd, temperature=1.0)
+        top_grad = _dense_backward(top_student, top_teacher, inner, stats, kd_scale)
+        local = top_index - offset
+        owned = (local >= 0) & (local < local_vocab)
+        grad.scatter_add_(
+            -1,
+            local.clamp(0, local_vocab - 1),
+            top_grad.div_(spec.kd.temperature).masked_fill_(~owned, 0.0),
+        )
+    if lm_scale is not None:
+        # d(cross entropy)/d(logits) = softmax(logits) - one_hot(target), times the incoming
+        # gradient; the one-hot entry only on the rank that owns the target.
+        local_target, owned = targets
+        scale = lm_scale.to(torch.float32)
+        probs = student.to(torch.float32, copy=True)
+        probs.sub_(lm_log_sum_exp.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
+        grad.add_(probs)
+        del probs
+        grad.scatter_add_(
+            -1, local_target.unsqueeze(-1), (-scale).masked_fill_(~owned, 0.0).unsqueeze(-1)
+        )
+    return grad
+
+
+def _project_back(
+    grad: Tensor, weight: Tensor, hidden: Tensor, grad_hidden: Tensor, grad_weight: Tensor
+) -> None:
+    """A chunk's logits gradient through the projection ``hidden @ weight.T``: written into
+    ``grad_hidden`` (the chunk's rows), accumulated into the fp32 ``grad_weight``."""
+    grad = grad.to(weight.dtype)
+    torch.matmul(grad, weight, out=grad_hidden)
+    if grad.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad.t(), hidden)
+    else:  # bf16 / fp16 products, accumulated over the chunks in fp32
+        grad_weight.add_(grad.t() @ hidden)
+
+
 class _FusedKDFunction(torch.autograd.Function):
     """Both output projections, the divergence and the LM cross entropy in one chunked pass.
 
     Per chunk of tokens it computes the student's and the teacher's logits shards
     (``hidden[chunk] @ weight.T``), the chunk's divergence (full vocabulary or the teacher's
-    top-k) and cross entropy, and drops the logits. It keeps per-token statistics only (and, for
-    top-k, the ``[tokens, k]`` selection); backward recomputes each chunk's logits, their
-    gradient (divergence plus cross entropy, as each output's incoming gradient asks) and
-    accumulates the student's hidden-state and weight gradients. Tokens are independent, so the
-    per-chunk computation is exact. The hidden-state gradient is this rank's vocabulary shard's
-    share; the caller sums it over the TP group (megatron's input mappings do).
+    top-k) and cross entropy, and drops the logits. Tokens are independent, so the per-chunk
+    computation is exact. The hidden-state gradient is this rank's vocabulary shard's share; the
+    caller sums it over the TP group (megatron's input mappings do).
+
+    Backward, two ways:
+
+    * With ``kd_weights`` (see :class:`LossWeights`) the forward also computes each chunk's
+      logits gradient for those per-token weights and projects it back (``[tokens, h_s]`` and an
+      fp32 ``[v_local, h_s]``); backward scales them by the constant it finds in the incoming
+      gradients. The arithmetic is the unfused path's: no projection runs twice.
+    * Otherwise, or when the incoming gradients are not proportional to the weights, backward
+      recomputes each chunk's logits (both projections) from the per-token statistics the forward
+      kept (and, for top-k, the ``[tokens, k]`` selection).
+
+    ``counts`` (a :class:`collections.Counter`) tallies ``"precomputed"`` and ``"recomputed"``
+    backward passes.
     """
 
     @staticmethod
@@ -631,33 +785,70 @@ class _FusedKDFunction(torch.autograd.Function):
         labels: Tensor,
         spec: _FusedSpec,
         group: Any,
+        kd_weights: Tensor | None,
+        lm_weights: Tensor | None,
+        counts: Counter,
     ) -> tuple[Tensor, Tensor]:
         num_tokens, local_vocab = student_hidden.shape[0], student_weight.shape[0]
         chunk = spec.kd.chunk_size
         kd_losses, kd_stats, top_k_saved = [], [], []
         lm_loss = torch.zeros(num_tokens, dtype=torch.float32, device=student_hidden.device)
         lm_log_sum_exp = torch.zeros_like(lm_loss)
-        local_target, owned = _local_targets(labels, local_vocab, group)
+        targets = _local_targets(labels, local_vocab, group)
         inner = replace(spec.kd, temperature=1.0)
+        offset = (0 if group is None else dist.get_rank(group)) * local_vocab
+        gradients = None
+        if kd_weights is not None:
+            gradients = _FusedGradients(
+                kd_weights,
+                lm_weights,
+                torch.empty_like(student_hidden),
+                torch.zeros(
+                    student_weight.shape, dtype=torch.float32, device=student_weight.device
+                ),
+            )
         for start in _chunks(num_tokens, chunk):
             rows = slice(start, start + chunk)
             student = student_hidden[rows] @ student_weight.t()
             teacher = teacher_hidden[rows] @ teacher_weight.t()
+            top = None
             if spec.top_k is None:
                 loss, stats = _dense_forward(student, teacher, spec.kd, group)
             else:
-                selected = _top_k_candidates(student, teacher, spec.top_k, spec.kd, group)
-                del teacher
-                loss, stats = _dense_forward(selected[0], selected[1], inner, None)
-                top_k_saved.append(selected)
+                top = _top_k_candidates(student, teacher, spec.top_k, spec.kd, group)
+                teacher = None
+                loss, stats = _dense_forward(top[0], top[1], inner, None)
+                top_k_saved.append(top)
             kd_losses.append(loss)
             kd_stats.append(torch.stack(stats))
             if spec.with_lm_loss:
                 lm_loss[rows], lm_log_sum_exp[rows] = _chunk_cross_entropy(
-                    student, local_target[rows], owned[rows], group
+                    student, targets[0][rows], targets[1][rows], group
                 )
-            del student
-        ctx.spec, ctx.group = spec, group
+            if gradients is not None:
+                grad = _fused_chunk_grad(
+                    student,
+                    teacher,
+                    top,
+                    stats,
+                    lm_log_sum_exp[rows],
+                    (targets[0][rows], targets[1][rows]),
+                    kd_weights[rows],
+                    None if lm_weights is None else lm_weights[rows],
+                    spec,
+                    offset,
+                )
+                teacher = None
+                _project_back(
+                    grad,
+                    student_weight,
+                    student_hidden[rows],
+                    gradients.hidden[rows],
+                    gradients.weight,
+                )
+                del grad
+            del student, teacher
+        ctx.spec, ctx.group, ctx.gradients, ctx.counts = spec, group, gradients, counts
         ctx.set_materialize_grads(False)
         empty = student_hidden.new_empty(0)
         top_values = (
@@ -694,61 +885,55 @@ class _FusedKDFunction(torch.autograd.Function):
             top_values,
             top_index,
         ) = ctx.saved_tensors
-        spec, group = ctx.spec, ctx.group
+        spec, group, gradients = ctx.spec, ctx.group, ctx.gradients
+        unused = [None] * 8
+        if grad_kd is None and grad_lm is None:
+            return torch.zeros_like(student_hidden), torch.zeros_like(student_weight), *unused
+        if gradients is not None:
+            factor = _common_factor(
+                (grad_kd, grad_lm), (gradients.kd_weights, gradients.lm_weights)
+            )
+            if factor is not None:
+                ctx.counts["precomputed"] += 1
+                return (
+                    gradients.hidden.mul_(factor),
+                    gradients.weight.mul_(factor).to(student_weight.dtype),
+                    *unused,
+                )
+        ctx.counts["recomputed"] += 1
         num_tokens, local_vocab = student_hidden.shape[0], student_weight.shape[0]
-        grad_hidden = torch.zeros_like(student_hidden)
+        grad_hidden = torch.empty_like(student_hidden)
         grad_weight = torch.zeros(
             student_weight.shape, dtype=torch.float32, device=student_weight.device
         )
-        if grad_kd is None and grad_lm is None:
-            return grad_hidden, grad_weight.to(student_weight.dtype), *([None] * 5)
         local_target, owned = _local_targets(labels, local_vocab, group)
-        inner = replace(spec.kd, temperature=1.0)
         offset = (0 if group is None else dist.get_rank(group)) * local_vocab
+        dense_kd = grad_kd is not None and spec.top_k is None
         for start in _chunks(num_tokens, spec.kd.chunk_size):
             rows = slice(start, start + spec.kd.chunk_size)
             student = student_hidden[rows] @ student_weight.t()
-            stats = tuple(kd_stats[:, rows])
-            if grad_kd is not None and spec.top_k is None:
-                # Every entry is written: no zero fill of a [chunk, v_local] buffer.
-                grad = torch.empty(student.shape, dtype=torch.float32, device=student.device)
-                teacher = teacher_hidden[rows] @ teacher_weight.t()
-                _dense_backward(student, teacher, spec.kd, stats, grad_kd[rows], out=grad)
-                del teacher
-            else:
-                grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
-            if grad_kd is not None and spec.top_k is not None:
-                top_student, top_teacher = top_values[:, rows]
-                top_grad = _dense_backward(top_student, top_teacher, inner, stats, grad_kd[rows])
-                local = top_index[rows] - offset
-                chunk_owned = (local >= 0) & (local < local_vocab)
-                grad.scatter_add_(
-                    -1,
-                    local.clamp(0, local_vocab - 1),
-                    top_grad.div_(spec.kd.temperature).masked_fill_(~chunk_owned, 0.0),
-                )
-            if grad_lm is not None:
-                # d(cross entropy)/d(logits) = softmax(logits) - one_hot(target), times the
-                # incoming gradient; the one-hot entry only on the rank that owns the target.
-                scale = grad_lm[rows].to(torch.float32)
-                probs = student.to(torch.float32, copy=True)
-                probs.sub_(lm_log_sum_exp[rows].unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
-                grad.add_(probs)
-                del probs
-                grad.scatter_add_(
-                    -1,
-                    local_target[rows].unsqueeze(-1),
-                    (-scale).masked_fill_(~owned[rows], 0.0).unsqueeze(-1),
-                )
-            del student
-            grad = grad.to(student_weight.dtype)
-            torch.matmul(grad, student_weight, out=grad_hidden[rows])
-            if grad.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad.t(), student_hidden[rows])
-            else:  # bf16 / fp16 products, accumulated over the chunks in fp32
-                grad_weight.add_(grad.t() @ student_hidden[rows])
+            teacher = teacher_hidden[rows] @ teacher_weight.t() if dense_kd else None
+            top = None
+            if spec.top_k is not None:
+                top = (top_values[0, rows], top_values[1, rows], top_index[rows])
+            grad = _fused_chunk_grad(
+                student,
+                teacher,
+                top,
+                tuple(kd_stats[:, rows]),
+                lm_log_sum_exp[rows],
+                (local_target[rows], owned[rows]),
+                None if grad_kd is None else grad_kd[rows],
+                None if grad_lm is None else grad_lm[rows],
+                spec,
+                offset,
+            )
+            del student, teacher
+            _project_back(
+                grad, student_weight, student_hidden[rows], grad_hidden[rows], grad_weight
+            )
             del grad
-        return grad_hidden, grad_weight.to(student_weight.dtype), *([None] * 5)
+        return grad_hidden, grad_weight.to(student_weight.dtype), *unused
 
 
 class LogitsKDLoss(torch.nn.Module):
@@ -826,6 +1011,10 @@ class LogitsKDLoss(torch.nn.Module):
         self.chunk_size = chunk_size
         self.tp_group = tp_group
         self.shared_vocab_size = shared_vocab_size
+        self.fused_backwards: Counter = Counter()
+        """How many fused backward passes (:meth:`forward_from_hidden`) scaled the gradients the
+        forward computed (``"precomputed"``) and how many recomputed the projections
+        (``"recomputed"``)."""
 
     def extra_repr(self) -> str:
         return (
@@ -924,6 +1113,7 @@ class LogitsKDLoss(torch.nn.Module):
         teacher_weight: Tensor,
         labels: Tensor | None = None,
         sequence_parallel: bool = False,
+        loss_weights: LossWeights | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The loss of ``student_hidden @ student_weight.T`` against ``teacher_hidden @
         teacher_weight.T``, and the student's LM cross entropy, without either model's logits.
@@ -947,6 +1137,10 @@ class LogitsKDLoss(torch.nn.Module):
             teacher_weight: [v_local, h_t], the teacher's shard; detached here.
             labels: [s, b] global vocabulary indices for the cross entropy, or ``None``.
             sequence_parallel: the hidden states are split along the sequence over the TP group.
+            loss_weights: how the caller will weight the two outputs per token, up to a
+                constant: then the student's gradients are computed in this forward, and
+                backward does not recompute the projections (see :class:`LossWeights`). Without
+                it, or when grad mode is off, backward recomputes them.
 
         Returns:
             ``(kd_loss, lm_loss)``, fp32 [s, b] each and identical on every TP rank; ``kd_loss``
@@ -955,8 +1149,10 @@ class LogitsKDLoss(torch.nn.Module):
             ``labels``). Gradients flow to ``student_hidden`` and ``student_weight`` from both.
 
         Raises:
-            ValueError: on mismatched shapes, ``top_k`` larger than the vocabulary, or
-                ``shared_vocab_size`` (differently padded vocabularies are not fused).
+            ValueError: on mismatched shapes, ``top_k`` larger than the vocabulary,
+                ``shared_vocab_size`` (differently padded vocabularies are not fused), or
+                ``loss_weights`` whose tokens are not the hidden states' or that weight the LM
+                loss without labels.
         """
         if self.shared_vocab_size is not None:
             raise ValueError(
@@ -1004,6 +1200,16 @@ class LogitsKDLoss(torch.nn.Module):
         full_vocab = student_weight.shape[0] * world
         if self.top_k is not None and self.top_k > full_vocab:
             problems.append(f"top_k={self.top_k} is larger than the vocabulary ({full_vocab})")
+        if loss_weights is not None:
+            if tuple(loss_weights.tokens.shape) != tuple(token_shape):
+                problems.append(
+                    f"loss_weights.tokens {tuple(loss_weights.tokens.shape)} are not the hidden "
+                    f"states' tokens [s, b] {tuple(token_shape)}"
+                )
+            if loss_weights.lm != 0 and labels is None:
+                problems.append(
+                    f"loss_weights.lm={loss_weights.lm} weights an LM loss but labels is None"
+                )
         if problems:
             raise ValueError("LogitsKDLoss.forward_from_hidden: " + "; ".join(problems))
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -1024,6 +1230,12 @@ class LogitsKDLoss(torch.nn.Module):
             if labels is not None
             else torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         )
+        kd_weights = lm_weights = None
+        wants_grad = hidden.requires_grad or student_weight.requires_grad
+        if loss_weights is not None and wants_grad and torch.is_grad_enabled():
+            tokens = loss_weights.tokens.detach().reshape(-1).to(torch.float32)
+            kd_weights = tokens * loss_weights.kd
+            lm_weights = tokens * loss_weights.lm if loss_weights.lm != 0 else None
         kd_loss, lm_loss = _FusedKDFunction.apply(
             hidden,
             student_weight,
@@ -1032,6 +1244,9 @@ class LogitsKDLoss(torch.nn.Module):
             target,
             spec,
             group,
+            kd_weights,
+            lm_weights,
+            self.fused_backwards,
         )
         return kd_loss.reshape(token_shape), (
             None if labels is None else lm_loss.reshape(token_shape)

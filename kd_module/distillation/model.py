@@ -445,7 +445,8 @@ def build_distillation_model(
     if is_last and logit_loss_impl == "fused":
         from kd_module.distillation.fused import install_fused_logits_loss
 
-        install_fused_logits_loss(model, logits_loss(distill, loss_chunk_size))
+        kd_weight = 1.0 if distill.skip_lm_loss else distill.kd_loss_scale
+        install_fused_logits_loss(model, logits_loss(distill, loss_chunk_size), kd_weight)
     freeze(model.teacher_model)
     return DistillationParts(model=model, distill=distill, is_last_stage=is_last)
 

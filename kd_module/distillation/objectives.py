@@ -273,13 +273,18 @@ class KDObjective(Objective):
         return True
 
     def forward_step(self, data_iterator: Any, model: Any) -> tuple:
+        from kd_module.distillation.fused import fused_loss_mask
+
         batch = next(data_iterator)
-        output = model(
-            batch["tokens"],
-            batch["position_ids"],
-            batch.get("attention_mask"),
-            labels=batch["labels"],
-        )
+        # The fused logits loss computes the output layer's gradients in the forward when it
+        # knows how the tokens are weighted.
+        with fused_loss_mask(model, batch["loss_mask"]):
+            output = model(
+                batch["tokens"],
+                batch["position_ids"],
+                batch.get("attention_mask"),
+                labels=batch["labels"],
+            )
         return output, partial(self.loss_func, model, batch["loss_mask"])
 
     def loss_func(self, model: Any, loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:

@@ -1,7 +1,8 @@
 """The fused logits loss in the model (``logit_loss_impl: fused``) against the unfused path.
 
 Both output projections run inside the chunked loss and the LM cross entropy comes from the same
-pass; every reported term and every student gradient must equal the ``chunked`` path's (logits,
+pass, which also computes the student's projection gradients (backward only scales them); every
+reported term and every student gradient must equal the ``chunked`` path's (logits,
 then the chunked loss) at TP=1, TP=2, TP=2 with sequence parallelism and PP=2, for each
 divergence, with top-k, with and without ``skip_lm_loss``, and with tied embeddings.
 """
@@ -39,7 +40,7 @@ VARIANTS = [{**loss, "skip_lm_loss": skip} for loss in LOSS_VARIANTS for skip in
 
 def _step(layout: ParallelLayout, distill: DistillConfig, student=STUDENT) -> dict:
     """One KD forward-backward: the report, the student's gradients, what the output layers
-    returned (``"logits"`` or ``"OutputLayerInput"``)."""
+    returned (``"logits"`` or ``"OutputLayerInput"``), and how the fused backwards went."""
     from megatron.core import parallel_state
 
     from kd_module.distillation.model import forward_backward
@@ -66,7 +67,9 @@ def _step(layout: ParallelLayout, distill: DistillConfig, student=STUDENT) -> di
         for key, value in global_shards(model, "grad").items()
         if not key.startswith("_loss_modules")
     }
-    return {"report": report or None, "grads": grads, "returned": returned}
+    fusion = getattr(model, "_fusion", None)
+    backwards = dict(fusion.loss.fused_backwards) if fusion is not None else {}
+    return {"report": report or None, "grads": grads, "returned": returned, "backwards": backwards}
 
 
 def _fused_and_chunked(layout: ParallelLayout, variants: list[dict], student=STUDENT) -> list:
@@ -89,6 +92,8 @@ def _assert_equal(per_rank_fused: list[dict], per_rank_chunked: list[dict], labe
             continue
         assert fused["returned"] == {"OutputLayerInput"}, label  # no logits were made
         assert chunked["returned"] == {"logits"}, label
+        # Each micro-batch's projection gradients came from the forward: no recomputation.
+        assert fused["backwards"] == {"precomputed": MICRO_BATCHES}, label
         assert fused["report"].keys() == chunked["report"].keys()
         for key, value in chunked["report"].items():
             torch.testing.assert_close(

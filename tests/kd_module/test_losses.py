@@ -13,6 +13,7 @@ from kd_module.distillation.losses import (
     LOSS_TYPES,
     KDLogitsCriterion,
     LogitsKDLoss,
+    LossWeights,
     reference_logits_kd_loss,
     vocab_parallel_cross_entropy_no_grad,
 )
@@ -53,14 +54,28 @@ def _projection_inputs(seed: int, tokens: tuple[int, int] = (5, 3), hidden: int 
     }
 
 
-def _fused_and_reference(inputs: dict, weights, shard=None, with_lm_loss=True, **loss_kwargs):
+BACKWARDS = ("recomputed", "precomputed", "unexpected-weights")
+"""How the fused pass gets its gradients: no :class:`LossWeights` (backward recomputes the
+projections); weights the objective then follows up to a constant (forward computes them); weights
+the objective does not follow (backward notices and recomputes)."""
+
+
+def _fused_and_reference(
+    inputs: dict, weights, shard=None, with_lm_loss=True, backward="recomputed", **loss_kwargs
+):
     """(kd, lm, grad_hidden, grad_weight) of the fused path and of projections + references.
 
     The fused path sees this rank's vocabulary ``shard`` of both weights; the reference projects
     with the full weights, then takes :func:`reference_logits_kd_loss` and torch's cross
-    entropy. Both backpropagate ``sum(weights * kd) + sum(lm_weights * lm)``.
+    entropy. Both backpropagate ``sum(weights * kd) + sum(lm_weights * lm)``: with
+    ``lm_weights = 0.7 * weights``, all times 0.25, when ``backward="precomputed"`` (the fused
+    pass is told the weights up to that constant), else with ``lm_weights = weights.flip(0)``
+    (``"unexpected-weights"`` tells the fused pass uniform weights instead). Asserts the
+    fused backward took the expected way.
     """
-    lm_weights = weights.flip(0)
+    precomputed = backward == "precomputed"
+    lm_weights = 0.7 * weights if precomputed else weights.flip(0)
+    factor = 0.25 if precomputed else 1.0
     labels = inputs["labels"] if with_lm_loss else None
     local = slice(None) if shard is None else shard
     results = []
@@ -69,8 +84,13 @@ def _fused_and_reference(inputs: dict, weights, shard=None, with_lm_loss=True, *
         w = inputs["student_weight"].detach().clone().requires_grad_(True)
         teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
         if fused:
-            kd, lm = LogitsKDLoss(chunk_size=4, **loss_kwargs).forward_from_hidden(
-                h, w[local], teacher_hidden, teacher_weight[local], labels
+            loss_fn = LogitsKDLoss(chunk_size=4, **loss_kwargs)
+            told = None
+            if backward != "recomputed":
+                tokens = weights if precomputed else torch.ones_like(weights)
+                told = LossWeights(tokens, kd=1.0, lm=0.7 if with_lm_loss else 0.0)
+            kd, lm = loss_fn.forward_from_hidden(
+                h, w[local], teacher_hidden, teacher_weight[local], labels, loss_weights=told
             )
         else:
             logits = h @ w.t()
@@ -84,9 +104,11 @@ def _fused_and_reference(inputs: dict, weights, shard=None, with_lm_loss=True, *
                 )
                 lm = flat.reshape(labels.shape)
         total = (kd * weights).sum() + (0.0 if lm is None else (lm * lm_weights).sum())
-        total.backward()
+        (total * factor).backward()
         lm_value = torch.zeros(0) if lm is None else lm.detach()
         results.append((kd.detach(), lm_value, h.grad, w.grad[local]))
+    expected_way = "precomputed" if precomputed else "recomputed"
+    assert loss_fn.fused_backwards == {expected_way: 1}, (backward, loss_fn.fused_backwards)
     return results
 
 
@@ -180,18 +202,22 @@ def test_bf16_inputs_agree_with_fp32_reference(loss_type: str) -> None:
     torch.testing.assert_close(loss, exact_loss.detach(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("with_lm_loss", [True, False], ids=["lm-loss", "no-lm-loss"])
 @pytest.mark.parametrize("top_k", [None, TOP_K])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_fused_projections_match_projections_then_reference(
-    loss_type: str, top_k: int | None, with_lm_loss: bool
+    loss_type: str, top_k: int | None, with_lm_loss: bool, backward: str
 ) -> None:
     """forward_from_hidden (both projections inside the loss, LM cross entropy from the same
-    pass) equals the projections then the references: both losses, hidden and weight grads."""
+    pass) equals the projections then the references: both losses, hidden and weight grads,
+    whether its forward computed the gradients or its backward recomputed the projections."""
     inputs = _projection_inputs(13)
     weights = _weights(14, inputs["labels"].shape)
     kwargs = dict(loss_type=loss_type, temperature=1.3, jsd_beta=0.4, top_k=top_k)
-    fused, reference = _fused_and_reference(inputs, weights, with_lm_loss=with_lm_loss, **kwargs)
+    fused, reference = _fused_and_reference(
+        inputs, weights, with_lm_loss=with_lm_loss, backward=backward, **kwargs
+    )
     for ours, theirs in zip(fused, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-5)
 
@@ -212,6 +238,13 @@ def test_fused_projections_check_inputs() -> None:
         LogitsKDLoss(top_k=41).forward_from_hidden(**inputs)
     with pytest.raises(ValueError, match=r"shared_vocab_size is not supported"):
         LogitsKDLoss(shared_vocab_size=30).forward_from_hidden(**inputs)
+    with pytest.raises(
+        ValueError, match=r"loss_weights.tokens \(3, 5\) are not the hidden states' tokens"
+    ):
+        loss_fn.forward_from_hidden(**inputs, loss_weights=LossWeights(torch.ones(3, 5)))
+    no_labels = {**inputs, "labels": None}
+    with pytest.raises(ValueError, match=r"loss_weights.lm=1.0 weights an LM loss but labels"):
+        loss_fn.forward_from_hidden(**no_labels, loss_weights=LossWeights(torch.ones(5, 3), lm=1.0))
     empty = {key: value[:0] if "weight" not in key else value for key, value in inputs.items()}
     empty["student_hidden"].requires_grad_(True)
     kd, lm = loss_fn.forward_from_hidden(**empty)
@@ -422,10 +455,11 @@ def tp2_rank_checks() -> dict:
             results[(loss_type, top_k)] = (loss, grad, ref_loss, ref_grad[..., shard])
         for top_k in (None, TOP_K):
             kwargs = dict(loss_type=loss_type, temperature=1.3, jsd_beta=0.4, top_k=top_k)
-            fused, reference = _fused_and_reference(
-                _projection_inputs(13), weights, shard=shard, **kwargs
-            )
-            results[(loss_type, "fused", top_k)] = (*fused, *reference)
+            for backward in ("recomputed", "precomputed"):
+                fused, reference = _fused_and_reference(
+                    _projection_inputs(13), weights, shard=shard, backward=backward, **kwargs
+                )
+                results[(loss_type, "fused", top_k, backward)] = (*fused, *reference)
     # The logged LM loss: this rank's shard against megatron's TP=2 cross entropy on the shard.
     logits, target = _cross_entropy_inputs(14)
     logits_shard = logits[..., shard].contiguous()
@@ -440,11 +474,12 @@ def tp2_rank_checks() -> dict:
 @pytest.mark.timeout(240)
 def test_tensor_parallel_matches_single_rank_reference() -> None:
     """At TP=2 each loss (top-k, k above a shard, both projections fused with the LM loss, with
-    and without top-k) equals the TP=1 reference, and the no-grad LM cross entropy equals
-    megatron's TP=2 vocab_parallel_cross_entropy."""
+    and without top-k, gradients recomputed in backward or computed in forward) equals the TP=1
+    reference, and the no-grad LM cross entropy equals megatron's TP=2
+    vocab_parallel_cross_entropy."""
     ranks = run_distributed(tp2_rank_checks, 2, timeout=200)
     for rank_results in ranks:
-        assert len(rank_results) == 16
+        assert len(rank_results) == 22
         for key, values in rank_results.items():
             half = len(values) // 2
             atol = 1e-5 if key[1] == "fused" else ATOL  # fused: matmul summation order differs
