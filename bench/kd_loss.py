@@ -6,7 +6,9 @@ backward) on the same bf16 vocab-parallel logits, and reports the peak memory ea
 :mod:`bench._common`), their wall times, and the largest absolute difference of the per-token
 losses and of the student gradients. The ``fused_*`` columns start one step earlier, from both
 models' hidden states and output weights: ``LogitsKDLoss.forward_from_hidden`` (projections
-inside the loss) against both projections then ModelOpt's ``LogitsKLLoss``. TP=2 cases run on
+inside the loss, gradients computed in its forward as the model path does; the
+``fused_recomputed_*`` columns recompute the projections in backward instead) against both
+projections then ModelOpt's ``LogitsKLLoss``. TP=2 cases run on
 two gloo ranks through ``tests.helpers.run_distributed``; a case's memory and time are the worst
 rank's. Cases run one at a time.
 
@@ -133,7 +135,7 @@ def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0)
     """
     from modelopt.torch.distill.plugins.megatron import LogitsKLLoss
 
-    from kd_module.distillation.losses import LogitsKDLoss
+    from kd_module.distillation.losses import LogitsKDLoss, LossWeights
 
     device = _device()
     local_vocab = vocab // tp
@@ -152,10 +154,17 @@ def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0)
     modelopt_fn = LogitsKLLoss(
         SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=False), temperature=1.0
     )
+    # The objective below is loss.sum(): every token weighs 1, which the model path's loss mask
+    # tells the pass in the same way.
+    told = LossWeights(torch.ones(tokens, 1, device=device))
 
-    def fused() -> torch.Tensor:
+    def fused(loss_weights: LossWeights | None = told) -> torch.Tensor:
         loss, _ = loss_fn.forward_from_hidden(
-            student_hidden, student_weight, teacher_hidden, teacher_weight
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            loss_weights=loss_weights,
         )
         loss.sum().backward()
         return loss.detach()
@@ -185,12 +194,22 @@ def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0)
     fused_grads = (student_hidden.grad, student_weight.grad)
     student_hidden.grad = student_weight.grad = None
     gc.collect()
+    _, recomputed_peak, recomputed_time = measure(lambda: fused(None), device)
+    recomputed_diff = max(
+        _max_abs_diff(fused_grads[0], student_hidden.grad),
+        _max_abs_diff(fused_grads[1], student_weight.grad),
+    )
+    student_hidden.grad = student_weight.grad = None
+    gc.collect()
     modelopt_loss, modelopt_peak, modelopt_time = measure(modelopt, device)
     diff = max(
         (fused_loss - modelopt_loss).abs().max().item(),
         _max_abs_diff(fused_grads[0], student_hidden.grad),
         _max_abs_diff(fused_grads[1], student_weight.grad),
     )
+    ways = dict(loss_fn.fused_backwards)
+    if ways != {"precomputed": 1, "recomputed": 2}:  # the warm-up recomputes too
+        raise RuntimeError(f"bench.kd_loss: unexpected fused backward ways {ways}")
     return {
         "fused_hidden": hidden,
         "fused_peak_mb": fused_peak,
@@ -198,6 +217,9 @@ def run_fused_case(tokens: int, vocab: int, tp: int, hidden: int, rank: int = 0)
         "fused_time_s": fused_time,
         "modelopt_projected_time_s": modelopt_time,
         "fused_max_abs_diff": diff,
+        "fused_recomputed_peak_mb": recomputed_peak,
+        "fused_recomputed_time_s": recomputed_time,
+        "fused_recomputed_max_abs_diff": recomputed_diff,
     }
 
 
@@ -266,6 +288,14 @@ def _summarize_fused(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "modelopt_projected_time_s": round(modelopt_time, 3),
         "fused_time_ratio": round(fused_time / modelopt_time, 4) if modelopt_time > 0 else None,
         "fused_max_abs_diff": max(r["fused_max_abs_diff"] for r in per_rank),
+        "fused_recomputed_peak_mb": round(max(r["fused_recomputed_peak_mb"] for r in per_rank), 1),
+        "fused_recomputed_time_s": round(max(r["fused_recomputed_time_s"] for r in per_rank), 3),
+        "fused_recomputed_time_ratio": (
+            round(max(r["fused_recomputed_time_s"] for r in per_rank) / modelopt_time, 4)
+            if modelopt_time > 0
+            else None
+        ),
+        "fused_recomputed_max_abs_diff": max(r["fused_recomputed_max_abs_diff"] for r in per_rank),
     }
 
 
