@@ -201,9 +201,16 @@ CHECKS = (
     ),
     Check(
         "bench_kd_overhead",
-        "python -m bench.kd_overhead on the GPU",
-        ("bench.kd_overhead", "--repeats", "9"),
-        45,
+        "python -m bench.kd_overhead on the GPU (logit_loss_impl auto: chunked at vocab 8192)",
+        ("bench.kd_overhead", "--repeats", "5"),
+        22,
+        bench=True,
+    ),
+    Check(
+        "bench_kd_overhead_fused",
+        "python -m bench.kd_overhead on the GPU with the fused logits loss",
+        ("bench.kd_overhead", "--repeats", "5", "--logit-loss-impl", "fused"),
+        23,
         bench=True,
     ),
     Check(

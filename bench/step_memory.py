@@ -9,16 +9,19 @@ implementation builds its own model from the same seeds, runs one unmeasured ste
 measured step; the peak is the growth of the resident set over the measured step (see
 :mod:`bench._common`), so weights and optimizer state are not in it, the step's activations,
 logits and gradients are. Reported with the reported ``kd_loss`` of each (all equal within fp32
-rounding) and ``memory_ratio = fused / chunked``.
+rounding), ``memory_ratio = fused / chunked`` and ``time_ratio``, the same for the measured
+step's wall time (one step: read it as a rough guide, ``bench.kd_overhead`` repeats its steps).
+``--vocab`` sets both models' vocabulary, to see where fusing starts to pay.
 
 The last line of stdout is one JSON object::
 
     {"machine": {...}, "settings": {...}, "results": {"chunked": {"peak_mb": ..., ...}, ...},
-     "memory_ratio": ..., "targets": {...}}
+     "memory_ratio": ..., "time_ratio": ..., "targets": {...}}
 
 Examples:
     .venv/bin/python -m bench.step_memory
     .venv/bin/python -m bench.step_memory --quick
+    .venv/bin/python -m bench.step_memory --impls chunked fused --vocab 32768
 """
 
 from __future__ import annotations
@@ -121,10 +124,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--lm-loss", action="store_true", help="train on the LM loss too (skip_lm_loss: false)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="both models' vocabulary (default 131072)"
+    )
     options = parser.parse_args(argv)
     student, teacher = (
         (QUICK_STUDENT, QUICK_TEACHER) if options.quick else (FULL_STUDENT, FULL_TEACHER)
     )
+    if options.vocab is not None:
+        if options.vocab < 128 or options.vocab % 128:
+            parser.error(f"--vocab {options.vocab}: give a positive multiple of 128")
+        student = student.replace(vocab_size=options.vocab)
+        teacher = teacher.replace(vocab_size=options.vocab)
     torch.set_num_threads(options.threads)
     initialize_distributed(seed=1234)
     results = {}
@@ -135,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[bench.step_memory] {impl}: {results[impl]}", file=sys.stderr, flush=True)
     finally:
         destroy_distributed()
-    ratio = None
+    ratio = time_ratio = None
     if "fused" in results and "chunked" in results and results["chunked"]["peak_mb"] > 0:
         ratio = round(results["fused"]["peak_mb"] / results["chunked"]["peak_mb"], 4)
+        time_ratio = round(results["fused"]["step_s"] / results["chunked"]["step_s"], 4)
     summary = {
         "benchmark": "peak memory of one KD forward-backward step per logit_loss_impl",
         "machine": machine_description(),
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
         "memory_ratio": ratio,
+        "time_ratio": time_ratio,
         "targets": {
             "memory_ratio_target": MEMORY_TARGET,
             "memory_ratio_met": ratio is not None and ratio <= MEMORY_TARGET,

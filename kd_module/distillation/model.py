@@ -131,12 +131,13 @@ def resolve_logit_loss_impl(
     ``auto`` is ``fused`` where it applies (``logit_layers`` are both models' output layers and
     the two vocabularies are padded alike: ``shared_vocab_size`` is ``None``) and the padded
     vocabulary has at least :data:`FUSED_MIN_VOCAB` entries; ``chunked`` otherwise. What was
-    measured (``bench/RESULTS.md``): fusing removes both models' ``[tokens, vocab]`` logits from
-    the step (a whole step's peak memory 0.14x the chunked path's at vocab 131072, width 512,
-    4096 tokens) but recomputes both output projections in backward, which costs time (that step
-    took 1.4x as long on CPU). At a large vocabulary the logits are the step's largest tensors and
-    the memory is what limits batch and sequence length, so ``auto`` fuses; at a small one the
-    logits are small and the chunked path is the faster choice.
+    measured (``bench/RESULTS.md``, fp32 on CPU, student width 512, teacher 768, 4096 tokens):
+    fusing removes both models' ``[tokens, vocab]`` logits from the step, so a whole step's peak
+    memory is 0.23x the chunked path's at vocab 131072 and 0.54x at 32768, but only 0.92x at
+    16384; the step takes about as long either way from 16384 up (1.02x to 1.04x at 131072,
+    0.98x at 32768), and longer at small vocabularies (1.04x to 1.08x at 8192 with
+    ``bench.kd_overhead``'s models, where the chunked projections cost more than they save).
+    So ``auto`` fuses where the saving is large and keeps the chunked path below.
 
     Args:
         distill: the distillation config.

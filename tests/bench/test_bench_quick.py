@@ -45,11 +45,11 @@ def test_kd_loss_quick_prints_json_summary() -> None:
 
 @pytest.mark.timeout(120)
 def test_step_memory_quick_prints_json_summary() -> None:
-    """`python -m bench.step_memory --quick` ends with JSON: every implementation's step peak
-    and reported losses, equal across implementations, and the fused/chunked ratio."""
+    """`python -m bench.step_memory --quick --vocab 2048` ends with JSON: every implementation's
+    step peak and reported losses, equal across implementations, and the fused/chunked ratios."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.step_memory", "--quick"],
+        [sys.executable, "-m", "bench.step_memory", "--quick", "--vocab", "2048"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -64,6 +64,18 @@ def test_step_memory_quick_prints_json_summary() -> None:
         for key in ("kd_loss", "lm_loss"):
             assert abs(results[impl][key] - results["chunked"][key]) < 1e-5, (impl, key)
     assert "memory_ratio" in summary and "memory_ratio_met" in summary["targets"]
+    assert summary["settings"]["student"]["vocab_size"] == 2048
+    assert summary["settings"]["teacher"]["vocab_size"] == 2048
+    assert summary["time_ratio"] > 0
+
+
+def test_step_memory_refuses_a_vocabulary_megatron_would_pad(capsys) -> None:
+    """A --vocab that is not a multiple of 128 is refused by name before any model is built."""
+    from bench import step_memory
+
+    with pytest.raises(SystemExit):
+        step_memory.main(["--quick", "--vocab", "1000"])
+    assert "--vocab 1000: give a positive multiple of 128" in capsys.readouterr().err
 
 
 HF_IMPORT_RANK_KEYS = {
