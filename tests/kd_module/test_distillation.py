@@ -489,9 +489,11 @@ def test_transformer_engine_spec_distills_on_gpu(single_rank):
 
 
 @pytest.mark.gpu
-def test_kd_losses_on_gpu_match_cpu():
+@pytest.mark.parametrize("logit_loss_impl", ["chunked", "fused"])
+def test_kd_losses_on_gpu_match_cpu(logit_loss_impl):
     """The same weights and batches give the same kd/logits/intermediate/lm losses on CUDA and on
-    the CPU in one process (local spec, fp32, TF32 off, rtol 1e-4)."""
+    the CPU in one process (local spec, fp32, TF32 off, rtol 1e-4), with the chunked logits loss
+    and with the fused one (projections inside the loss, gradients computed in its forward)."""
     from kd_module.parallel import runtime
 
     student = STUDENT.replace(transformer_impl="local")
@@ -501,6 +503,7 @@ def test_kd_losses_on_gpu_match_cpu():
         skip_lm_loss=False,
         kd_loss_scale=2.0,
         logit_kl_temperature=2.0,
+        logit_loss_impl=logit_loss_impl,
     )
     means = {}
     with _tf32_off():

@@ -222,6 +222,52 @@ def test_fused_projections_match_projections_then_reference(
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-5)
 
 
+@pytest.mark.parametrize("backward", ["precomputed", "recomputed"])
+@pytest.mark.parametrize("top_k", [None, TOP_K])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_fused_projections_in_bf16_match_bf16_projections_then_reference(
+    loss_type: str, top_k: int | None, backward: str
+) -> None:
+    """bf16 hidden states and weights (a bf16 model's output layers): the fused pass's fp32
+    losses equal the fp32 references on the bf16 projections (rtol 1e-5), and its bf16 hidden
+    and weight gradients are within one bf16 rounding of the largest reference gradient, whether
+    the forward computed them or the backward recomputed the projections."""
+    inputs = {
+        key: value.bfloat16() if value.is_floating_point() else value
+        for key, value in _projection_inputs(21, tokens=(6, 2), hidden=32).items()
+    }
+    weights = _weights(22, inputs["labels"].shape)
+    labels, vocab = inputs["labels"], inputs["student_weight"].shape[0]
+    results = []
+    for fused in (True, False):
+        h = inputs["student_hidden"].clone().requires_grad_(True)
+        w = inputs["student_weight"].clone().requires_grad_(True)
+        teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].t()
+        if fused:
+            loss_fn = LogitsKDLoss(loss_type, chunk_size=5, top_k=top_k)
+            told = LossWeights(weights, kd=1.0, lm=0.5) if backward == "precomputed" else None
+            kd, lm = loss_fn.forward_from_hidden(
+                h, w, inputs["teacher_hidden"], inputs["teacher_weight"], labels, loss_weights=told
+            )
+        else:
+            logits = (h @ w.t()).float()  # bf16 projection, fp32 loss, as the unfused model
+            kd = reference_logits_kd_loss(logits, teacher_logits.float(), loss_type, top_k=top_k)
+            lm = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), labels.reshape(-1), reduction="none"
+            ).reshape(labels.shape)
+        (0.1 * ((kd * weights).sum() + 0.5 * (lm * weights).sum())).backward()
+        results.append((kd.detach(), lm.detach(), h.grad, w.grad))
+    assert loss_fn.fused_backwards == {backward: 1}
+    (kd, lm, grad_h, grad_w), (ref_kd, ref_lm, ref_h, ref_w) = results
+    assert kd.dtype == lm.dtype == torch.float32
+    torch.testing.assert_close(kd, ref_kd, rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(lm, ref_lm, rtol=RTOL, atol=1e-5)
+    for ours, theirs in ((grad_h, ref_h), (grad_w, ref_w)):
+        assert ours.dtype == torch.bfloat16
+        scale = theirs.float().abs().max()
+        assert (ours.float() - theirs.float()).abs().max() <= 2**-7 * scale, (ours, theirs)
+
+
 def test_fused_projections_check_inputs() -> None:
     """forward_from_hidden names every shape problem at once; empty input gives empty losses."""
     inputs = _projection_inputs(13)
