@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (QUICK_STUDENT, QUICK_TEACHER) if options.quick else (FULL_STUDENT, FULL_TEACHER)
     )
     if options.vocab is not None:
-        if options.vocab < 128 or options.vocab % 128:
-            parser.error(f"--vocab {options.vocab}: give a positive multiple of 128")
+        align = student.make_vocab_size_divisible_by  # megatron would pad anything else
+        if options.vocab < align or options.vocab % align:
+            parser.error(
+                f"--vocab {options.vocab}: give a positive multiple of {align} "
+                "(make_vocab_size_divisible_by)"
+            )
         student = student.replace(vocab_size=options.vocab)
         teacher = teacher.replace(vocab_size=options.vocab)
     torch.set_num_threads(options.threads)

@@ -93,9 +93,10 @@ def _fused_and_reference(
                 h, w[local], teacher_hidden, teacher_weight[local], labels, loss_weights=told
             )
         else:
-            logits = h @ w.t()
+            # Projections in the inputs' dtype, losses in fp32, as the unfused model does.
+            logits = (h @ w.t()).float()
             kd = reference_logits_kd_loss(
-                logits, teacher_hidden @ teacher_weight.t(), **loss_kwargs
+                logits, (teacher_hidden @ teacher_weight.t()).float(), **loss_kwargs
             )
             lm = None
             if with_lm_loss:
@@ -237,32 +238,13 @@ def test_fused_projections_in_bf16_match_bf16_projections_then_reference(
         for key, value in _projection_inputs(21, tokens=(6, 2), hidden=32).items()
     }
     weights = _weights(22, inputs["labels"].shape)
-    labels, vocab = inputs["labels"], inputs["student_weight"].shape[0]
-    results = []
-    for fused in (True, False):
-        h = inputs["student_hidden"].clone().requires_grad_(True)
-        w = inputs["student_weight"].clone().requires_grad_(True)
-        teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].t()
-        if fused:
-            loss_fn = LogitsKDLoss(loss_type, chunk_size=5, top_k=top_k)
-            told = LossWeights(weights, kd=1.0, lm=0.5) if backward == "precomputed" else None
-            kd, lm = loss_fn.forward_from_hidden(
-                h, w, inputs["teacher_hidden"], inputs["teacher_weight"], labels, loss_weights=told
-            )
-        else:
-            logits = (h @ w.t()).float()  # bf16 projection, fp32 loss, as the unfused model
-            kd = reference_logits_kd_loss(logits, teacher_logits.float(), loss_type, top_k=top_k)
-            lm = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, vocab), labels.reshape(-1), reduction="none"
-            ).reshape(labels.shape)
-        (0.1 * ((kd * weights).sum() + 0.5 * (lm * weights).sum())).backward()
-        results.append((kd.detach(), lm.detach(), h.grad, w.grad))
-    assert loss_fn.fused_backwards == {backward: 1}
-    (kd, lm, grad_h, grad_w), (ref_kd, ref_lm, ref_h, ref_w) = results
-    assert kd.dtype == lm.dtype == torch.float32
-    torch.testing.assert_close(kd, ref_kd, rtol=RTOL, atol=1e-5)
-    torch.testing.assert_close(lm, ref_lm, rtol=RTOL, atol=1e-5)
-    for ours, theirs in ((grad_h, ref_h), (grad_w, ref_w)):
+    fused, reference = _fused_and_reference(
+        inputs, weights, backward=backward, loss_type=loss_type, top_k=top_k
+    )
+    for ours, theirs in zip(fused[:2], reference[:2], strict=True):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=1e-5)
+    for ours, theirs in zip(fused[2:], reference[2:], strict=True):
         assert ours.dtype == torch.bfloat16
         scale = theirs.float().abs().max()
         assert (ours.float() - theirs.float()).abs().max() <= 2**-7 * scale, (ours, theirs)
