@@ -69,6 +69,21 @@ def test_step_memory_quick_prints_json_summary() -> None:
     assert summary["time_ratio"] > 0
 
 
+def test_step_memory_time_ratio_stands_without_a_memory_ratio() -> None:
+    """A chunked step that adds no RSS (its pages kept from the warm-up, as on CI's machine at
+    --quick sizes) leaves the memory ratio unknown, not the time ratio."""
+    from bench.step_memory import fused_over_chunked
+
+    results = {
+        "chunked": {"peak_mb": 0.0, "step_s": 0.5},
+        "fused": {"peak_mb": 1.0, "step_s": 0.6},
+    }
+    assert fused_over_chunked(results) == (None, 1.2)
+    results["chunked"]["peak_mb"] = 4.0
+    assert fused_over_chunked(results) == (0.25, 1.2)
+    assert fused_over_chunked({"chunked": results["chunked"]}) == (None, None)
+
+
 def test_step_memory_refuses_a_vocabulary_megatron_would_pad(capsys) -> None:
     """A --vocab that is not a multiple of 128 is refused by name before any model is built."""
     from bench import step_memory
