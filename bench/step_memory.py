@@ -139,15 +139,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument(
-        "--vocab", type=int, default=None, help="both models' vocabulary (default 131072)"
+        "--vocab",
+        type=int,
+        default=None,
+        help="both models' vocabulary (default: 131072, or 4096 with --quick)",
     )
     options = parser.parse_args(argv)
     student, teacher = (
         (QUICK_STUDENT, QUICK_TEACHER) if options.quick else (FULL_STUDENT, FULL_TEACHER)
     )
     if options.vocab is not None:
-        align = student.make_vocab_size_divisible_by  # megatron would pad anything else
-        if options.vocab < align or options.vocab % align:
+        from kd_module.data.tokenizers import padded_vocab_size
+
+        align = student.make_vocab_size_divisible_by
+        # A size megatron would pad is refused: both models' tables would be larger than asked.
+        if options.vocab < 1 or padded_vocab_size(options.vocab, align) != options.vocab:
             parser.error(
                 f"--vocab {options.vocab}: give a positive multiple of {align} "
                 "(make_vocab_size_divisible_by)"
