@@ -132,9 +132,16 @@ timeout (``MegatronStrategy(timeout_minutes=1)``) plus margin. gloo notices a cl
 at once; the timeout bounds a peer that stops answering without closing it."""
 
 
-def _launch_two_nodes(log_dir: Path, name: str, *extra: str) -> tuple[list[int], list[float]]:
+def _launch_two_nodes(
+    log_dir: Path, name: str, *extra: str, store_node: int = 0
+) -> tuple[list[int], list[float]]:
     """The job on two torchrun agents (``--nnodes 2 --nproc-per-node 1``, c10d rendezvous on
     127.0.0.1), each its own session as on two machines; logs in ``<name>.node<i>.log``.
+
+    ``store_node``'s agent hosts the rendezvous store, as the machine named by the endpoint does
+    on a cluster. Both agents here match 127.0.0.1, so without ``is_host`` whichever binds first
+    hosts it; when that was the node a test kills, the survivor's agent lost the store and
+    SIGTERMed its rank before the rank could say that its peer is gone (a CI flake).
 
     Returns:
         Each agent's return code and the time it ended (``time.monotonic``).
@@ -158,6 +165,7 @@ def _launch_two_nodes(log_dir: Path, name: str, *extra: str) -> tuple[list[int],
                     "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={endpoint}",
                     f"--rdzv-id={name}",
+                    f"--rdzv-conf=is_host={int(node == store_node)}",
                     "--max-restarts=0",
                     "-m",
                     "tests.reliability.fault_job",
@@ -205,9 +213,15 @@ def _lose_a_node_then_resume(
     log_dir: Path, name: str, dead: int, *kill: str, after_kill=lambda: None
 ) -> list[dict]:
     """Kill node ``dead`` (``kill`` says when); check the survivor's exit and ``after_kill``;
-    resume; every loss record of both launches."""
+    resume; every loss record of both launches.
+
+    The survivor hosts the rendezvous store. Losing the store's own node is torchrun's failure,
+    not the job's: every other agent then ends its ranks (SIGTERM) as soon as it notices, which
+    can be before a rank's collective reports the lost peer."""
     survivor = 1 - dead
-    codes, ended = _launch_two_nodes(log_dir, name, "--kill-rank", str(dead), "--kill-node", *kill)
+    codes, ended = _launch_two_nodes(
+        log_dir, name, "--kill-rank", str(dead), "--kill-node", *kill, store_node=survivor
+    )
     assert codes[dead] == -signal.SIGKILL, _node_log(log_dir, name, dead)[-3000:]
     survivor_log = _node_log(log_dir, name, survivor)
     assert codes[survivor] not in (0, None), survivor_log[-3000:]
